@@ -1,0 +1,3 @@
+from ironsync.cli import main
+
+main()

@@ -1,0 +1,487 @@
+"""The `ironsync` command (click). Verbs match the functions they call.
+
+Exit codes: 0 success; 1 the work failed (a storage could not be scanned, a sync failed);
+2 usage or config error (the message names the key and the file). Output is plain lines, one
+thing per line, unless a TTY asks for progress; `--json` gives machine-readable output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ironsync import __version__
+from ironsync.config import (
+    NODE_ID_RE,
+    Config,
+    ConfigError,
+    default_config_path,
+    default_database_path,
+    load_config,
+)
+from ironsync.store import Database, DatabaseError, index, open_database
+from ironsync.store import events as ev
+from ironsync.sync.local import ScanReport, StorageUnavailable, scan_storage
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageFailure(click.ClickException):
+    """A config or usage problem: printed as `ironsync: error: ...`, exit 2."""
+
+    exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"ironsync: error: {self.format_message()}", err=True)
+
+
+@dataclass
+class AppContext:
+    config_path: Path | None
+
+    def config(self) -> Config:
+        try:
+            return load_config(self.config_path)
+        except ConfigError as exc:
+            raise UsageFailure(str(exc)) from None
+
+    @contextmanager
+    def database(self, config: Config) -> Iterator[Database]:
+        try:
+            db = open_database(config.database, config.node_id)
+        except DatabaseError as exc:
+            raise UsageFailure(str(exc)) from None
+        try:
+            yield db
+        finally:
+            db.close()
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="IRONSYNC_CONFIG",
+    help="Config file [default: ~/.config/ironsync/config.toml; env IRONSYNC_CONFIG].",
+)
+@click.option("-v", "--verbose", count=True, help="More log output on stderr.")
+@click.version_option(__version__, prog_name="ironsync")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
+    """Peer-to-peer file synchronization for the computers of one LAN."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="ironsync: %(levelname)s: %(message)s")
+    ctx.obj = AppContext(config_path)
+
+
+# --- init ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--node-id", help="This node's unique id [default: the host name].")
+@click.option("--group", default="default", show_default=True, help="Group name.")
+@click.option("--group-secret", help="Shared secret (>= 16 chars) [default: generate one].")
+@click.option(
+    "--path",
+    "paths",
+    multiple=True,
+    required=True,
+    metavar="ALIAS=/folder",
+    help="A storage to sync (repeatable). The folder is created if missing.",
+)
+@click.option("--port", type=int, default=25230, show_default=True)
+@click.option("--listen-address", default="0.0.0.0", show_default=True)
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="A static peer.")
+@click.option("--database", type=click.Path(path_type=Path), help="SQLite state file.")
+@click.option("--no-discovery", is_flag=True, help="Disable mDNS discovery.")
+@click.option("--no-watcher", is_flag=True, help="Disable the file watcher.")
+@click.pass_obj
+def init(
+    app: AppContext,
+    node_id: str | None,
+    group: str,
+    group_secret: str | None,
+    paths: tuple[str, ...],
+    port: int,
+    listen_address: str,
+    peers: tuple[str, ...],
+    database: Path | None,
+    no_discovery: bool,
+    no_watcher: bool,
+) -> None:
+    """Write a commented config and create the database. Never overwrites a config."""
+    target = app.config_path or default_config_path()
+    if target.exists():
+        raise UsageFailure(f"{target} already exists; not overwriting it")
+    node_id = node_id or _default_node_id()
+    if not NODE_ID_RE.match(node_id):
+        raise UsageFailure(f"--node-id '{node_id}' must be 1-64 of A-Z a-z 0-9 _ . -")
+    storages = {}
+    for spec in paths:
+        alias, sep, folder = spec.partition("=")
+        if not sep or not alias or not folder:
+            raise UsageFailure(f"--path '{spec}' is not ALIAS=/folder")
+        storages[alias] = Path(folder).expanduser().absolute()
+    for folder in storages.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    text = render_config(
+        node_id=node_id,
+        group=group,
+        group_secret=group_secret or secrets.token_urlsafe(24),
+        port=port,
+        listen_address=listen_address,
+        enable_file_watcher=not no_watcher,
+        enable_service_discovery=not no_discovery,
+        peers=peers,
+        database=database.expanduser().absolute() if database else None,
+        storages=storages,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, 0o600)  # it holds the group secret
+    try:
+        config = load_config(tmp)
+    except ConfigError as exc:
+        tmp.unlink()
+        raise UsageFailure(str(exc).replace(str(tmp), str(target))) from None
+    os.replace(tmp, target)
+    config = load_config(target)
+    with app.database(config):
+        pass
+    click.echo(f"wrote {target}")
+    click.echo(f"database {config.database}")
+    click.echo("the config holds the group secret: keep it private (mode 0600)")
+
+
+def _default_node_id() -> str:
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())
+    return (name or "node")[:64]
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_config(
+    *,
+    node_id: str,
+    group: str,
+    group_secret: str,
+    port: int,
+    listen_address: str,
+    enable_file_watcher: bool,
+    enable_service_discovery: bool,
+    peers: tuple[str, ...],
+    database: Path | None,
+    storages: dict[str, Path],
+) -> str:
+    """A commented config.toml with every key, the way `ironsync init` writes it."""
+    s = _toml_string
+    lines = [
+        "# ironsync configuration (see the README for every key)",
+        "",
+        "# this node's unique id: 1-64 of A-Z a-z 0-9 _ . -",
+        f"node_id = {s(node_id)}",
+        "# nodes talk only inside their group",
+        f"group = {s(group)}",
+        "# the same on every node of the group; TLS certificates derive from it. Never sent.",
+        f"group_secret = {s(group_secret)}",
+        "# TCP port to listen on, and the address to bind",
+        f"port = {port}",
+        f"listen_address = {s(listen_address)}",
+        "# push changes in near real time after the full sync, debounced by this many seconds",
+        f"enable_file_watcher = {str(enable_file_watcher).lower()}",
+        "delay_watcher_events = 10",
+        '# find peers with mDNS; `peers` lists more, as "host:port"',
+        f"enable_service_discovery = {str(enable_service_discovery).lower()}",
+        f"peers = [{', '.join(s(p) for p in peers)}]",
+        "# the daemon's text log (stderr when unset)",
+        '# log_path = "~/.local/state/ironsync/ironsync.log"',
+        "# the SQLite state",
+        (
+            f"database = {s(str(database))}"
+            if database
+            else f"# database = {s(str(default_database_path()))}"
+        ),
+        "",
+        '# storages: alias = "/folder"; the alias is the name peers share',
+        "[paths]",
+    ]
+    lines += [f"{s(alias)} = {s(str(folder))}" for alias, folder in storages.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- scan ----------------------------------------------------------------------------------
+
+
+class TtyProgress:
+    """A progress bar on stderr for the hashing part of a scan (only on a TTY)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def begin(self, storage: str, files: int, total_bytes: int) -> None:
+        if total_bytes > 0:
+            label = f"{storage}: hashing {files} file(s)"
+            self._bar = click.progressbar(length=total_bytes, label=label, file=sys.stderr)
+            self._bar.__enter__()
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.update(nbytes)
+
+    def end(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+@cli.command()
+@click.option("--storage", "names", multiple=True, help="Only this storage (repeatable).")
+@json_option
+@click.pass_obj
+def scan(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
+    """Bring the index up to date with the disk (offline changes too) and say what changed."""
+    config = app.config()
+    storages = _select_storages(config, names)
+    failed = False
+    progress = TtyProgress() if sys.stderr.isatty() and not as_json else None
+    results: list[dict[str, Any]] = []
+    with app.database(config) as db:
+        for storage in storages:
+            try:
+                report = scan_storage(db, config.node_id, storage, progress)
+            except StorageUnavailable as exc:
+                failed = True
+                with db.atomic():
+                    ev.append_event(
+                        db, "error", storage=storage.name, status="error",
+                        detail={"reason": exc.reason},
+                    )  # fmt: skip
+                if as_json:
+                    results.append({"storage": storage.name, "error": exc.reason})
+                else:
+                    click.echo(f"ironsync: error: {exc}", err=True)
+                continue
+            if as_json:
+                results.append(_report_json(report))
+            else:
+                _print_report(report)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+def _select_storages(config: Config, names: tuple[str, ...]) -> list[Any]:
+    known = {s.name for s in config.storages}
+    for name in names:
+        if name not in known:
+            raise UsageFailure(f"no storage '{name}' in {config.path} (known: {sorted(known)})")
+    return [s for s in config.storages if not names or s.name in names]
+
+
+def _print_report(report: ScanReport) -> None:
+    for change in report.changes:
+        if change.kind == "moved":
+            click.echo(f"{report.storage}: moved     {change.from_path} -> {change.path}")
+        else:
+            click.echo(f"{report.storage}: {change.kind:<9} {change.path}")
+    for path, reason in report.unreadable:
+        click.echo(f"{report.storage}: skipped   {path} ({reason})")
+    parts = [f"{report.count(k)} {k}" for k in ("created", "modified", "deleted", "moved")]
+    click.echo(f"{report.storage}: {', '.join(parts)}, {report.unchanged} unchanged")
+
+
+def _report_json(report: ScanReport) -> dict[str, Any]:
+    return {
+        "storage": report.storage,
+        "changes": [
+            {"kind": c.kind, "path": c.path, **({"from": c.from_path} if c.from_path else {})}
+            for c in report.changes
+        ],
+        "unchanged": report.unchanged,
+        "bytes_hashed": report.bytes_hashed,
+        "unreadable": [{"path": p, "reason": r} for p, r in report.unreadable],
+        "symlinks_skipped": len(report.symlinks),
+    }
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def status(app: AppContext, as_json: bool) -> None:
+    """Storages, file counts, storage hashes, peers, last scan and sync."""
+    config = app.config()
+    with app.database(config) as db:
+        info = collect_status(db, config)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"node {info['node_id']} (group {info['group']}), database {info['database']}")
+    for s in info["storages"]:
+        click.echo(
+            f"storage {s['name']}: {s['files']} files, {s['bytes']} bytes, "
+            f"{s['tombstones']} tombstones, hash {s['storage_hash']}"
+        )
+        click.echo(f"  root {s['root']}")
+        click.echo(
+            f"  last scan {s['last_scan_at'] or 'never'}, last sync {s['last_sync_at'] or 'never'}"
+        )
+    if not info["peers"]:
+        click.echo("peers: none seen yet")
+    for p in info["peers"]:
+        click.echo(
+            f"peer {p['node_id']}: {p['address'] or '?'}, last seen {p['last_seen'] or 'never'}, "
+            f"last sync {p['last_sync_at'] or 'never'}"
+        )
+
+
+def collect_status(db: Database, config: Config) -> dict[str, Any]:
+    storages = []
+    for storage in config.storages:
+        row = index.ensure_storage(db, storage.name, storage.root)
+        counts = db.query_one(
+            "SELECT coalesce(sum(deleted = 0), 0), coalesce(sum(size), 0),"
+            " coalesce(sum(deleted = 1), 0) FROM files WHERE storage_id = ?",
+            (row.id,),
+        )
+        assert counts is not None
+        storages.append(
+            {
+                "name": row.name,
+                "root": str(row.root),
+                "files": counts[0],
+                "bytes": counts[1],
+                "tombstones": counts[2],
+                "storage_hash": index.storage_hash(db, row.id).hex(),
+                "sequence": row.sequence,
+                "last_scan_at": row.last_scan_at,
+                "last_sync_at": row.last_sync_at,
+            }
+        )
+    peers = [
+        {
+            "node_id": r[0],
+            "address": r[1],
+            "last_seen": r[2],
+            "last_sync_at": r[3],
+            "bytes_in": r[4],
+            "bytes_out": r[5],
+        }
+        for r in db.query(
+            "SELECT node_id, address, last_seen, last_sync_at, bytes_in, bytes_out"
+            " FROM peers ORDER BY node_id"
+        )
+    ]
+    return {
+        "node_id": config.node_id,
+        "group": config.group,
+        "database": str(config.database),
+        "storages": storages,
+        "peers": peers,
+    }
+
+
+# --- log -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def log() -> None:
+    """The event log (the `events` table)."""
+
+
+@log.command("tail")
+@click.option("-n", "count", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events as they come.")
+@json_option
+@click.pass_obj
+def log_tail(app: AppContext, count: int, follow: bool, as_json: bool) -> None:
+    """Print the last N events, oldest first; with -f, follow new ones."""
+    config = app.config()
+    show: Callable[[ev.Event], None] = _print_event_json if as_json else _print_event
+    with app.database(config) as db:
+        last_seq = 0
+        for event in ev.last_events(db, count):
+            show(event)
+            last_seq = event.seq
+        if not follow:
+            return
+        if count == 0:
+            last_seq = int(db.scalar("SELECT coalesce(max(seq), 0) FROM events"))
+        try:
+            while True:
+                batch = ev.events_after(db, last_seq)
+                for event in batch:
+                    show(event)
+                    last_seq = event.seq
+                if not batch:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            return
+
+
+def _print_event(event: ev.Event) -> None:
+    where = f"{event.storage}:{event.path}" if event.path else (event.storage or "-")
+    parts = [event.at, event.kind, where]
+    if event.status != "ok":
+        parts.append(f"[{event.status}]")
+    if event.peer:
+        parts.append(f"peer={event.peer}")
+    if event.detail:
+        parts.append(json.dumps(event.detail, sort_keys=True, separators=(",", ":")))
+    click.echo("  ".join(parts))
+
+
+def _print_event_json(event: ev.Event) -> None:
+    click.echo(json.dumps(event.to_json(), sort_keys=True, separators=(",", ":")))
+
+
+@log.command("compact")
+@click.option(
+    "--older-than",
+    "days",
+    type=click.IntRange(min=1),
+    required=True,
+    metavar="DAYS",
+    help="Delete events older than this many days.",
+)
+@click.pass_obj
+def log_compact(app: AppContext, days: int) -> None:
+    """Delete old events (the documented exception to append-only; tombstones stay)."""
+    config = app.config()
+    before = ev.iso_now(datetime.now(UTC) - timedelta(days=days))
+    with app.database(config) as db:
+        removed = ev.compact_events(db, before)
+    click.echo(f"removed {removed} event(s) older than {before}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli(prog_name="ironsync")
+    except BrokenPipeError:  # `ironsync log tail | head`
+        sys.stderr.close()
+        sys.exit(0)

@@ -1,0 +1,243 @@
+"""The file and chunk index: storages, file rows (live and tombstones), chunk rows.
+
+Only SQL here. Decisions about what a change means (created, moved, which version) are made by
+the layers above and handed down as values; every write goes through `Database.atomic`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ironsync.chunking import ChunkInfo
+from ironsync.scan import KnownStat, Stat
+from ironsync.store.database import Database
+
+
+@dataclass(frozen=True)
+class StorageRow:
+    id: int
+    name: str
+    root: Path
+    sequence: int
+    last_scan_at: str | None
+    last_sync_at: str | None
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """One row of `files`: a live file or a tombstone (`deleted`, `hash` None)."""
+
+    id: int
+    storage_id: int
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+    hash: bytes | None
+    deleted: bool
+    version: str
+    modified_by: str
+    sequence: int
+
+
+_FILE_COLUMNS = (
+    "id, storage_id, path, size, mtime_ns, mode, hash, deleted, version, modified_by, sequence"
+)
+
+
+def _file_row(row: tuple) -> FileRow:
+    return FileRow(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        bool(row[7]),
+        row[8],
+        row[9],
+        row[10],
+    )
+
+
+# --- storages ------------------------------------------------------------------------------
+
+
+def ensure_storage(db: Database, name: str, root: Path) -> StorageRow:
+    """The storage row for alias `name`, created if new; its root follows the config."""
+    with db.atomic():
+        db.execute(
+            "INSERT INTO storages (name, root) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET root = excluded.root",
+            (name, str(root)),
+        )
+    storage = get_storage(db, name)
+    assert storage is not None
+    return storage
+
+
+def get_storage(db: Database, name: str) -> StorageRow | None:
+    row = db.query_one(
+        "SELECT id, name, root, sequence, last_scan_at, last_sync_at FROM storages WHERE name = ?",
+        (name,),
+    )
+    if row is None:
+        return None
+    return StorageRow(row[0], row[1], Path(row[2]), row[3], row[4], row[5])
+
+
+def list_storages(db: Database) -> list[StorageRow]:
+    rows = db.query(
+        "SELECT id, name, root, sequence, last_scan_at, last_sync_at FROM storages ORDER BY name"
+    )
+    return [StorageRow(r[0], r[1], Path(r[2]), r[3], r[4], r[5]) for r in rows]
+
+
+def mark_scanned(db: Database, storage_id: int, at: str) -> None:
+    db.execute("UPDATE storages SET last_scan_at = ? WHERE id = ?", (at, storage_id))
+
+
+def next_sequence(db: Database, storage_id: int) -> int:
+    """Take the storage's next sequence number (call inside a transaction)."""
+    db.execute("UPDATE storages SET sequence = sequence + 1 WHERE id = ?", (storage_id,))
+    return int(db.scalar("SELECT sequence FROM storages WHERE id = ?", (storage_id,)))
+
+
+def storage_hash(db: Database, storage_id: int) -> bytes:
+    """The storage hash over (path, size, mtime, deleted) of every row, in path order."""
+    value = db.scalar(
+        "SELECT storage_hash(path, size, mtime_ns, deleted ORDER BY path) "
+        "FROM files WHERE storage_id = ?",
+        (storage_id,),
+    )
+    return bytes(value)
+
+
+def live_count(db: Database, storage_id: int) -> int:
+    return int(
+        db.scalar("SELECT count(*) FROM files WHERE storage_id = ? AND deleted = 0", (storage_id,))
+    )
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def known_stats(db: Database, storage_id: int) -> dict[str, KnownStat]:
+    """Stat fields of every live file, for the scanner's no-change test."""
+    return {
+        path: KnownStat(Stat(size, mtime_ns, ctime_ns, inode, mode), indexed_at_ns)
+        for path, size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns in db.conn.execute(
+            "SELECT path, size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns "
+            "FROM files WHERE storage_id = ? AND deleted = 0",
+            (storage_id,),
+        )
+    }
+
+
+def get_file(db: Database, storage_id: int, path: str) -> FileRow | None:
+    row = db.query_one(
+        f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND path = ?",
+        (storage_id, path),
+    )
+    return None if row is None else _file_row(row)
+
+
+def files_with_hash(db: Database, storage_id: int, content_hash: bytes) -> list[FileRow]:
+    rows = db.query(
+        f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND hash = ? AND deleted = 0",
+        (storage_id, content_hash),
+    )
+    return [_file_row(r) for r in rows]
+
+
+def put_live_file(
+    db: Database,
+    storage_id: int,
+    path: str,
+    stat: Stat,
+    content_hash: bytes,
+    chunks: Iterable[ChunkInfo],
+    *,
+    version: str,
+    modified_by: str,
+    indexed_at_ns: int,
+) -> int:
+    """Record a live file (new version): takes a new sequence, replaces its chunks."""
+    sequence = next_sequence(db, storage_id)
+    file_id = int(
+        db.scalar(
+            "INSERT INTO files (storage_id, path, size, mtime_ns, ctime_ns, inode, mode, hash,"
+            " deleted, version, modified_by, sequence, indexed_at_ns)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+            " ON CONFLICT (storage_id, path) DO UPDATE SET"
+            " size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns,"
+            " inode = excluded.inode, mode = excluded.mode, hash = excluded.hash, deleted = 0,"
+            " version = excluded.version, modified_by = excluded.modified_by,"
+            " sequence = excluded.sequence, indexed_at_ns = excluded.indexed_at_ns"
+            " RETURNING id",
+            (
+                storage_id,
+                path,
+                stat.size,
+                stat.mtime_ns,
+                stat.ctime_ns,
+                stat.inode,
+                stat.mode,
+                content_hash,
+                version,
+                modified_by,
+                sequence,
+                indexed_at_ns,
+            ),
+        )
+    )
+    replace_chunks(db, file_id, chunks)
+    return file_id
+
+
+def refresh_stat(db: Database, file_id: int, stat: Stat, indexed_at_ns: int) -> None:
+    """Same content, same version: only the stat fields the no-change test uses moved."""
+    db.execute(
+        "UPDATE files SET ctime_ns = ?, inode = ?, indexed_at_ns = ? WHERE id = ?",
+        (stat.ctime_ns, stat.inode, indexed_at_ns, file_id),
+    )
+
+
+def put_tombstone(
+    db: Database, storage_id: int, path: str, *, version: str, modified_by: str
+) -> int:
+    """Record that `path` is deleted (new version): takes a new sequence, drops its chunks."""
+    sequence = next_sequence(db, storage_id)
+    file_id = int(
+        db.scalar(
+            "INSERT INTO files (storage_id, path, size, mtime_ns, mode, hash, deleted, version,"
+            " modified_by, sequence) VALUES (?, ?, 0, 0, 0, NULL, 1, ?, ?, ?)"
+            " ON CONFLICT (storage_id, path) DO UPDATE SET size = 0, mtime_ns = 0, ctime_ns = 0,"
+            " inode = 0, mode = 0, hash = NULL, deleted = 1, version = excluded.version,"
+            " modified_by = excluded.modified_by, sequence = excluded.sequence,"
+            " indexed_at_ns = 0 RETURNING id",
+            (storage_id, path, version, modified_by, sequence),
+        )
+    )
+    db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+    return file_id
+
+
+def replace_chunks(db: Database, file_id: int, chunks: Iterable[ChunkInfo]) -> None:
+    db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+    db.conn.executemany(
+        "INSERT INTO chunks (file_id, idx, offset, length, hash) VALUES (?, ?, ?, ?, ?)",
+        ((file_id, i, c.offset, c.length, c.hash) for i, c in enumerate(chunks)),
+    )
+
+
+def chunks_of(db: Database, file_id: int) -> list[ChunkInfo]:
+    return [
+        ChunkInfo(offset, length, chunk_hash)
+        for offset, length, chunk_hash in db.conn.execute(
+            "SELECT offset, length, hash FROM chunks WHERE file_id = ? ORDER BY idx", (file_id,)
+        )
+    ]

@@ -1,0 +1,1 @@
+"""Numbered schema migrations: NNNN_name.sql produces schema version NNNN."""
