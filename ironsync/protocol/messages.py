@@ -1,0 +1,483 @@
+"""The messages peers exchange: small frozen dataclasses, validated when built.
+
+Every message carries `request_id` (keyword-only, last in the signature). Its meaning depends
+on the kind of message, which is the class it derives from:
+
+- Request (GetStorageHashes, GetIndex, GetChunkList, GetChunks, SyncRequest): asks the peer
+  for something; request_id is 1..MAX_REQUEST_ID, chosen with Connection.next_request_id().
+- Reply (StorageHashes, IndexPage, ChunkList, ChunkData, ChunksDone, SyncResult, Error):
+  echoes the request_id of the request it answers. Some requests are answered by a stream:
+  every reply whose `is_final()` is false is followed by more replies with the same id.
+- Error with request_id 0 is not a reply: it is the sender's last word before it disconnects.
+- Hello, ChangeNotice and Goodbye are part of no request: their request_id is 0.
+
+A message outside the bounds in limits.py cannot be built: the constructor raises
+LocalProtocolError naming the class and the field. The decoder builds received messages with
+the same constructors, so a peer cannot get past these checks either.
+"""
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from ironsync.protocol.errors import LocalProtocolError
+from ironsync.protocol.limits import (
+    HASH_SIZE,
+    MAX_CHUNK_REFS,
+    MAX_CHUNK_SIZE,
+    MAX_ERROR_CODE_LEN,
+    MAX_INDEX_PAGE_ENTRIES,
+    MAX_INT64,
+    MAX_MODE,
+    MAX_NAME_LEN,
+    MAX_NODE_ID_LEN,
+    MAX_PATH_LEN,
+    MAX_REQUEST_ID,
+    MAX_STORAGES,
+    MAX_TEXT_LEN,
+    MAX_VERSION_LEN,
+    MIN_INT64,
+    PROTOCOL_VERSION,
+)
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+# --- field checks: each raises LocalProtocolError naming the field -----------------------------
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    # bool is an int subclass, but True is no sequence number.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise LocalProtocolError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise LocalProtocolError(f"{name} must be in [{low}, {high}], not {value}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise LocalProtocolError(f"{name} must be a bool, not {type(value).__name__}")
+
+
+def _check_text(name: str, value: object, max_len: int, min_len: int = 0) -> str:
+    if not isinstance(value, str):
+        raise LocalProtocolError(f"{name} must be a str, not {type(value).__name__}")
+    if not min_len <= len(value) <= max_len:
+        raise LocalProtocolError(
+            f"{name} must have {min_len} to {max_len} characters, not {len(value)}"
+        )
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates (os.fsdecode of non-UTF-8 names) have no UTF-8 encoding.
+            raise LocalProtocolError(f"{name} is not encodable as UTF-8") from None
+    return value
+
+
+def _check_name(name: str, value: object, max_len: int = MAX_NAME_LEN) -> None:
+    """A non-empty string without NUL: group names, storage aliases, paths."""
+    if "\x00" in _check_text(name, value, max_len, min_len=1):
+        raise LocalProtocolError(f"{name} must not contain NUL")
+
+
+def _check_identifier(name: str, value: object, max_len: int) -> None:
+    if not _IDENTIFIER.fullmatch(_check_text(name, value, max_len, min_len=1)):
+        raise LocalProtocolError(f"{name} must match [A-Za-z0-9_.-]{{1,{max_len}}}")
+
+
+def _check_hash(name: str, value: object) -> None:
+    if not isinstance(value, bytes):
+        raise LocalProtocolError(f"{name} must be bytes, not {type(value).__name__}")
+    if len(value) != HASH_SIZE:
+        raise LocalProtocolError(f"{name} must be {HASH_SIZE} bytes, not {len(value)}")
+
+
+def _as_tuple(name: str, value: object, item_type: type, max_len: int) -> tuple[Any, ...]:
+    # Lists are accepted (the decoder produces them) and stored as tuples.
+    if not isinstance(value, tuple | list):
+        raise LocalProtocolError(f"{name} must be a tuple, not {type(value).__name__}")
+    if len(value) > max_len:
+        raise LocalProtocolError(f"{name} must have at most {max_len} items, not {len(value)}")
+    for item in value:
+        if not isinstance(item, item_type):
+            raise LocalProtocolError(
+                f"{name} items must be {item_type.__name__}, not {type(item).__name__}"
+            )
+    return tuple(value)
+
+
+def _storage_aliases(name: str, value: object) -> tuple[str, ...]:
+    aliases = _as_tuple(name, value, str, MAX_STORAGES)
+    for alias in aliases:
+        _check_name(name, alias)
+    if len(set(aliases)) != len(aliases):
+        raise LocalProtocolError(f"{name} must not repeat an alias")
+    return aliases
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    """Normalize a field of a frozen dataclass during __post_init__."""
+    object.__setattr__(obj, name, value)
+
+
+class _Validated:
+    """Runs `_validate` after __init__ and prefixes any error with the class name."""
+
+    __slots__ = ()
+
+    def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except LocalProtocolError as exc:
+            raise LocalProtocolError(f"{type(self).__name__}: {exc.reason}") from None
+
+    def _validate(self) -> None:
+        raise NotImplementedError
+
+
+# --- values nested inside messages -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry(_Validated):
+    """What a peer knows of one path: a live file, or a tombstone (deleted=True, hash=None)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+    hash: bytes | None
+    deleted: bool
+    version: str  # version vector as compact JSON text, e.g. '{"a":2}'; opaque here
+    modified_by: str
+    sequence: int
+
+    def _validate(self) -> None:
+        _check_name("path", self.path, MAX_PATH_LEN)
+        _check_int("size", self.size, 0, MAX_INT64)
+        _check_int("mtime_ns", self.mtime_ns, MIN_INT64, MAX_INT64)
+        _check_int("mode", self.mode, 0, MAX_MODE)
+        _check_bool("deleted", self.deleted)
+        if self.deleted:
+            if self.hash is not None:
+                raise LocalProtocolError("hash must be None for a deleted entry")
+        else:
+            _check_hash("hash", self.hash)
+        _check_text("version", self.version, MAX_VERSION_LEN)
+        _check_identifier("modified_by", self.modified_by, MAX_NODE_ID_LEN)
+        _check_int("sequence", self.sequence, 0, MAX_INT64)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef(_Validated):
+    """One content-defined chunk of a file: where it is, how long, and its hash."""
+
+    offset: int
+    length: int
+    hash: bytes
+
+    def _validate(self) -> None:
+        _check_int("offset", self.offset, 0, MAX_INT64)
+        _check_int("length", self.length, 0, MAX_CHUNK_SIZE)
+        _check_hash("hash", self.hash)
+
+
+# --- message kinds ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message(_Validated):
+    """Base of every message; `request_id` ties requests and their replies together."""
+
+    request_id: int = field(default=0, kw_only=True)
+
+    # The request ids this kind of message may carry (see the module docstring).
+    REQUEST_IDS: ClassVar[tuple[int, int]] = (0, 0)
+
+    def __post_init__(self) -> None:
+        low, high = self.REQUEST_IDS
+        try:
+            _check_int("request_id", self.request_id, low, high)
+        except LocalProtocolError as exc:
+            raise LocalProtocolError(f"{type(self).__name__}: {exc.reason}") from None
+        _Validated.__post_init__(self)
+
+    def _validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    """A message that asks the peer for replies carrying the same request_id."""
+
+    REQUEST_IDS: ClassVar[tuple[int, int]] = (1, MAX_REQUEST_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """A message that answers the peer's request with the same request_id."""
+
+    REQUEST_IDS: ClassVar[tuple[int, int]] = (1, MAX_REQUEST_ID)
+
+    def is_final(self) -> bool:
+        """True when this reply ends its request (the id may then be reused)."""
+        return True
+
+
+# --- connection-level messages ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message each way: who we are, which group, which storages we share."""
+
+    protocol_version: int
+    node_id: str
+    group: str
+    storages: tuple[str, ...]
+
+    def _validate(self) -> None:
+        version = self.protocol_version
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise LocalProtocolError(
+                f"protocol_version must be {PROTOCOL_VERSION}, not {version!r}"
+            )
+        _check_identifier("node_id", self.node_id, MAX_NODE_ID_LEN)
+        _check_name("group", self.group)
+        _set(self, "storages", _storage_aliases("storages", self.storages))
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye(Message):
+    """Clean close: the sender sends nothing more after it."""
+
+    reason: str
+
+    def _validate(self) -> None:
+        _check_text("reason", self.reason, MAX_TEXT_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeNotice(Message):
+    """Unsolicited: the sender's `storage` changed; its index now reaches `sequence`."""
+
+    storage: str
+    sequence: int
+
+    def _validate(self) -> None:
+        _check_name("storage", self.storage)
+        _check_int("sequence", self.sequence, 0, MAX_INT64)
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Reply):
+    """A request failed (request_id echoes it), or, with request_id 0, the connection did."""
+
+    code: str
+    message: str
+
+    REQUEST_IDS: ClassVar[tuple[int, int]] = (0, MAX_REQUEST_ID)
+
+    @property
+    def is_fatal(self) -> bool:
+        """True for the sender's last word before disconnecting (request_id 0)."""
+        return self.request_id == 0
+
+    def _validate(self) -> None:
+        _check_identifier("code", self.code, MAX_ERROR_CODE_LEN)
+        _check_text("message", self.message, MAX_TEXT_LEN)
+
+
+# --- storage hashes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GetStorageHashes(Request):
+    """Ask for the hash of every storage the peer shares."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageHashes(Reply):
+    """Storage alias → HASH_SIZE-byte hash. Stored as a read-only mapping."""
+
+    hashes: Mapping[str, bytes]
+
+    def _validate(self) -> None:
+        if not isinstance(self.hashes, Mapping):
+            raise LocalProtocolError(f"hashes must be a mapping, not {type(self.hashes).__name__}")
+        if len(self.hashes) > MAX_STORAGES:
+            raise LocalProtocolError(f"hashes must have at most {MAX_STORAGES} storages")
+        for alias, digest in self.hashes.items():
+            _check_name("hashes alias", alias)
+            _check_hash(f"hashes[{alias!r}]", digest)
+        _set(self, "hashes", MappingProxyType(dict(self.hashes)))
+
+
+# --- index -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GetIndex(Request):
+    """Ask for the entries of `storage` changed after `since_sequence`, at most `limit` a page."""
+
+    storage: str
+    since_sequence: int
+    limit: int
+
+    def _validate(self) -> None:
+        _check_name("storage", self.storage)
+        _check_int("since_sequence", self.since_sequence, 0, MAX_INT64)
+        _check_int("limit", self.limit, 1, MAX_INDEX_PAGE_ENTRIES)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPage(Reply):
+    """One page of index entries; more=True means another page with the same id follows.
+
+    A page must also fit in a frame: wire.index_entry_size tells what an entry costs.
+    """
+
+    storage: str
+    entries: tuple[IndexEntry, ...]
+    last_sequence: int
+    more: bool
+
+    def is_final(self) -> bool:
+        return not self.more
+
+    def _validate(self) -> None:
+        _check_name("storage", self.storage)
+        _set(
+            self, "entries", _as_tuple("entries", self.entries, IndexEntry, MAX_INDEX_PAGE_ENTRIES)
+        )
+        _check_int("last_sequence", self.last_sequence, 0, MAX_INT64)
+        _check_bool("more", self.more)
+
+
+# --- chunks ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GetChunkList(Request):
+    """Ask for the chunks of the file at `path` whose whole-file hash is `file_hash`."""
+
+    storage: str
+    path: str
+    file_hash: bytes
+
+    def _validate(self) -> None:
+        _check_name("storage", self.storage)
+        _check_name("path", self.path, MAX_PATH_LEN)
+        _check_hash("file_hash", self.file_hash)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkList(Reply):
+    """The chunks of a file, in order. A file with more than MAX_CHUNK_REFS chunks is answered
+    by several ChunkList replies, all but the last with more=True."""
+
+    storage: str
+    path: str
+    file_hash: bytes
+    chunks: tuple[ChunkRef, ...]
+    more: bool = False
+
+    def is_final(self) -> bool:
+        return not self.more
+
+    def _validate(self) -> None:
+        _check_name("storage", self.storage)
+        _check_name("path", self.path, MAX_PATH_LEN)
+        _check_hash("file_hash", self.file_hash)
+        _set(self, "chunks", _as_tuple("chunks", self.chunks, ChunkRef, MAX_CHUNK_REFS))
+        _check_bool("more", self.more)
+
+
+@dataclass(frozen=True, slots=True)
+class GetChunks(Request):
+    """Ask for the data of `chunks` of a file; answered by ChunkData replies, then ChunksDone."""
+
+    storage: str
+    path: str
+    file_hash: bytes
+    chunks: tuple[ChunkRef, ...]
+
+    def _validate(self) -> None:
+        _check_name("storage", self.storage)
+        _check_name("path", self.path, MAX_PATH_LEN)
+        _check_hash("file_hash", self.file_hash)
+        _set(self, "chunks", _as_tuple("chunks", self.chunks, ChunkRef, MAX_CHUNK_REFS))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ChunkData(Reply):
+    """The bytes of one chunk. More replies with the same id follow, until ChunksDone.
+
+    `data` is bytes or a read-only 1-D memoryview of bytes; a received ChunkData holds a
+    memoryview into the received frame (no copy). A bytearray or writable memoryview given
+    to the constructor is kept as a view, not copied: don't change it until it is sent.
+    """
+
+    offset: int
+    hash: bytes
+    data: bytes | memoryview
+
+    def is_final(self) -> bool:
+        return False
+
+    def _validate(self) -> None:
+        _check_int("offset", self.offset, 0, MAX_INT64)
+        _check_hash("hash", self.hash)
+        data = self.data
+        if not isinstance(data, bytes):
+            if not isinstance(data, bytearray | memoryview):
+                raise LocalProtocolError(f"data must be bytes-like, not {type(data).__name__}")
+            data = memoryview(data)
+            if not data.c_contiguous:
+                raise LocalProtocolError("data must be a contiguous buffer")
+            if data.format != "B" or data.ndim != 1:
+                data = data.cast("B")
+            _set(self, "data", data)
+        if len(data) > MAX_CHUNK_SIZE:
+            raise LocalProtocolError(
+                f"data must be at most {MAX_CHUNK_SIZE} bytes, not {len(data)}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"ChunkData(offset={self.offset}, hash={self.hash!r}, "
+            f"data=<{len(self.data)} bytes>, request_id={self.request_id})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChunksDone(Reply):
+    """Ends a GetChunks stream."""
+
+
+# --- push ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest(Request):
+    """Ask the peer to run a full sync with us now (push); no storages means all shared ones."""
+
+    storages: tuple[str, ...]
+
+    def _validate(self) -> None:
+        _set(self, "storages", _storage_aliases("storages", self.storages))
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult(Reply):
+    """How the sync a SyncRequest asked for went."""
+
+    ok: bool
+    detail: str
+
+    def _validate(self) -> None:
+        _check_bool("ok", self.ok)
+        _check_text("detail", self.detail, MAX_TEXT_LEN)
