@@ -137,6 +137,18 @@ def known_stats(db: Database, storage_id: int) -> dict[str, KnownStat]:
     }
 
 
+def known_stat(db: Database, storage_id: int, path: str) -> KnownStat | None:
+    """The stat fields recorded for one live file (None for a tombstone or unknown path)."""
+    row = db.query_one(
+        "SELECT size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns FROM files"
+        " WHERE storage_id = ? AND path = ? AND deleted = 0",
+        (storage_id, path),
+    )
+    if row is None:
+        return None
+    return KnownStat(Stat(row[0], row[1], row[2], row[3], row[4]), row[5])
+
+
 def get_file(db: Database, storage_id: int, path: str) -> FileRow | None:
     row = db.query_one(
         f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND path = ?",
