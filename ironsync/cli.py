@@ -478,6 +478,201 @@ def log_compact(app: AppContext, days: int) -> None:
     click.echo(f"removed {removed} event(s) older than {before}")
 
 
+# --- daemon and sync ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.pass_obj
+def daemon(app: AppContext) -> None:
+    """Serve peers, full sync at start, then keep peers current. Stays in the foreground;
+    SIGTERM or SIGINT stop it cleanly."""
+    from ironsync.daemon import LockHeld, run_daemon
+
+    config = app.config()
+    _setup_log_file(config)
+    with app.database(config) as db:
+        try:
+            code = run_daemon(config, db)
+        except LockHeld as exc:
+            raise UsageFailure(f"{exc}: is a daemon already running?") from None
+    sys.exit(code)
+
+
+def _setup_log_file(config: Config) -> None:
+    root = logging.getLogger()
+    root.setLevel(min(root.level, logging.INFO))
+    if config.log_path is not None:
+        config.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(config.log_path)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
+
+
+class SyncTtyProgress:
+    """Files, bytes and rate on one refreshing stderr line (only on a TTY)."""
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.bytes = 0
+        self.started = time.monotonic()
+
+    def file_done(self, storage: str, path: str, nbytes: int) -> None:
+        self.files += 1
+        self.bytes += nbytes
+        rate = self.bytes / max(time.monotonic() - self.started, 1e-3)
+        line = f"\r{self.files} file(s), {_human(self.bytes)}, {_human(rate)}/s  {path[-40:]}"
+        click.echo(line.ljust(90), err=True, nl=False)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@cli.command()
+@click.option("--storage", "names", multiple=True, help="Only this storage (repeatable).")
+@json_option
+@click.pass_obj
+def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
+    """One full sync with every reachable peer now (for cron).
+
+    Through the running daemon when one answers, otherwise standalone. Exit 0: every reachable
+    peer converged; 1: a sync failed or did not converge; 2: usage or config error; 3: no peer
+    reachable."""
+    import asyncio
+
+    from ironsync.daemon import LockHeld, ask_daemon, standalone_sync
+
+    config = app.config()
+    storages = tuple(s.name for s in _select_storages(config, names)) if names else None
+    tty = sys.stderr.isatty() and not as_json
+    results: list[dict[str, Any]] = []
+
+    def report(item: dict[str, Any]) -> None:
+        results.append(item)
+        if tty:
+            click.echo("", err=True)
+
+    async def via_daemon() -> int | None:
+        try:
+            async for message in ask_daemon(config, {"cmd": "sync", "storages": storages}):
+                if "peer_result" in message:
+                    report(message["peer_result"])
+                elif "exit" in message:
+                    return int(message["exit"])
+        except (TimeoutError, OSError):
+            return None
+        raise click.ClickException("the daemon closed the control socket without a result")
+
+    code = asyncio.run(via_daemon())
+    if code is None:
+        with app.database(config) as db:
+            try:
+                progress = SyncTtyProgress() if tty else None
+                code = asyncio.run(standalone_sync(config, db, storages, report, progress))
+            except LockHeld as exc:
+                raise click.ClickException(
+                    f"{exc}, and no daemon answers on its control socket"
+                ) from None
+    _print_sync_results(results, code, as_json)
+    sys.exit(code)
+
+
+def _print_sync_results(results: list[dict[str, Any]], code: int, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"exit": code, "results": results}, indent=2))
+        return
+    peers = [r for r in results if "peer" in r]
+    unreachable = [r for r in results if "unreachable" in r]
+    for r in peers:
+        state = "converged" if r["converged"] else f"NOT converged ({r.get('error') or 'see log'})"
+        click.echo(
+            f"peer {r['peer']}: {state}; pulled {r['pulled']} file(s), "
+            f"{r['bytes_from_peer']} bytes from the peer, {r['deleted']} deleted, "
+            f"{r['conflicts']} conflict(s), peer changed {r['peer_changed']}"
+        )
+        for failure in r.get("failed", []):
+            click.echo(f"  failed: {failure}")
+    for r in unreachable:
+        click.echo(f"peer {r['unreachable']}: unreachable ({r['reason']})")
+    if not peers:
+        click.echo("no peer reachable")
+
+
+# --- history ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--storage", "name", help="The storage (default: found from PATH).")
+@json_option
+@click.pass_obj
+def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None:
+    """Every recorded version and event of one file on this node.
+
+    PATH is a path inside a storage root (absolute or relative to the current folder), or
+    STORAGE:relative/path."""
+    config = app.config()
+    storage_name, rel = _locate(config, path, name)
+    with app.database(config) as db:
+        row = index.get_storage(db, storage_name)
+        current = index.get_file(db, row.id, rel) if row else None
+        events = ev.events_for_path(db, storage_name, rel)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "storage": storage_name,
+                    "path": rel,
+                    "current": None
+                    if current is None
+                    else {
+                        "deleted": current.deleted,
+                        "size": current.size,
+                        "mtime_ns": current.mtime_ns,
+                        "hash": current.hash.hex() if current.hash else None,
+                        "version": json.loads(current.version),
+                        "modified_by": current.modified_by,
+                        "sequence": current.sequence,
+                    },
+                    "events": [e.to_json() for e in events],
+                },
+                indent=2,
+            )
+        )
+        return
+    if current is None and not events:
+        raise click.ClickException(f"nothing recorded for {storage_name}:{rel}")
+    click.echo(f"{storage_name}:{rel}")
+    if current is not None:
+        state = "deleted" if current.deleted else f"{current.size} bytes, hash {current.hash.hex()}"
+        click.echo(
+            f"  now: {state}, version {current.version} by {current.modified_by}, "
+            f"sequence {current.sequence}"
+        )
+    for event in events:
+        _print_event(event)
+
+
+def _locate(config: Config, path: str, name: str | None) -> tuple[str, str]:
+    if name is not None:
+        _select_storages(config, (name,))
+        return name, path.strip("/")
+    alias, sep, rest = path.partition(":")
+    if sep and any(s.name == alias for s in config.storages):
+        return alias, rest.strip("/")
+    full = Path(path).expanduser().absolute()
+    for storage in config.storages:
+        if full.is_relative_to(storage.root):
+            return storage.name, full.relative_to(storage.root).as_posix()
+    raise UsageFailure(f"{path} is not inside any storage of {config.path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import ssl
 import stat
@@ -24,6 +25,7 @@ from ironsync.net.tls import (
     load_or_create_identity,
     peer_node_id,
     server_context,
+    stretch_secret,
 )
 
 GROUP = "example"
@@ -31,9 +33,9 @@ SECRET = "correct horse battery staple"
 OTHER_SECRET = "another secret of sixteen+"
 
 # The contract between nodes: every node derives exactly this CA from (GROUP, SECRET).
-PINNED_CA_PUBLIC_KEY = "41fce3f668641870ce6b922c18c27e48e262ff9f7bd3bfbec356f9235da79b47"
-PINNED_CA_FINGERPRINT = "c8b6b15b79827e5b7d09066b25f77618e69fe7783e97958c6f4cc8e5b3383bd1"
-PINNED_GROUP_TAG = "b480a0f10f3f0669"
+PINNED_CA_PUBLIC_KEY = "7f99e3bf328bc7d92a8d3f6865d810c77bb21a0d1c17f1f2f167406722b8d2c2"
+PINNED_CA_FINGERPRINT = "5085f1b19dd91ab7a012309b2ea443d387d7ade6fd6ad1966add7ed32ce8b49c"
+PINNED_GROUP_TAG = "c326fb29a21b39ea"
 
 TIMEOUT_SECONDS = 5
 
@@ -202,6 +204,23 @@ def test_group_ca_is_byte_identical_across_derivations_and_pinned() -> None:
     assert first.certificate_pem == second.certificate_pem
     assert public_key.hex() == PINNED_CA_PUBLIC_KEY
     assert first.fingerprint == PINNED_CA_FINGERPRINT
+
+
+def test_group_secret_is_stretched_with_scrypt_salted_by_the_group_before_hkdf() -> None:
+    # The parameters are part of the contract; spelled out here so a change fails this test.
+    expected = hashlib.scrypt(
+        SECRET.encode(),
+        salt=b"ironsync group secret v1\x00" + GROUP.encode(),
+        n=2**15,
+        r=8,
+        p=1,
+        maxmem=64 * 1024 * 1024,
+        dklen=32,
+    )
+
+    assert stretch_secret(GROUP, SECRET) == expected
+    assert stretch_secret("other group", SECRET) != expected
+    assert stretch_secret(GROUP, SECRET) is stretch_secret(GROUP, SECRET)  # paid once
 
 
 def test_group_ca_is_a_self_signed_ca_named_after_the_group() -> None:

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 Every node of a group knows the same `group` and `group_secret`. From them, each node derives
-the same *group CA* without talking to anyone: HKDF-SHA256 turns the secret into a 32-byte
-Ed25519 seed, and a self-signed certificate with fixed fields is built around that key. Ed25519
+the same *group CA* without talking to anyone: scrypt stretches the secret (salted with the
+group name), HKDF-SHA256 turns the result into a 32-byte Ed25519 seed, and a self-signed
+certificate with fixed fields is built around that key. Ed25519
 signatures are deterministic (RFC 8032 section 5.1.6), so every node builds the byte-identical
 CA certificate. The CA private key lives only in memory; it is re-derived whenever a node
 certificate has to be issued.
@@ -20,6 +21,12 @@ Every node of the group can issue a certificate for any node id: the secret is t
 membership, the node id is a name, not a proof. Pinning a peer's certificate fingerprint
 (invite tokens) is the layer that tells one member from another.
 
+Why scrypt first: a node certificate (sent in every handshake) and the mDNS group tag are
+both fixed functions of the secret, so anyone who sees one can test guesses offline. HKDF alone
+costs a guess a microsecond, which makes a hand-picked 16-character secret guessable; scrypt
+(RFC 7914, N=2**15, r=8, p=1: 32 MiB and ~0.1 s a guess) makes each guess a million times
+dearer. A node pays it once per (group, secret) and process (`stretch_secret` is cached).
+
 Why Ed25519: small keys and signatures, no parameter choices, a deterministic key straight
 from a 32-byte seed and deterministic signatures. Python 3.10+ requires OpenSSL >= 1.1.1
 (PEP 644), whose libssl signs and verifies Ed25519 in TLS 1.3 (RFC 8446 section 4.2.3,
@@ -29,6 +36,7 @@ from a 32-byte seed and deterministic signatures. Python 3.10+ requires OpenSSL 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 import re
@@ -46,6 +54,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Everything below up to the file names is a contract between nodes: changing any of it
 # gives a different CA, which splits every existing group. Bump the version labels instead.
+SCRYPT_SALT_PREFIX = b"ironsync group secret v1\x00"  # followed by the UTF-8 group name
+SCRYPT_N = 2**15  # CPU/memory cost: 128 * N * r bytes = 32 MiB
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_MAXMEM = 64 * 1024 * 1024  # OpenSSL's default cap (32 MiB) is just too small
+STRETCHED_SECRET_BYTES = 32
 HKDF_SALT = b"ironsync v1"
 CA_KEY_INFO = b"ironsync group CA v1\x00"  # followed by the UTF-8 group name
 GROUP_TAG_INFO = b"ironsync group tag v1\x00"  # followed by the UTF-8 group name
@@ -135,7 +149,7 @@ def derive_group_ca(group: str, group_secret: str) -> GroupCA:
         raise ValueError("group must not be empty")
     if len(group_secret) < MIN_SECRET_CHARS:
         raise ValueError(f"group_secret must be at least {MIN_SECRET_CHARS} characters")
-    seed = _hkdf(group_secret, CA_KEY_INFO + group.encode(), length=32)
+    seed = _hkdf(stretch_secret(group, group_secret), CA_KEY_INFO + group.encode(), length=32)
     key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
     public_key = key.public_key()
     raw_public_key = public_key.public_bytes(
@@ -167,7 +181,24 @@ def group_tag(group: str, group_secret: str) -> str:
     """A short hex tag to advertise over mDNS: equal tags mean same group and secret."""
     if len(group_secret) < MIN_SECRET_CHARS:
         raise ValueError(f"group_secret must be at least {MIN_SECRET_CHARS} characters")
-    return _hkdf(group_secret, GROUP_TAG_INFO + group.encode(), length=GROUP_TAG_BYTES).hex()
+    stretched = stretch_secret(group, group_secret)
+    return _hkdf(stretched, GROUP_TAG_INFO + group.encode(), length=GROUP_TAG_BYTES).hex()
+
+
+@functools.lru_cache(maxsize=16)
+def stretch_secret(group: str, group_secret: str) -> bytes:
+    """The group secret after scrypt (salted with the group name): HKDF's input key.
+
+    Deliberately slow (~0.1 s, 32 MiB); cached, so a process pays it once per group."""
+    return hashlib.scrypt(
+        group_secret.encode(),
+        salt=SCRYPT_SALT_PREFIX + group.encode(),
+        n=SCRYPT_N,
+        r=SCRYPT_R,
+        p=SCRYPT_P,
+        maxmem=SCRYPT_MAXMEM,
+        dklen=STRETCHED_SECRET_BYTES,
+    )
 
 
 @dataclass(frozen=True)
@@ -274,9 +305,9 @@ def _configure(context: ssl.SSLContext, identity: NodeIdentity) -> ssl.SSLContex
     return context
 
 
-def _hkdf(group_secret: str, info: bytes, length: int) -> bytes:
+def _hkdf(stretched_secret: bytes, info: bytes, length: int) -> bytes:
     hkdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=HKDF_SALT, info=info)
-    return hkdf.derive(group_secret.encode())
+    return hkdf.derive(stretched_secret)
 
 
 def _key_usage(

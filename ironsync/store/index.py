@@ -253,3 +253,48 @@ def chunks_of(db: Database, file_id: int) -> list[ChunkInfo]:
             "SELECT offset, length, hash FROM chunks WHERE file_id = ? ORDER BY idx", (file_id,)
         )
     ]
+
+
+def adopt_version(
+    db: Database, storage_id: int, path: str, *, version: str, modified_by: str
+) -> None:
+    """Same content (or both deleted): take a peer's merged version (new sequence)."""
+    sequence = next_sequence(db, storage_id)
+    db.execute(
+        "UPDATE files SET version = ?, modified_by = ?, sequence = ?"
+        " WHERE storage_id = ? AND path = ?",
+        (version, modified_by, sequence, storage_id, path),
+    )
+
+
+def adopt_metadata(
+    db: Database,
+    storage_id: int,
+    path: str,
+    stat: Stat,
+    *,
+    version: str,
+    modified_by: str,
+    indexed_at_ns: int,
+) -> None:
+    """Same content, new mtime/mode from a peer: record the new stat and version."""
+    sequence = next_sequence(db, storage_id)
+    db.execute(
+        "UPDATE files SET size = ?, mtime_ns = ?, ctime_ns = ?, inode = ?, mode = ?,"
+        " version = ?, modified_by = ?, sequence = ?, indexed_at_ns = ?"
+        " WHERE storage_id = ? AND path = ?",
+        (
+            stat.size, stat.mtime_ns, stat.ctime_ns, stat.inode, stat.mode, version,
+            modified_by, sequence, indexed_at_ns, storage_id, path,
+        ),
+    )  # fmt: skip
+
+
+def changes_since(db: Database, storage_id: int, since: int, limit: int) -> list[FileRow]:
+    """Rows changed after sequence `since`, oldest change first (what a peer asks for)."""
+    rows = db.query(
+        f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND sequence > ?"
+        " ORDER BY sequence LIMIT ?",
+        (storage_id, since, limit),
+    )
+    return [_file_row(r) for r in rows]

@@ -18,6 +18,8 @@ than record every file as deleted (and delete them on every peer).
 from __future__ import annotations
 
 import logging
+import os
+import stat as stat_mod
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from ironsync.reconcile import VersionVector, merge
 from ironsync.scan import (
     Gone,
     Observed,
+    Stat,
     Unreadable,
     hash_files,
     is_trusted,
@@ -328,3 +331,48 @@ def _warn_symlinks(storage: str, symlinks: list[str]) -> None:
             len(new),
             new[0],
         )
+
+
+def rescan_paths(
+    db: Database,
+    node_id: str,
+    storage: Storage,
+    paths: list[str],
+    clock: Callable[[], int] = time.time_ns,
+) -> list[Change]:
+    """Bring the index up to date for a few paths (the watcher's and a sync's entry point).
+
+    Same index update as a full scan; a path that is gone is a deletion, one that cannot be
+    read is left as the index has it."""
+    row = prepare_storage(db, storage)
+    rules = IgnoreRules.load(storage.root)
+    wanted = sorted({p for p in paths if not rules.ignores_file(p)})
+    to_hash: list[tuple[str, Stat]] = []
+    gone: list[str] = []
+    for path in wanted:
+        try:
+            st = os.lstat(storage.root / path)
+        except (FileNotFoundError, NotADirectoryError):
+            gone.append(path)
+            continue
+        except OSError:
+            continue
+        if stat_mod.S_ISREG(st.st_mode):
+            to_hash.append((path, Stat.of(st)))
+        else:
+            gone.append(path)  # a folder or a symlink now: the file is gone
+    changes: list[Change] = []
+    for result in hash_files(storage.root, to_hash, None, clock):
+        if isinstance(result, Observed):
+            change = record_observed(db, node_id, row, result)
+        elif isinstance(result, Gone):
+            change = record_vanished(db, node_id, row, result.path)
+        else:
+            continue
+        if change is not None:
+            changes.append(change)
+    for path in gone:
+        change = record_vanished(db, node_id, row, path)
+        if change is not None:
+            changes.append(change)
+    return changes

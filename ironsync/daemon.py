@@ -1,0 +1,411 @@
+"""The daemon and standalone sync: wiring of the parts, signals, the lock, the control socket.
+
+`ironsync daemon` holds the node's lock for its lifetime, scans, serves peers over TLS, runs a
+full sync with every static peer at start (reconnecting with backoff when one goes away) and
+answers `ironsync sync` on a unix control socket beside the database (owner-only).
+
+`ironsync sync` asks the daemon through that socket when one answers; otherwise it takes the
+lock itself and runs the same full sync standalone against the same database — one writer at a
+time, never two processes deciding from the same index at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import stat as stat_mod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ironsync.config import Config
+from ironsync.net.session import PeerSession, connect, connect_with_backoff, serve
+from ironsync.net.tls import load_or_create_identity
+from ironsync.protocol import PROTOCOL_VERSION, Hello
+from ironsync.store import Database
+from ironsync.store import events as ev
+from ironsync.store import peers as peer_store
+from ironsync.sync.fullsync import SyncEngine, SyncOutcome, SyncProgress
+from ironsync.sync.service import SyncService
+from ironsync.sync.transfer import remove_stale_temp_files
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_NO_PEER = 3
+CONNECT_TIMEOUT_S = 10.0
+
+
+class LockHeld(Exception):
+    """Another ironsync process holds this node's database."""
+
+
+def lock_path(config: Config) -> Path:
+    return config.database.with_name(config.database.name + ".lock")
+
+
+def control_socket_path(config: Config) -> Path:
+    return config.database.with_name(config.database.name + ".sock")
+
+
+class NodeLock:
+    """An exclusive `flock` on `<database>.lock`: one writer process per node."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockHeld(f"{self.path} is held by another ironsync process") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def parse_peer(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def our_hello(config: Config) -> Hello:
+    return Hello(
+        PROTOCOL_VERSION,
+        config.node_id,
+        config.group,
+        tuple(s.name for s in config.storages),
+    )
+
+
+def outcome_json(outcome: SyncOutcome) -> dict[str, Any]:
+    return {
+        "peer": outcome.peer,
+        "converged": outcome.converged,
+        "rounds": outcome.rounds,
+        "pulled": outcome.pulled.pulled,
+        "bytes_from_peer": outcome.pulled.bytes_from_peer,
+        "bytes_reused": outcome.pulled.bytes_reused,
+        "deleted": outcome.pulled.deleted,
+        "conflicts": outcome.pulled.conflicts,
+        "failed": [f"{p}: {r}" for p, r in outcome.pulled.failed],
+        "peer_changed": outcome.peer_changed,
+        "divergent": outcome.divergent,
+        "error": outcome.error,
+    }
+
+
+def exit_code(results: list[dict[str, Any]], unreachable: list[str]) -> int:
+    if not results:
+        return EXIT_NO_PEER
+    if all(r["converged"] for r in results):
+        return EXIT_OK
+    return EXIT_FAILED
+
+
+@dataclass
+class Node:
+    """The parts of one running node, shared by the daemon and standalone sync."""
+
+    config: Config
+    db: Database
+    progress: SyncProgress | None = None
+    engine: SyncEngine = field(init=False)
+    service: SyncService = field(init=False)
+    sessions: dict[str, PeerSession] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)  # static address -> peer id
+
+    def __post_init__(self) -> None:
+        self.engine = SyncEngine(self.db, self.config, progress=self.progress)
+        self.service = SyncService(self.db, self.config, self.engine, on_violation=self._violation)
+        self.identity = load_or_create_identity(
+            self.config.state_dir, self.config.node_id, self.config.group,
+            self.config.group_secret,
+        )  # fmt: skip
+        self.hello = our_hello(self.config)
+
+    def _violation(self, link: Any, reason: str) -> None:
+        log.warning("peer %s: %s; disconnecting", link.peer_id, reason)
+        asyncio.get_running_loop().create_task(link.close(f"protocol violation: {reason}"))
+
+    def record(self, kind: str, peer: str | None, status: str = "ok", **detail: Any) -> None:
+        with self.db.atomic():
+            ev.append_event(self.db, kind, peer=peer, status=status, detail=detail or None)
+
+    def refused(self, address: str, reason: str) -> None:
+        log.warning("refused connection from %s: %s", address, reason)
+        self.record("peer_refused", None, "warning", address=address, reason=reason)
+
+    def connected(self, session: PeerSession, address: str | None) -> None:
+        self.sessions[session.peer_id] = session
+        if address is not None:
+            self.addresses[address] = session.peer_id
+        with self.db.atomic():
+            peer_store.touch_peer(self.db, session.peer_id, address)
+            ev.append_event(
+                self.db, "peer_connected", peer=session.peer_id,
+                detail={"address": address} if address else None,
+            )  # fmt: skip
+
+    def disconnected(self, session: PeerSession) -> None:
+        if self.sessions.get(session.peer_id) is session:
+            del self.sessions[session.peer_id]
+        with self.db.atomic():
+            peer_store.add_peer_traffic(
+                self.db, session.peer_id, session.bytes_in, session.bytes_out
+            )
+            ev.append_event(
+                self.db, "peer_disconnected", peer=session.peer_id,
+                detail={"reason": session.closed_reason or "closed"},
+            )  # fmt: skip
+
+    async def dial(self, address: str, timeout: float = CONNECT_TIMEOUT_S) -> PeerSession:
+        host, port = parse_peer(address)
+        session = await connect(
+            host, port, self.identity, self.hello, self.service, timeout=timeout
+        )
+        self.connected(session, address)
+        return session
+
+    async def sync_with(
+        self, session: PeerSession, storages: tuple[str, ...] | None
+    ) -> SyncOutcome:
+        outcome = await self.engine.full_sync(session, storages)
+        if outcome.error and "violation" in outcome.error:
+            await session.close("protocol violation")
+        return outcome
+
+    async def sync_static_peers(
+        self, storages: tuple[str, ...] | None, report: Callable[[dict[str, Any]], None]
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """One full sync with every reachable peer: connected ones, then the static list."""
+        results: list[dict[str, Any]] = []
+        unreachable: list[str] = []
+        done: set[str] = set()
+        for peer_id, session in list(self.sessions.items()):
+            outcome = await self.sync_with(session, storages)
+            results.append(outcome_json(outcome))
+            report(results[-1])
+            done.add(peer_id)
+        for address in self.config.peers:
+            if self.addresses.get(address) in done:
+                continue
+            try:
+                session = await self.dial(address)
+            except (TimeoutError, OSError, ConnectionError) as exc:
+                unreachable.append(address)
+                report({"unreachable": address, "reason": str(exc) or type(exc).__name__})
+                continue
+            try:
+                if session.peer_id in done:
+                    continue
+                outcome = await self.sync_with(session, storages)
+                results.append(outcome_json(outcome))
+                report(results[-1])
+                done.add(session.peer_id)
+            finally:
+                await session.close("sync done")
+                self.disconnected(session)
+        return results, unreachable
+
+
+# --- standalone sync ----------------------------------------------------------------------
+
+
+async def standalone_sync(
+    config: Config,
+    db: Database,
+    storages: tuple[str, ...] | None,
+    report: Callable[[dict[str, Any]], None],
+    progress: SyncProgress | None = None,
+) -> int:
+    """`ironsync sync` without a daemon: the same full sync, with the lock held."""
+    lock = NodeLock(lock_path(config))
+    lock.acquire()
+    try:
+        for storage in config.storages:
+            remove_stale_temp_files(storage.root)
+        node = Node(config, db, progress)
+        results, unreachable = await node.sync_static_peers(storages, report)
+        return exit_code(results, unreachable)
+    finally:
+        lock.release()
+
+
+# --- control socket -------------------------------------------------------------------------
+
+
+async def ask_daemon(config: Config, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """Send one request to the running daemon; yield its JSON replies. Raises OSError when no
+    daemon answers."""
+    path = control_socket_path(config)
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        while line := await reader.readline():
+            yield json.loads(line)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+# --- the daemon -----------------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, config: Config, db: Database) -> None:
+        self.config = config
+        self.db = db
+        self.stop = asyncio.Event()
+        self.lock = NodeLock(lock_path(config))
+        self.node: Node | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self) -> int:
+        self.lock.acquire()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        server = control = None
+        try:
+            for storage in self.config.storages:
+                removed = remove_stale_temp_files(storage.root)
+                if removed:
+                    log.info("removed %d stale temporary file(s) in %s", len(removed), storage.name)
+            node = self.node = Node(self.config, self.db)
+            node.engine.scan()
+            server = await serve(
+                self.config.listen_address, self.config.port, node.identity, node.hello,
+                node.service, on_session=self._incoming, on_refused=node.refused,
+            )  # fmt: skip
+            control = await self._start_control()
+            log.info(
+                "node %s listening on %s:%d", self.config.node_id, self.config.listen_address,
+                self.config.port,
+            )  # fmt: skip
+            for address in self.config.peers:
+                self._spawn(self._peer_loop(address))
+            await self.stop.wait()
+            log.info("stopping")
+            return 0
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+            for task in list(self.tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self.node is not None:
+                for session in list(self.node.sessions.values()):
+                    with contextlib.suppress(Exception):
+                        await session.close("daemon stopping")
+            for srv in (server, control):
+                if srv is not None:
+                    srv.close()
+            with contextlib.suppress(FileNotFoundError):
+                control_socket_path(self.config).unlink()
+            self.lock.release()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _incoming(self, session: PeerSession) -> None:
+        assert self.node is not None
+        self.node.connected(session, None)
+        try:
+            await session.wait_closed()
+        finally:
+            self.node.disconnected(session)
+
+    async def _peer_loop(self, address: str) -> None:
+        """Keep a session to one static peer: connect (with backoff), full sync, wait, again."""
+        assert self.node is not None
+        node = self.node
+        host, port = parse_peer(address)
+        while not self.stop.is_set():
+            session = await connect_with_backoff(
+                host, port, node.identity, node.hello, node.service, attempts=None
+            )
+            node.connected(session, address)
+            try:
+                outcome = await node.sync_with(session, None)
+                log.info(
+                    "full sync with %s: %s", session.peer_id,
+                    "converged" if outcome.converged else f"not converged ({outcome.error})",
+                )  # fmt: skip
+                await session.wait_closed()
+            finally:
+                node.disconnected(session)
+
+    async def _start_control(self) -> asyncio.AbstractServer:
+        path = control_socket_path(self.config)
+        if path.exists() or path.is_symlink():
+            mode = path.lstat().st_mode
+            if not stat_mod.S_ISSOCK(mode):
+                raise RuntimeError(f"{path} exists and is not a socket")
+            path.unlink()  # stale: we hold the lock, so no other daemon uses it
+        old_umask = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(self._control, path=str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        return server
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            if sock is not None and hasattr(socket, "SO_PEERCRED"):
+                import struct
+
+                creds = sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+                )
+                _, uid, _ = struct.unpack("3i", creds)
+                if uid not in (os.getuid(), 0):
+                    return
+            line = await reader.readline()
+            request = json.loads(line or b"{}")
+            if request.get("cmd") != "sync":
+                writer.write(json.dumps({"error": "unknown command"}).encode() + b"\n")
+                return
+            storages = tuple(request.get("storages") or ()) or None
+
+            def report(item: dict[str, Any]) -> None:
+                writer.write(json.dumps({"peer_result": item}).encode() + b"\n")
+
+            assert self.node is not None
+            results, unreachable = await self.node.sync_static_peers(storages, report)
+            code = exit_code(results, unreachable)
+            writer.write(json.dumps({"exit": code, "results": results}).encode() + b"\n")
+            await writer.drain()
+        except (ValueError, ConnectionError) as exc:
+            log.warning("control request failed: %s", exc)
+        finally:
+            writer.close()
+
+
+def run_daemon(config: Config, db: Database) -> int:
+    return asyncio.run(Daemon(config, db).run())

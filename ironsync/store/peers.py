@@ -1,0 +1,139 @@
+"""Peers and what they announced: `peers`, `peer_files`, `peer_storages` (SQL only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ironsync.store.database import Database
+from ironsync.store.events import iso_now
+
+
+@dataclass(frozen=True)
+class PeerFileRow:
+    """One row of a peer's index, as it announced it."""
+
+    peer: str
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+    hash: bytes | None
+    deleted: bool
+    version: str
+    modified_by: str
+    sequence: int
+
+
+def touch_peer(db: Database, node_id: str, address: str | None) -> None:
+    """Record that `node_id` was seen now (at `address`, if known)."""
+    db.execute(
+        "INSERT INTO peers (node_id, address, last_seen) VALUES (?, ?, ?)"
+        " ON CONFLICT (node_id) DO UPDATE SET last_seen = excluded.last_seen,"
+        " address = coalesce(excluded.address, peers.address)",
+        (node_id, address, iso_now()),
+    )
+
+
+def mark_peer_synced(db: Database, node_id: str) -> None:
+    db.execute("UPDATE peers SET last_sync_at = ? WHERE node_id = ?", (iso_now(), node_id))
+
+
+def add_peer_traffic(db: Database, node_id: str, bytes_in: int, bytes_out: int) -> None:
+    db.execute(
+        "UPDATE peers SET bytes_in = bytes_in + ?, bytes_out = bytes_out + ? WHERE node_id = ?",
+        (bytes_in, bytes_out, node_id),
+    )
+
+
+def last_sequence(db: Database, peer: str, storage_id: int) -> int:
+    value = db.scalar(
+        "SELECT last_sequence FROM peer_storages WHERE peer = ? AND storage_id = ?",
+        (peer, storage_id),
+    )
+    return int(value or 0)
+
+
+def record_peer_storage(
+    db: Database, peer: str, storage_id: int, *, last_seq: int, storage_hash: bytes | None
+) -> None:
+    db.execute(
+        "INSERT INTO peer_storages (peer, storage_id, last_sequence, storage_hash, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer, storage_id) DO UPDATE SET"
+        " last_sequence = excluded.last_sequence, storage_hash = excluded.storage_hash,"
+        " updated_at = excluded.updated_at",
+        (peer, storage_id, last_seq, storage_hash, iso_now()),
+    )
+
+
+def forget_peer_storage(db: Database, peer: str, storage_id: int) -> None:
+    """Drop everything known of a peer's storage, so the next fetch starts from sequence 0."""
+    db.execute("DELETE FROM peer_files WHERE peer = ? AND storage_id = ?", (peer, storage_id))
+    db.execute("DELETE FROM peer_storages WHERE peer = ? AND storage_id = ?", (peer, storage_id))
+
+
+def store_peer_files(db: Database, storage_id: int, rows: Iterable[PeerFileRow]) -> None:
+    db.conn.executemany(
+        "INSERT INTO peer_files (peer, storage_id, path, size, mtime_ns, mode, hash, deleted,"
+        " version, modified_by, sequence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (peer, storage_id, path) DO UPDATE SET size = excluded.size,"
+        " mtime_ns = excluded.mtime_ns, mode = excluded.mode, hash = excluded.hash,"
+        " deleted = excluded.deleted, version = excluded.version,"
+        " modified_by = excluded.modified_by, sequence = excluded.sequence",
+        (
+            (
+                r.peer,
+                storage_id,
+                r.path,
+                r.size,
+                r.mtime_ns,
+                r.mode,
+                r.hash,
+                int(r.deleted),
+                r.version,
+                r.modified_by,
+                r.sequence,
+            )
+            for r in rows
+        ),
+    )
+
+
+def peer_storage_hash(db: Database, peer: str, storage_id: int) -> bytes:
+    """The storage hash of the peer's index as we hold it (same aggregate as our own)."""
+    value = db.scalar(
+        "SELECT storage_hash(path, size, mtime_ns, deleted ORDER BY path)"
+        " FROM peer_files WHERE peer = ? AND storage_id = ?",
+        (peer, storage_id),
+    )
+    return bytes(value)
+
+
+def get_peer_file(db: Database, peer: str, storage_id: int, path: str) -> PeerFileRow | None:
+    row = db.query_one(
+        "SELECT peer, path, size, mtime_ns, mode, hash, deleted, version, modified_by, sequence"
+        " FROM peer_files WHERE peer = ? AND storage_id = ? AND path = ?",
+        (peer, storage_id, path),
+    )
+    if row is None:
+        return None
+    return PeerFileRow(*row[:6], bool(row[6]), *row[7:])  # type: ignore[arg-type]
+
+
+def divergent_paths(db: Database, peer: str, storage_id: int) -> list[str]:
+    """The consolidated index, narrowed to what differs: every path where this node's row
+    and the peer's row are not the same (including paths only one side has), in path order."""
+    rows = db.query(
+        "SELECT p.path FROM peer_files AS p"
+        " LEFT JOIN files AS f ON f.storage_id = p.storage_id AND f.path = p.path"
+        " WHERE p.peer = :peer AND p.storage_id = :sid AND (f.id IS NULL"
+        "   OR f.version <> p.version OR f.deleted <> p.deleted OR f.hash IS NOT p.hash"
+        "   OR f.mtime_ns <> p.mtime_ns OR f.mode <> p.mode OR f.size <> p.size)"
+        " UNION"
+        " SELECT f.path FROM files AS f WHERE f.storage_id = :sid AND NOT EXISTS"
+        "   (SELECT 1 FROM peer_files AS p"
+        "    WHERE p.peer = :peer AND p.storage_id = f.storage_id AND p.path = f.path)"
+        " ORDER BY 1",
+        {"peer": peer, "sid": storage_id},
+    )
+    return [r[0] for r in rows]

@@ -1,0 +1,583 @@
+"""Full sync with one peer: iron-carrier's loop, over SQL, pull-based.
+
+Theory of operation
+-------------------
+Each node only ever changes its own disk. A full sync between this node and a peer is:
+
+1. Scan our storages (the peer scans its own when we ask for its storage hashes).
+2. Ask the peer for its storage hashes; the storages whose hash differs from ours diverge.
+   Aliases only one side has are ignored.
+3. For each divergent storage, fetch the peer's index — only the rows changed since the highest
+   sequence we received from it before (`peer_storages.last_sequence`). If the storage hash of
+   what we then hold of the peer's index differs from the hash it announced (its database was
+   replaced, say), forget it and fetch the whole index again.
+4. The consolidated index is one SQL query (`peers.divergent_paths`): every path where our row
+   and the peer's differ. For each, `reconcile` decides from the version vectors; we *pull*
+   (transfer only the chunks we lack), delete, record a tombstone or adopt a merged version.
+   Conflicts keep the losing content as a conflict copy before anything is replaced.
+5. Ask the peer to do the same with us (`SyncRequest`): it pulls what it lacks.
+6. Repeat from 2 until the storage hashes match, or a round changes nothing on either side
+   (what is left is then paths one side ignores, or failures, which are reported), within
+   MAX_ROUNDS.
+
+Every change applied here takes a new local sequence number, so a third node that syncs with
+us later receives it: a node relays what it learned from one peer to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ironsync.config import Config, Storage
+from ironsync.ignore import IgnoreRules
+from ironsync.protocol import (
+    MAX_INDEX_PAGE_ENTRIES,
+    GetIndex,
+    GetStorageHashes,
+    IndexPage,
+    StorageHashes,
+    SyncRequest,
+    SyncResult,
+)
+from ironsync.reconcile import (
+    FileState,
+    LocalAction,
+    Plan,
+    ResolvedFile,
+    VersionVector,
+    reconcile,
+)
+from ironsync.scan import Stat
+from ironsync.store import Database, index, peers
+from ironsync.store import events as ev
+from ironsync.sync.link import PeerError, PeerLink
+from ironsync.sync.local import StorageUnavailable, rescan_paths, scan_storage
+from ironsync.sync.paths import UnsafePath, check_peer_path, resolve_inside
+from ironsync.sync.transfer import pull_file
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 6
+PLACEHOLDER_ID = 1  # the session stamps the real request id
+
+
+class PeerViolation(Exception):
+    """The peer sent something it must not (an unsafe path, a malformed version): disconnect."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(f"peer {peer}: {reason}")
+
+
+@dataclass
+class PullReport:
+    """What one pull pass from a peer did."""
+
+    changed: int = 0  # paths whose local row changed
+    pulled: int = 0
+    bytes_from_peer: int = 0
+    bytes_reused: int = 0
+    deleted: int = 0
+    conflicts: int = 0
+    ignored: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (storage:path, reason)
+
+    def add(self, other: PullReport) -> None:
+        for name in ("changed", "pulled", "bytes_from_peer", "bytes_reused", "deleted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.conflicts += other.conflicts
+        self.ignored += other.ignored
+        self.failed += other.failed
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "changed": self.changed,
+                "pulled": self.pulled,
+                "bytes_from_peer": self.bytes_from_peer,
+                "deleted": self.deleted,
+                "conflicts": self.conflicts,
+                "ignored": self.ignored,
+                "failed": len(self.failed),
+            },
+            sort_keys=True,
+        )
+
+
+@dataclass
+class SyncOutcome:
+    peer: str
+    converged: bool
+    rounds: int
+    pulled: PullReport
+    peer_changed: int = 0
+    divergent: list[str] = field(default_factory=list)  # storages still differing
+    error: str | None = None
+
+
+class SyncProgress:
+    """Progress callbacks of a sync (the default does nothing)."""
+
+    def file_done(self, storage: str, path: str, nbytes: int) -> None:
+        pass
+
+
+class SyncEngine:
+    """Full syncs and pull passes for one node. One per process; safe to share between peers."""
+
+    def __init__(
+        self,
+        db: Database,
+        config: Config,
+        *,
+        progress: SyncProgress | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.node_id = config.node_id
+        self.progress = progress or SyncProgress()
+        self.clock = clock
+        # Pull passes apply changes one at a time; never held while waiting on a peer's pull.
+        self.apply_lock = asyncio.Lock()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def storages_for(self, names: tuple[str, ...] | list[str] | None) -> list[Storage]:
+        return [s for s in self.config.storages if not names or s.name in names]
+
+    def scan(self, names: tuple[str, ...] | list[str] | None = None) -> list[str]:
+        """Scan the given storages (all by default); returns those that could not be."""
+        unavailable = []
+        for storage in self.storages_for(names):
+            try:
+                scan_storage(self.db, self.node_id, storage, clock=self.clock)
+            except StorageUnavailable as exc:
+                unavailable.append(storage.name)
+                with self.db.atomic():
+                    ev.append_event(
+                        self.db, "error", storage=storage.name, status="error",
+                        detail={"reason": exc.reason},
+                    )  # fmt: skip
+        return unavailable
+
+    def our_hashes(self, names: list[str]) -> dict[str, bytes]:
+        result = {}
+        for name in names:
+            row = index.get_storage(self.db, name)
+            if row is not None:
+                result[name] = index.storage_hash(self.db, row.id)
+        return result
+
+    async def full_sync(
+        self, link: PeerLink, names: tuple[str, ...] | None = None, *, scan: bool = True
+    ) -> SyncOutcome:
+        """Sync with one peer until our storage hashes match, or nothing more can change."""
+        peer = link.peer_id
+        wanted = [s.name for s in self.storages_for(names)]
+        outcome = SyncOutcome(peer, converged=False, rounds=0, pulled=PullReport())
+        with self.db.atomic():
+            ev.append_event(self.db, "sync_started", peer=peer, detail={"storages": wanted})
+        unavailable = self.scan(wanted) if scan else []
+        wanted = [n for n in wanted if n not in unavailable]
+        try:
+            for round_no in range(1, MAX_ROUNDS + 1):
+                outcome.rounds = round_no
+                divergent = await self.divergent_storages(link, wanted)
+                outcome.divergent = divergent
+                if not divergent:
+                    outcome.converged = not unavailable
+                    break
+                pulled = await self.pull_from(link, divergent)
+                outcome.pulled.add(pulled)
+                reply = await link.request(
+                    SyncRequest(storages=tuple(divergent), request_id=PLACEHOLDER_ID)
+                )
+                assert isinstance(reply, SyncResult)
+                theirs = _result_counts(reply)
+                outcome.peer_changed += theirs.get("changed", 0)
+                if pulled.changed == 0 and theirs.get("changed", 0) == 0:
+                    # Nothing more will move: what differs is ignored on one side or failing.
+                    still = await self.divergent_storages(link, wanted)
+                    outcome.divergent = still
+                    failed = pulled.failed or theirs.get("failed", 0) or not reply.ok
+                    outcome.converged = (
+                        not failed
+                        and not unavailable
+                        and (not still or pulled.ignored + theirs.get("ignored", 0) > 0)
+                    )
+                    break
+        except (PeerError, PeerViolation) as exc:
+            outcome.error = str(exc)
+        if unavailable and outcome.error is None:
+            outcome.error = f"storage(s) not scanned: {', '.join(unavailable)}"
+        with self.db.atomic():
+            if outcome.converged:
+                peers.mark_peer_synced(self.db, peer)
+                for name in wanted:
+                    row = index.get_storage(self.db, name)
+                    if row is not None:
+                        self.db.execute(
+                            "UPDATE storages SET last_sync_at = ? WHERE id = ?",
+                            (ev.iso_now(), row.id),
+                        )
+            ev.append_event(
+                self.db,
+                "sync_finished",
+                peer=peer,
+                status="ok" if outcome.converged else "error",
+                detail={
+                    "converged": outcome.converged,
+                    "rounds": outcome.rounds,
+                    "pulled": outcome.pulled.pulled,
+                    "bytes_from_peer": outcome.pulled.bytes_from_peer,
+                    "peer_changed": outcome.peer_changed,
+                    "divergent": outcome.divergent,
+                    "failed": len(outcome.pulled.failed),
+                    **({"error": outcome.error} if outcome.error else {}),
+                },
+            )
+        return outcome
+
+    async def divergent_storages(self, link: PeerLink, wanted: list[str]) -> list[str]:
+        reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
+        assert isinstance(reply, StorageHashes)
+        ours = self.our_hashes(wanted)
+        return [
+            name
+            for name in wanted
+            if name in reply.hashes and name in ours and reply.hashes[name] != ours[name]
+        ]
+
+    # --- one pull pass -----------------------------------------------------------------------
+
+    async def pull_from(self, link: PeerLink, names: list[str] | tuple[str, ...]) -> PullReport:
+        """Fetch the peer's index for `names` and apply every decision that is ours to make."""
+        report = PullReport()
+        async with self.apply_lock:
+            hashes_reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
+            assert isinstance(hashes_reply, StorageHashes)
+            for storage in self.storages_for(list(names)):
+                their_hash = hashes_reply.hashes.get(storage.name)
+                if their_hash is None:
+                    continue  # an alias the peer lacks
+                row = index.ensure_storage(self.db, storage.name, storage.root)
+                await self.fetch_index(link, row, their_hash)
+                report.add(await self.apply_storage(link, storage, row))
+        return report
+
+    async def fetch_index(self, link: PeerLink, row: index.StorageRow, their_hash: bytes) -> None:
+        """Bring our copy of the peer's index of one storage up to date (changes since N)."""
+        peer = link.peer_id
+        for attempt in range(2):
+            since = peers.last_sequence(self.db, peer, row.id)
+            last = since
+            more = True
+            while more:
+                more = False
+                async for page in link.stream(
+                    GetIndex(row.name, last, MAX_INDEX_PAGE_ENTRIES, request_id=PLACEHOLDER_ID)
+                ):
+                    assert isinstance(page, IndexPage)
+                    entries = [self._peer_row(peer, e) for e in page.entries]
+                    with self.db.atomic():
+                        peers.store_peer_files(self.db, row.id, entries)
+                        last = max([last, page.last_sequence, *(e.sequence for e in entries)])
+                        peers.record_peer_storage(
+                            self.db, peer, row.id, last_seq=last, storage_hash=their_hash
+                        )
+            if peers.peer_storage_hash(self.db, peer, row.id) == their_hash or attempt == 1:
+                return
+            if since == 0:
+                return  # changed while we read it; the next round catches up
+            log.info("peer %s: index of '%s' out of step; fetching it whole", peer, row.name)
+            with self.db.atomic():
+                peers.forget_peer_storage(self.db, peer, row.id)
+
+    def _peer_row(self, peer: str, entry: object) -> peers.PeerFileRow:
+        e = entry  # an IndexEntry, validated by the protocol layer
+        try:
+            path = check_peer_path(e.path)  # type: ignore[attr-defined]
+            version = VersionVector.from_json(e.version).to_json()  # type: ignore[attr-defined]
+        except UnsafePath as exc:
+            raise PeerViolation(peer, f"unsafe path {exc.path!r}: {exc.reason}") from None
+        except ValueError as exc:
+            raise PeerViolation(peer, f"malformed version: {exc}") from None
+        deleted = bool(e.deleted)  # type: ignore[attr-defined]
+        return peers.PeerFileRow(
+            peer=peer,
+            path=path,
+            size=0 if deleted else e.size,  # type: ignore[attr-defined]
+            mtime_ns=0 if deleted else e.mtime_ns,  # type: ignore[attr-defined]
+            mode=0 if deleted else e.mode,  # type: ignore[attr-defined]
+            hash=None if deleted else e.hash,  # type: ignore[attr-defined]
+            deleted=deleted,
+            version=version,
+            modified_by=e.modified_by,  # type: ignore[attr-defined]
+            sequence=e.sequence,  # type: ignore[attr-defined]
+        )
+
+    async def apply_storage(
+        self, link: PeerLink, storage: Storage, row: index.StorageRow
+    ) -> PullReport:
+        report = PullReport()
+        rules = IgnoreRules.load(storage.root)
+        for path in peers.divergent_paths(self.db, link.peer_id, row.id):
+            if rules.ignores_file(path):
+                report.ignored += 1
+                continue
+            try:
+                await self.apply_path(link, storage, row, path, report)
+            except (PeerError, PeerViolation):
+                raise
+            except UnsafePath as exc:
+                report.failed.append((f"{storage.name}:{path}", f"unsafe: {exc.reason}"))
+            except OSError as exc:
+                report.failed.append((f"{storage.name}:{path}", exc.strerror or str(exc)))
+                with self.db.atomic():
+                    ev.append_event(
+                        self.db, "write_failed", storage=storage.name, path=path,
+                        status="error", peer=link.peer_id, detail={"reason": str(exc)},
+                    )  # fmt: skip
+        return report
+
+    async def apply_path(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        path: str,
+        report: PullReport,
+    ) -> None:
+        peer = link.peer_id
+        local = index.get_file(self.db, row.id, path)
+        remote = peers.get_peer_file(self.db, peer, row.id, path)
+        if remote is None:
+            return  # only we have it: the peer pulls it when we send SyncRequest
+        local_state = None if local is None else _state(self.node_id, local)
+        plan = reconcile(local_state, [_peer_state(remote)], self.node_id)
+        if plan.local_action is LocalAction.NOTHING and not plan.conflict_copies:
+            return
+        if plan.is_conflict:
+            report.conflicts += 1
+            with self.db.atomic():
+                ev.append_event(
+                    self.db, "conflict", storage=storage.name, path=path, peer=peer,
+                    status="warning",
+                    detail={
+                        "winner": plan.target.modified_by,
+                        "copies": [c.path for c in plan.conflict_copies],
+                    },
+                )  # fmt: skip
+        # Losing contents first: nothing is replaced before its copy exists.
+        for copy in plan.conflict_copies:
+            if copy.path == plan.keep_local_as:
+                if not self._keep_local(storage, row, path, copy):
+                    report.failed.append((f"{storage.name}:{path}", "cannot keep local copy"))
+                    return
+                report.changed += 1
+            elif not await self._take_copy(link, storage, row, copy, report):
+                return
+        await self._apply_target(link, storage, row, plan, report)
+
+    async def _apply_target(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        plan: Plan,
+        report: PullReport,
+    ) -> None:
+        target = plan.target
+        path = plan.path
+        action = plan.local_action
+        version = target.version.to_json()
+        if action is LocalAction.NOTHING:
+            return
+        if action in (LocalAction.PULL, LocalAction.KEEP_LOCAL_THEN_PULL):
+            if link.peer_id not in target.sources:
+                return  # another peer holds it; a later sync with that peer brings it
+            await self._pull(link, storage, row, target, path, report)
+            return
+        known = index.known_stat(self.db, row.id, path)
+        if action is LocalAction.UPDATE_VERSION_ONLY:
+            with self.db.atomic():
+                index.adopt_version(
+                    self.db, row.id, path, version=version, modified_by=target.modified_by
+                )
+            report.changed += 1
+            return
+        if action is LocalAction.RECORD_TOMBSTONE:
+            with self.db.atomic():
+                index.put_tombstone(
+                    self.db, row.id, path, version=version, modified_by=target.modified_by
+                )
+            report.changed += 1
+            return
+        full = resolve_inside(storage.root, path)
+        if known is None or not _disk_matches(full, known.stat):
+            # The disk changed since the index saw it: index it, decide again next round.
+            rescan_paths(self.db, self.node_id, storage, [path])
+            report.changed += 1
+            return
+        if action is LocalAction.UPDATE_METADATA:
+            os.chmod(full, target.mode, follow_symlinks=False)
+            os.utime(full, ns=(target.mtime_ns, target.mtime_ns), follow_symlinks=False)
+            with self.db.atomic():
+                index.adopt_metadata(
+                    self.db, row.id, path, Stat.of(os.lstat(full)), version=version,
+                    modified_by=target.modified_by, indexed_at_ns=self.clock(),
+                )  # fmt: skip
+            report.changed += 1
+        elif action is LocalAction.DELETE_HERE:
+            os.unlink(full)
+            with self.db.atomic():
+                index.put_tombstone(
+                    self.db, row.id, path, version=version, modified_by=target.modified_by
+                )
+                ev.append_event(
+                    self.db, "deleted", storage=storage.name, path=path, peer=link.peer_id
+                )
+            report.changed += 1
+            report.deleted += 1
+
+    async def _pull(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        target: ResolvedFile,
+        dest: str,
+        report: PullReport,
+    ) -> bool:
+        expected = index.known_stat(self.db, row.id, dest)
+        result = await pull_file(
+            self.db, link, row, target, dest_path=dest, expected=expected, now_ns=self.clock
+        )
+        if result.ok:
+            report.changed += 1
+            report.pulled += 1
+            report.bytes_from_peer += result.bytes_from_peer
+            report.bytes_reused += result.bytes_reused
+            self.progress.file_done(storage.name, dest, target.size)
+            return True
+        if result.reason and "changed locally" in result.reason:
+            rescan_paths(self.db, self.node_id, storage, [dest])
+            report.changed += 1
+        else:
+            report.failed.append((f"{storage.name}:{dest}", result.reason or "failed"))
+        return False
+
+    def _keep_local(
+        self, storage: Storage, row: index.StorageRow, path: str, copy: ResolvedFile
+    ) -> bool:
+        """Keep our losing content as its conflict copy: a hard link (no copy of the bytes),
+        recorded with the copy's version, before the name takes the winner."""
+        local = index.get_file(self.db, row.id, path)
+        known = index.known_stat(self.db, row.id, path)
+        if local is None or known is None or local.hash != copy.hash:
+            return False
+        src = resolve_inside(storage.root, path)
+        dst = resolve_inside(storage.root, copy.path)
+        if not _disk_matches(src, known.stat):
+            rescan_paths(self.db, self.node_id, storage, [path])
+            return False
+        if os.path.lexists(dst):
+            existing = index.get_file(self.db, row.id, copy.path)
+            return existing is not None and existing.hash == copy.hash
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(src, dst, follow_symlinks=False)
+        with self.db.atomic():
+            index.put_live_file(
+                self.db, row.id, copy.path, Stat.of(os.lstat(dst)), copy.hash or b"",
+                index.chunks_of(self.db, local.id), version=copy.version.to_json(),
+                modified_by=copy.modified_by, indexed_at_ns=self.clock(),
+            )  # fmt: skip
+            ev.append_event(
+                self.db, "created", storage=storage.name, path=copy.path,
+                detail={"conflict_copy_of": path, "hash": (copy.hash or b"").hex()},
+            )  # fmt: skip
+        return True
+
+    async def _take_copy(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        copy: ResolvedFile,
+        report: PullReport,
+    ) -> bool:
+        """Record a conflict copy whose content is elsewhere: pull it, as from any peer."""
+        existing = index.get_file(self.db, row.id, copy.path)
+        here = None if existing is None else _state(self.node_id, existing)
+        source = copy.sources[0] if copy.sources else link.peer_id
+        sub = reconcile(here, [copy.row_for(source)], self.node_id)
+        if sub.local_action is LocalAction.NOTHING:
+            return True
+        if sub.local_action is LocalAction.PULL and link.peer_id in copy.sources:
+            return await self._pull(link, storage, row, sub.target, copy.path, report)
+        if sub.local_action is LocalAction.UPDATE_VERSION_ONLY:
+            with self.db.atomic():
+                index.adopt_version(
+                    self.db, row.id, copy.path, version=sub.target.version.to_json(),
+                    modified_by=sub.target.modified_by,
+                )  # fmt: skip
+            return True
+        # The copy's content is on a node we are not talking to: keep ours, decide later.
+        return False
+
+
+def _state(node: str, row: index.FileRow) -> FileState:
+    return FileState(
+        node=node,
+        path=row.path,
+        version=VersionVector.from_json(row.version),
+        hash=row.hash,
+        size=row.size,
+        mtime_ns=row.mtime_ns,
+        mode=row.mode,
+        deleted=row.deleted,
+        modified_by=row.modified_by,
+    )
+
+
+def _peer_state(row: peers.PeerFileRow) -> FileState:
+    return FileState(
+        node=row.peer,
+        path=row.path,
+        version=VersionVector.from_json(row.version),
+        hash=row.hash,
+        size=row.size,
+        mtime_ns=row.mtime_ns,
+        mode=row.mode,
+        deleted=row.deleted,
+        modified_by=row.modified_by,
+    )
+
+
+def _disk_matches(full: os.PathLike[str] | str, stat: Stat) -> bool:
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return False
+    return (st.st_size, st.st_mtime_ns, st.st_ino) == (stat.size, stat.mtime_ns, stat.inode)
+
+
+def _result_counts(reply: SyncResult) -> dict[str, int]:
+    try:
+        data = json.loads(reply.detail)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}

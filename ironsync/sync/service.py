@@ -1,0 +1,153 @@
+"""What this node answers when a peer asks: storage hashes, index pages, chunks, sync requests.
+
+The one `RequestHandler` of a node (see link.py); ironsync.net calls it for every request.
+Asked for its storage hashes by a peer at the start of a session, a node first brings its own
+index up to date (a scan), unless its file watcher is running and healthy: a change made while
+nothing watched is never missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+
+from ironsync.config import Config
+from ironsync.protocol import (
+    MAX_FRAME_SIZE,
+    MAX_INDEX_PAGE_ENTRIES,
+    ChangeNotice,
+    GetChunkList,
+    GetChunks,
+    GetIndex,
+    GetStorageHashes,
+    IndexEntry,
+    IndexPage,
+    Request,
+    StorageHashes,
+    SyncRequest,
+    SyncResult,
+)
+from ironsync.protocol.wire import MAX_INDEX_PAGE_OVERHEAD, index_entry_size
+from ironsync.store import Database, index
+from ironsync.store import events as ev
+from ironsync.sync.fullsync import PeerViolation, SyncEngine
+from ironsync.sync.link import PeerError, PeerLink, Responder
+from ironsync.sync.transfer import serve_chunk_list, serve_chunks
+
+log = logging.getLogger(__name__)
+
+PAGE_BYTES = MAX_FRAME_SIZE - MAX_INDEX_PAGE_OVERHEAD
+
+
+class SyncService:
+    """Answers a peer's requests from this node's database and disk."""
+
+    def __init__(
+        self,
+        db: Database,
+        config: Config,
+        engine: SyncEngine,
+        *,
+        watcher_healthy: Callable[[], bool] = lambda: False,
+        on_notice: Callable[[PeerLink, ChangeNotice], None] | None = None,
+        on_violation: Callable[[PeerLink, str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.engine = engine
+        self.watcher_healthy = watcher_healthy
+        self.on_notice = on_notice
+        self.on_violation = on_violation
+        self._scanned: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def handle(self, link: PeerLink, request: Request, respond: Responder) -> None:
+        if isinstance(request, GetStorageHashes):
+            await respond.send(self.storage_hashes(link, request.request_id))
+        elif isinstance(request, GetIndex):
+            await self.index_pages(link, request, respond)
+        elif isinstance(request, GetChunkList):
+            row = self._storage(link, request.storage)
+            await serve_chunk_list(self.db, row, request, respond, peer=link.peer_id)
+        elif isinstance(request, GetChunks):
+            row = self._storage(link, request.storage)
+            await serve_chunks(self.db, row, request, respond, peer=link.peer_id)
+        elif isinstance(request, SyncRequest):
+            await respond.send(await self.sync_request(link, request))
+        else:
+            raise PeerError(link.peer_id, "unsupported", type(request).__name__)
+
+    async def notice(self, link: PeerLink, message: ChangeNotice) -> None:
+        if self.on_notice is not None:
+            self.on_notice(link, message)
+
+    def storage_hashes(self, link: PeerLink, request_id: int) -> StorageHashes:
+        if link not in self._scanned:
+            self._scanned.add(link)
+            if not self.watcher_healthy():
+                self.engine.scan()
+        names = [s.name for s in self.config.storages]
+        return StorageHashes(self.engine.our_hashes(names), request_id=request_id)
+
+    async def index_pages(self, link: PeerLink, request: GetIndex, respond: Responder) -> None:
+        row = self._storage(link, request.storage)
+        limit = max(1, min(request.limit, MAX_INDEX_PAGE_ENTRIES))
+        since = request.since_sequence
+        while True:
+            rows = index.changes_since(self.db, row.id, since, limit)
+            entries: list[IndexEntry] = []
+            size = 0
+            for file_row in rows:
+                entry = _entry(file_row)
+                size += index_entry_size(entry)
+                if entries and size > PAGE_BYTES:
+                    break
+                entries.append(entry)
+            more = len(rows) == limit or len(entries) < len(rows)
+            last = entries[-1].sequence if entries else since
+            await respond.send(
+                IndexPage(
+                    request.storage, tuple(entries), last, more, request_id=request.request_id
+                )
+            )
+            if not more:
+                return
+            since = last
+
+    async def sync_request(self, link: PeerLink, request: SyncRequest) -> SyncResult:
+        """The peer asks us to pull from it what we lack (the "push" half of a full sync)."""
+        names = [n for n in request.storages if any(s.name == n for s in self.config.storages)]
+        try:
+            report = await self.engine.pull_from(link, names)
+        except PeerViolation as exc:
+            with self.db.atomic():
+                ev.append_event(
+                    self.db, "peer_refused", peer=link.peer_id, status="error",
+                    detail={"reason": exc.reason},
+                )  # fmt: skip
+            if self.on_violation is not None:
+                self.on_violation(link, exc.reason)
+            raise PeerError(link.peer_id, "violation", exc.reason) from None
+        return SyncResult(not report.failed, report.to_json(), request_id=request.request_id)
+
+    def _storage(self, link: PeerLink, name: str) -> index.StorageRow:
+        if not any(s.name == name for s in self.config.storages):
+            raise PeerError(link.peer_id, "unknown_storage", f"no storage '{name}' here")
+        row = index.get_storage(self.db, name)
+        if row is None:
+            raise PeerError(link.peer_id, "unknown_storage", f"storage '{name}' not scanned yet")
+        return row
+
+
+def _entry(row: index.FileRow) -> IndexEntry:
+    return IndexEntry(
+        path=row.path,
+        size=row.size,
+        mtime_ns=row.mtime_ns,
+        mode=row.mode,
+        hash=row.hash,
+        deleted=row.deleted,
+        version=row.version,
+        modified_by=row.modified_by,
+        sequence=row.sequence,
+    )

@@ -1,0 +1,827 @@
+"""Transfer of one file between two peers: serving its chunks, and pulling it.
+
+Serving (the peer that holds the content) answers two requests from its index and its disk.
+GetChunkList gets the chunk list the scanner recorded, in replies of at most MAX_CHUNK_REFS
+refs. GetChunks gets the bytes of each chunk asked for, read with pread and checked against
+the chunk's hash before they are sent: the file may have changed since it was indexed, and
+then the answer is the error "changed" (the peer must rescan before it can serve that file).
+A conflict copy is fetched by its content: when the path holds other content, any live file
+of the storage with the asked hash serves.
+
+Pulling (the receiver) follows shared/DESIGN.md, "Rules that keep data safe":
+
+1. a `write_started` event;
+2. the chunk list, which must cover [0, size) exactly, in order;
+3. every chunk this node already holds (in any file of any storage, `store.chunks`) is copied
+   locally, and a chunk that appears twice in the file is fetched once: moves, copies,
+   duplicates and unchanged regions cost nothing on the wire;
+4. the file is assembled in order in `.ironsync-<random>.tmp` in the target's folder; every
+   chunk is verified (a local source that no longer holds it is fetched from the peer
+   instead), the whole-file hash is computed while writing and compared with the target's,
+   then the file gets the target's mode and mtime and is fsynced;
+5. if the local target changed since the decision (size, mtime or inode differ from
+   `expected`, or a file appeared or vanished), the pull is abandoned: an edit the scanner has
+   not seen is never overwritten;
+6. rename over the target, fsync the folder, then the index row and `write_finished` in one
+   transaction;
+7. on any failure (peer error, I/O error such as ENOSPC, bad data, cancellation) the temp file
+   is removed and `write_failed` says why; the old file is untouched. A crash at any point
+   leaves the old file or the new one (`remove_stale_temp_files` cleans up at start).
+
+Flow: missing chunks are asked for in file order, in GetChunks of at most BATCH_MAX_REFS refs
+and BATCH_MAX_BYTES, with REQUESTS_IN_FLIGHT requests outstanding; so at most
+REQUESTS_IN_FLIGHT x BATCH_MAX_BYTES (16 MiB) of received chunks wait to be written. A server
+refuses a GetChunks above SERVE_MAX_REFS refs or SERVE_MAX_BYTES ("too_large"), 4x what this
+receiver asks for.
+
+Requests are built with request_id=1: the PeerLink gives each the connection's next free id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import stat as stat_mod
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import xxhash
+
+from ironsync.chunking import ChunkInfo, content_hash
+from ironsync.ignore import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name
+from ironsync.protocol import (
+    ChunkData,
+    ChunkList,
+    ChunkRef,
+    ChunksDone,
+    GetChunkList,
+    GetChunks,
+    Reply,
+    Request,
+)
+from ironsync.protocol.limits import MAX_CHUNK_REFS
+from ironsync.reconcile import ResolvedFile
+from ironsync.scan import KnownStat, Stat
+from ironsync.store import Database, index
+from ironsync.store import events as ev
+from ironsync.store.chunks import LocalChunk, find_local_chunks
+from ironsync.sync.link import PeerError, PeerLink, Responder
+from ironsync.sync.paths import UnsafePath, check_peer_path, open_inside, open_parent_folder
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+BATCH_MAX_BYTES = 4 * MiB
+"""Chunk bytes one GetChunks of ours asks for (a single larger chunk goes alone)."""
+BATCH_MAX_REFS = 256
+"""Chunks one GetChunks of ours asks for."""
+REQUESTS_IN_FLIGHT = 4
+"""GetChunks of one pull outstanding at once: enough to keep a LAN link busy while we write."""
+
+SERVE_MAX_REFS = 1024
+"""Most chunks we serve for one GetChunks; more is refused with "too_large"."""
+SERVE_MAX_BYTES = 16 * MiB
+"""Most chunk bytes we serve for one GetChunks; more is refused with "too_large"."""
+READ_RUN_BYTES = 1 * MiB
+"""Adjacent chunks are served from one pread of up to this many bytes."""
+
+WRITE_BUFFER_BYTES = 1 * MiB
+"""Verified chunks are written to the temp file in one writev per this many bytes."""
+_MAX_IOV = 512  # buffers per writev, under every system's IOV_MAX (1024 on Linux)
+
+PROGRESS_STEP = 1 * MiB
+"""`progress` is called each time this many more bytes are written, and at the end."""
+
+FILE_MODE_BITS = 0o777
+"""Mode bits a pulled file gets from the peer: never setuid, setgid or sticky."""
+
+_REQUEST_ID = 1  # replaced by the PeerLink (module docstring)
+
+# TransferResult.code of failures found on this side; a peer's Error keeps its own code
+# ("not_found", "changed", "too_large", "disconnected", ...).
+CHANGED_LOCALLY = "changed_locally"
+BLOCKED = "blocked"
+BAD_CHUNK_LIST = "bad_chunk_list"
+CORRUPT = "corrupt"
+UNSAFE_PATH = "unsafe_path"
+IO_ERROR = "io_error"
+CANCELLED = "cancelled"
+
+REASON_CHANGED_LOCALLY = "local file changed"
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """How a pull ended. `code` names a failure (see the constants above); None when ok."""
+
+    ok: bool
+    path: str
+    bytes_from_peer: int
+    bytes_reused: int
+    reason: str | None = None
+    code: str | None = None
+
+    @property
+    def changed_locally(self) -> bool:
+        """The local file changed since the decision: rescan and reconcile again."""
+        return self.code == CHANGED_LOCALLY
+
+
+class TransferFailed(Exception):
+    """A pull cannot complete; `code` is for callers, `reason` for people."""
+
+    def __init__(self, code: str, reason: str, status: str = "error") -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.status = status
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+async def serve_chunk_list(
+    db: Database,
+    storage_row: index.StorageRow,
+    request: GetChunkList,
+    respond: Responder,
+    *,
+    peer: str,
+    refs_per_reply: int = MAX_CHUNK_REFS,
+) -> None:
+    """Answer GetChunkList with the indexed chunks of the file that has `request.file_hash`."""
+    row = _source_file(db, storage_row, request.path, request.file_hash, peer)
+    refs = [ChunkRef(c.offset, c.length, c.hash) for c in index.chunks_of(db, row.id)]
+    starts = range(0, len(refs), refs_per_reply) if refs else range(1)
+    for start in starts:
+        last = start + refs_per_reply >= len(refs)
+        await respond.send(
+            ChunkList(
+                request.storage,
+                request.path,
+                request.file_hash,
+                tuple(refs[start : start + refs_per_reply]),
+                more=not last,
+                request_id=request.request_id,
+            )
+        )
+
+
+async def serve_chunks(
+    db: Database,
+    storage_row: index.StorageRow,
+    request: GetChunks,
+    respond: Responder,
+    *,
+    peer: str,
+) -> None:
+    """Answer GetChunks: one verified ChunkData per ref, in the order asked, then ChunksDone."""
+    refs = request.chunks
+    total = sum(ref.length for ref in refs)
+    if len(refs) > SERVE_MAX_REFS or total > SERVE_MAX_BYTES:
+        raise PeerError(
+            peer,
+            "too_large",
+            f"GetChunks asks for {len(refs)} chunks / {total} bytes; at most {SERVE_MAX_REFS} "
+            f"chunks / {SERVE_MAX_BYTES} bytes are served per request",
+        )
+    row = _source_file(db, storage_row, request.path, request.file_hash, peer)
+    try:
+        fd = open_inside(storage_row.root, row.path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise PeerError(peer, "changed", f"{row.path!r} is gone since it was indexed") from None
+    except (OSError, UnsafePath) as exc:
+        raise PeerError(peer, "unreadable", f"{row.path!r}: {_describe_os(exc)}") from None
+    try:
+        for run in _adjacent_runs(refs, READ_RUN_BYTES):
+            start = run[0].offset
+            try:
+                view = memoryview(os.pread(fd, run[-1].offset + run[-1].length - start, start))
+            except OSError as exc:
+                raise PeerError(peer, "unreadable", f"{row.path!r}: {_describe_os(exc)}") from None
+            for ref in run:
+                data = view[ref.offset - start : ref.offset - start + ref.length]
+                if len(data) != ref.length or content_hash(data) != ref.hash:
+                    raise PeerError(
+                        peer,
+                        "changed",
+                        f"{row.path!r} changed since it was indexed "
+                        f"(chunk at offset {ref.offset} differs)",
+                    )
+                await respond.send(
+                    ChunkData(ref.offset, ref.hash, data, request_id=request.request_id)
+                )
+        await respond.send(ChunksDone(request_id=request.request_id))
+    finally:
+        os.close(fd)
+
+
+def _source_file(
+    db: Database, storage_row: index.StorageRow, path: str, file_hash: bytes, peer: str
+) -> index.FileRow:
+    """The live file at `path` with `file_hash`, else any live file of the storage with it."""
+    try:
+        check_peer_path(path)
+    except UnsafePath as exc:
+        raise PeerError(peer, "bad_path", str(exc)) from None
+    row = index.get_file(db, storage_row.id, path)
+    if row is not None and not row.deleted and row.hash == file_hash:
+        return row
+    others = sorted(index.files_with_hash(db, storage_row.id, file_hash), key=lambda r: r.path)
+    if not others:
+        raise PeerError(
+            peer,
+            "not_found",
+            f"no file with hash {file_hash.hex()} at {path!r} or elsewhere in '{storage_row.name}'",
+        )
+    return others[0]
+
+
+def _adjacent_runs(refs: Sequence[ChunkRef], max_bytes: int) -> list[list[ChunkRef]]:
+    """Split refs (kept in order) into runs of adjacent chunks of at most `max_bytes`."""
+    runs: list[list[ChunkRef]] = []
+    for ref in refs:
+        if runs:
+            run = runs[-1]
+            end = run[-1].offset + run[-1].length
+            if ref.offset == end and end + ref.length - run[0].offset <= max_bytes:
+                run.append(ref)
+                continue
+        runs.append([ref])
+    return runs
+
+
+# --- pulling -----------------------------------------------------------------------------------
+
+
+async def pull_file(
+    db: Database,
+    link: PeerLink,
+    storage_row: index.StorageRow,
+    target: ResolvedFile,
+    *,
+    dest_path: str | None = None,
+    expected: KnownStat | None,
+    now_ns: Callable[[], int] = time.time_ns,
+    progress: Callable[[int, int], None] | None = None,
+) -> TransferResult:
+    """Fetch `target`'s content from the peer behind `link` into `dest_path` (default: the
+    target's path), verified, atomically, without overwriting a local change.
+
+    `expected` is the local file the decision saw (None: no file there). Failures are returned
+    as a TransferResult with ok=False, after a `write_failed` event; cancellation cleans up the
+    same way, then propagates.
+    """
+    if target.deleted or target.hash is None:
+        raise ValueError(f"{target.path!r}: a tombstone has no content to pull")
+    path = target.path if dest_path is None else dest_path
+    where: dict[str, Any] = {"storage": storage_row.name, "path": path, "peer": link.peer_id}
+    about: dict[str, Any] = {"size": target.size, "hash": target.hash.hex()}
+    if path != target.path:
+        about["from"] = target.path
+    with db.atomic():
+        ev.append_event(db, "write_started", detail=about, **where)
+    pull = _Pull(db, link, storage_row, target, path, progress)
+    try:
+        await pull.run(expected, now_ns)
+    except BaseException as exc:
+        pull.discard()
+        code, reason, status = _failure(exc)
+        detail = {
+            **about,
+            "reason": reason,
+            "code": code or "internal",
+            "bytes_from_peer": pull.bytes_from_peer,
+            "bytes_reused": pull.bytes_reused,
+        }
+        if pull.replaced:  # failed after the rename: the new file is in place, not indexed
+            detail["replaced"] = True
+        try:
+            with db.atomic():
+                ev.append_event(db, "write_failed", status=status, detail=detail, **where)
+        except Exception:
+            log.exception("could not record write_failed for %s", path)
+        if code is None or isinstance(exc, asyncio.CancelledError):
+            raise
+        return TransferResult(False, path, pull.bytes_from_peer, pull.bytes_reused, reason, code)
+    finally:
+        pull.close()
+    return TransferResult(True, path, pull.bytes_from_peer, pull.bytes_reused)
+
+
+def _failure(exc: BaseException) -> tuple[str | None, str, str]:
+    """(code, reason, event status) of an exception; code None: not a transfer failure."""
+    if isinstance(exc, TransferFailed):
+        return exc.code, exc.reason, exc.status
+    if isinstance(exc, PeerError):
+        return exc.code, str(exc), "error"
+    if isinstance(exc, UnsafePath):
+        return UNSAFE_PATH, str(exc), "error"
+    if isinstance(exc, OSError):
+        return IO_ERROR, _describe_os(exc), "error"
+    if isinstance(exc, asyncio.CancelledError):
+        return CANCELLED, "cancelled", "warning"
+    return None, f"internal error: {exc!r}", "error"
+
+
+def _describe_os(exc: OSError | UnsafePath) -> str:
+    if isinstance(exc, UnsafePath):
+        return str(exc)
+    name = errno.errorcode.get(exc.errno or 0, "")
+    text = exc.strerror or str(exc)
+    return f"{name}: {text}" if name else text
+
+
+# How each chunk of the file is obtained, decided before anything is written.
+_PEER, _LOCAL, _COPY = "peer", "local", "copy"
+
+
+class _Pull:
+    """One pull in progress: the temp file, the local sources, the byte counts."""
+
+    def __init__(
+        self,
+        db: Database,
+        link: PeerLink,
+        storage_row: index.StorageRow,
+        target: ResolvedFile,
+        path: str,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.db = db
+        self.link = link
+        self.storage = storage_row
+        self.target = target
+        self.path = path
+        self.progress = progress
+        self.bytes_from_peer = 0
+        self.bytes_reused = 0
+        self.replaced = False  # the new file has been renamed over the target
+        self._folder_fd: int | None = None
+        self._name = ""
+        self._temp: str | None = None
+        self._fd: int | None = None
+        self._written = 0
+        self._reported = 0
+        self._hasher = xxhash.xxh3_128()
+        self._pending: list[bytes | memoryview] = []
+        self._pending_bytes = 0
+        self._sources: dict[tuple[Path, str], int | None] = {}
+        self._distrusted: set[tuple[Path, str]] = set()
+
+    async def run(self, expected: KnownStat | None, now_ns: Callable[[], int]) -> None:
+        target = self.target
+        assert target.hash is not None
+        check_peer_path(self.path)
+        refs = await self._chunk_list()
+        self._folder_fd, self._name = open_parent_folder(self.storage.root, self.path, create=True)
+        self._open_temp()
+        await self._assemble(refs)
+        if self._written != target.size or self._hasher.digest() != target.hash:
+            raise TransferFailed(
+                CORRUPT, f"the assembled file does not have the hash {target.hash.hex()}"
+            )
+        assert self._fd is not None
+        os.fchmod(self._fd, target.mode & FILE_MODE_BITS)
+        os.utime(self._fd, ns=(target.mtime_ns, target.mtime_ns))
+        await _in_thread(os.fsync, self._fd)
+        self._replace_target(expected)
+        await _in_thread(os.fsync, self._folder_fd)
+        indexed_at_ns = now_ns()
+        new_stat = Stat.of(os.fstat(self._fd))
+        with self.db.atomic():
+            index.put_live_file(
+                self.db,
+                self.storage.id,
+                self.path,
+                new_stat,
+                target.hash,
+                [ChunkInfo(ref.offset, ref.length, ref.hash) for ref in refs],
+                version=target.version.to_json(),
+                modified_by=target.modified_by,
+                indexed_at_ns=indexed_at_ns,
+            )
+            detail: dict[str, Any] = {
+                "size": target.size,
+                "hash": target.hash.hex(),
+                "bytes_from_peer": self.bytes_from_peer,
+                "bytes_reused": self.bytes_reused,
+            }
+            if self.path != target.path:
+                detail["from"] = target.path
+            ev.append_event(
+                self.db,
+                "write_finished",
+                storage=self.storage.name,
+                path=self.path,
+                peer=self.link.peer_id,
+                detail=detail,
+            )
+
+    # --- step 2: the chunk list ----------------------------------------------------------------
+
+    async def _chunk_list(self) -> list[ChunkRef]:
+        target = self.target
+        assert target.hash is not None
+        request = GetChunkList(self.storage.name, target.path, target.hash, request_id=_REQUEST_ID)
+        refs: list[ChunkRef] = []
+        async with _replies(self.link, request) as replies:
+            async for reply in replies:
+                if not isinstance(reply, ChunkList):
+                    raise TransferFailed(
+                        BAD_CHUNK_LIST, f"GetChunkList answered by {type(reply).__name__}"
+                    )
+                if reply.file_hash != target.hash or reply.path != target.path:
+                    raise TransferFailed(BAD_CHUNK_LIST, "the peer sent another file's chunks")
+                refs.extend(reply.chunks)
+                if len(refs) > max(target.size, 1):
+                    raise TransferFailed(BAD_CHUNK_LIST, "more chunks than the file has bytes")
+        _check_coverage(refs, target.size)
+        return refs
+
+    # --- steps 3 and 4: assembly ---------------------------------------------------------------
+
+    def _open_temp(self) -> None:
+        for _ in range(8):
+            name = f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                self._fd = os.open(name, flags, 0o600, dir_fd=self._folder_fd)
+            except FileExistsError:
+                continue
+            self._temp = name
+            return
+        raise TransferFailed(IO_ERROR, "no free temporary file name")
+
+    async def _assemble(self, refs: list[ChunkRef]) -> None:
+        local = find_local_chunks(self.db, (ref.hash for ref in refs))
+        kinds, batches = _plan(refs, local)
+        target = self.target
+        assert target.hash is not None
+        fetcher = _Fetcher(self, (self.storage.name, target.path, target.hash))
+        fetcher.start(batches)
+        first_at: dict[bytes, int] = {}  # chunk hash -> offset where it is in the temp file
+        received: dict[int, bytes | memoryview] = {}  # offset -> data, of the current batch
+        fallback: dict[int, bytes | memoryview] = {}  # offset -> data, fetched for bad sources
+        next_batch = 0
+        try:
+            for i, ref in enumerate(refs):
+                kind = kinds[i]
+                if kind is _PEER:
+                    if ref.offset not in received:
+                        received = await fetcher.take(next_batch)
+                        next_batch += 1
+                    self._write(received.pop(ref.offset), reused=False)
+                elif kind is _COPY:
+                    self._write(self._read_back(first_at[ref.hash], ref), reused=True)
+                else:
+                    data = fallback.pop(ref.offset, None)
+                    reused = data is None
+                    if data is None:
+                        data = self._read_local(local[ref.hash], ref)
+                    if data is None:
+                        fallback = await fetcher.fetch(_refetch_run(refs, kinds, local, i, self))
+                        data, reused = fallback.pop(ref.offset), False
+                    self._write(data, reused=reused)
+                first_at.setdefault(ref.hash, ref.offset)
+                if self._written - self._reported >= PROGRESS_STEP:
+                    self._report()
+                    await asyncio.sleep(0)  # let the fetches and the rest of the daemon run
+            self._flush()
+        finally:
+            await fetcher.close()
+        self._report()
+
+    def _write(self, data: bytes | memoryview, *, reused: bool) -> None:
+        """Append a verified chunk (buffered: written by `_flush` in one writev)."""
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self._hasher.update(data)
+        self._written += len(data)
+        if reused:
+            self.bytes_reused += len(data)
+        if self._pending_bytes >= WRITE_BUFFER_BYTES or len(self._pending) >= _MAX_IOV:
+            self._flush()
+
+    def _flush(self) -> None:
+        assert self._fd is not None
+        pending = self._pending
+        while pending:
+            done = os.writev(self._fd, pending)
+            # A short write (rare on regular files) leaves the rest for the next round.
+            while pending and done >= len(pending[0]):
+                done -= len(pending.pop(0))
+            if done:
+                pending[0] = memoryview(pending[0])[done:]
+        self._pending_bytes = 0
+
+    def _read_back(self, offset: int, ref: ChunkRef) -> bytes:
+        assert self._fd is not None
+        self._flush()
+        data = os.pread(self._fd, ref.length, offset)
+        if content_hash(data) != ref.hash:
+            raise TransferFailed(CORRUPT, "the temporary file changed while being written")
+        return data
+
+    def _read_local(self, source: LocalChunk, ref: ChunkRef) -> bytes | None:
+        """The chunk's bytes from a local file, or None if that file no longer holds them."""
+        root, rel, offset, _ = source
+        key = (root, rel)
+        if key in self._distrusted:
+            return None
+        if key not in self._sources:
+            try:
+                self._sources[key] = open_inside(root, rel)
+            except (OSError, UnsafePath):
+                self._sources[key] = None
+        fd = self._sources[key]
+        data = None
+        if fd is not None:
+            try:
+                data = os.pread(fd, ref.length, offset)
+            except OSError:
+                data = None
+        if data is None or len(data) != ref.length or content_hash(data) != ref.hash:
+            self._distrusted.add(key)  # changed since indexed: trust none of its chunks
+            return None
+        return data
+
+    def is_distrusted(self, source: LocalChunk) -> bool:
+        return (source[0], source[1]) in self._distrusted
+
+    def _report(self) -> None:
+        self._reported = self._written
+        if self.progress is not None:
+            self.progress(self._written, self.target.size)
+
+    # --- steps 5 and 6: the switch -------------------------------------------------------------
+
+    def _replace_target(self, expected: KnownStat | None) -> None:
+        folder, name, temp = self._folder_fd, self._name, self._temp
+        assert folder is not None and temp is not None
+        try:
+            now = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        if now is not None and stat_mod.S_ISDIR(now.st_mode):
+            raise TransferFailed(BLOCKED, f"a folder is in the way at {self.path!r}")
+        if not _is_as_expected(now, expected):
+            raise TransferFailed(CHANGED_LOCALLY, REASON_CHANGED_LOCALLY, "warning")
+        if expected is None:
+            # link() refuses to replace: a file created since the check above is kept too.
+            try:
+                os.link(temp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+            except FileExistsError:
+                raise TransferFailed(CHANGED_LOCALLY, REASON_CHANGED_LOCALLY, "warning") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)  # no hard links
+            else:
+                self._temp = None
+                try:
+                    os.unlink(temp, dir_fd=folder)
+                except OSError as exc:  # the new file is in place; the temp goes at next start
+                    log.warning("could not remove %s beside %s: %s", temp, self.path, exc)
+        else:
+            os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        self._temp = None
+        self.replaced = True
+
+    # --- step 7: cleanup -----------------------------------------------------------------------
+
+    def discard(self) -> None:
+        """Remove the temp file (if it still exists); the target is untouched."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._temp is not None:
+            try:
+                os.unlink(self._temp, dir_fd=self._folder_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove %s beside %s: %s", self._temp, self.path, exc)
+            self._temp = None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._folder_fd is not None:
+            os.close(self._folder_fd)
+            self._folder_fd = None
+        for fd in self._sources.values():
+            if fd is not None:
+                os.close(fd)
+        self._sources.clear()
+
+
+def _check_coverage(refs: Sequence[ChunkRef], size: int) -> None:
+    offset = 0
+    for ref in refs:
+        if ref.offset != offset:
+            raise TransferFailed(
+                BAD_CHUNK_LIST, f"the chunk list has a gap or overlap at offset {offset}"
+            )
+        if ref.length == 0:
+            raise TransferFailed(BAD_CHUNK_LIST, f"empty chunk at offset {offset}")
+        offset += ref.length
+    if offset != size:
+        raise TransferFailed(
+            BAD_CHUNK_LIST, f"the chunk list covers {offset} bytes of a {size}-byte file"
+        )
+
+
+def _plan(
+    refs: Sequence[ChunkRef], local: dict[bytes, LocalChunk]
+) -> tuple[list[str], list[list[ChunkRef]]]:
+    """How each chunk is obtained, and the GetChunks batches of those fetched, in file order.
+
+    A hash seen earlier in the file is copied from the temp file; else a chunk held locally is
+    read locally; else it is fetched.
+    """
+    kinds: list[str] = []
+    batches: list[list[ChunkRef]] = []
+    seen: set[bytes] = set()
+    batch: list[ChunkRef] = []
+    batch_bytes = 0
+    for ref in refs:
+        if ref.hash in seen:
+            kinds.append(_COPY)
+            continue
+        seen.add(ref.hash)
+        if ref.hash in local:
+            kinds.append(_LOCAL)
+            continue
+        kinds.append(_PEER)
+        if batch and (len(batch) >= BATCH_MAX_REFS or batch_bytes + ref.length > BATCH_MAX_BYTES):
+            batches.append(batch)
+            batch, batch_bytes = [], 0
+        batch.append(ref)
+        batch_bytes += ref.length
+    if batch:
+        batches.append(batch)
+    return kinds, batches
+
+
+def _refetch_run(
+    refs: Sequence[ChunkRef],
+    kinds: Sequence[str],
+    local: dict[bytes, LocalChunk],
+    start: int,
+    pull: _Pull,
+) -> list[ChunkRef]:
+    """The chunk at `start`, whose local source failed, and the chunks right after it whose
+    sources are distrusted too: fetched with one request instead of one each."""
+    run = [refs[start]]
+    size = refs[start].length
+    for i in range(start + 1, len(refs)):
+        ref = refs[i]
+        if kinds[i] is not _LOCAL or not pull.is_distrusted(local[ref.hash]):
+            break
+        if len(run) >= BATCH_MAX_REFS or size + ref.length > BATCH_MAX_BYTES:
+            break
+        run.append(ref)
+        size += ref.length
+    return run
+
+
+def _is_as_expected(now: os.stat_result | None, expected: KnownStat | None) -> bool:
+    if expected is None or now is None:
+        return expected is None and now is None
+    seen = expected.stat
+    return (
+        stat_mod.S_ISREG(now.st_mode)
+        and now.st_size == seen.size
+        and now.st_mtime_ns == seen.mtime_ns
+        and now.st_ino == seen.inode
+    )
+
+
+class _Fetcher:
+    """The GetChunks of one pull: REQUESTS_IN_FLIGHT batches ahead of the writer."""
+
+    def __init__(self, pull: _Pull, about: tuple[str, str, bytes]) -> None:
+        self._pull = pull
+        self._about = about
+        self._batches: list[list[ChunkRef]] = []
+        self._tasks: dict[int, asyncio.Task[dict[int, bytes | memoryview]]] = {}
+        self._started = 0
+
+    def start(self, batches: list[list[ChunkRef]]) -> None:
+        self._batches = batches
+        self._start_until(REQUESTS_IN_FLIGHT)
+
+    def _start_until(self, end: int) -> None:
+        while self._started < min(end, len(self._batches)):
+            batch = self._batches[self._started]
+            self._tasks[self._started] = asyncio.create_task(self.fetch(batch))
+            self._started += 1
+
+    async def take(self, number: int) -> dict[int, bytes | memoryview]:
+        """The data of batch `number` (offset -> verified bytes); starts the next ones."""
+        self._start_until(number + REQUESTS_IN_FLIGHT)
+        return await self._tasks.pop(number)
+
+    async def fetch(self, refs: list[ChunkRef]) -> dict[int, bytes | memoryview]:
+        """Ask for `refs`; every ChunkData is checked against the ref asked at its offset."""
+        storage, path, file_hash = self._about
+        wanted = {ref.offset: ref for ref in refs}
+        got: dict[int, bytes | memoryview] = {}
+        request = GetChunks(storage, path, file_hash, tuple(refs), request_id=_REQUEST_ID)
+        async with _replies(self._pull.link, request) as replies:
+            async for reply in replies:
+                if isinstance(reply, ChunksDone):
+                    break
+                if not isinstance(reply, ChunkData):
+                    raise TransferFailed(CORRUPT, f"GetChunks answered by {type(reply).__name__}")
+                ref = wanted.get(reply.offset)
+                if ref is None or reply.offset in got:
+                    raise TransferFailed(
+                        CORRUPT, f"the peer sent a chunk at offset {reply.offset} not asked for"
+                    )
+                data = reply.data
+                if (
+                    reply.hash != ref.hash
+                    or len(data) != ref.length
+                    or (content_hash(data) != ref.hash)
+                ):
+                    raise TransferFailed(
+                        CORRUPT, f"the peer sent wrong bytes for the chunk at offset {ref.offset}"
+                    )
+                got[ref.offset] = data
+                self._pull.bytes_from_peer += ref.length
+        if len(got) != len(wanted):
+            raise TransferFailed(
+                CORRUPT, f"the peer sent {len(got)} of the {len(wanted)} chunks asked for"
+            )
+        return got
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@asynccontextmanager
+async def _replies(link: PeerLink, request: Request) -> AsyncIterator[AsyncIterator[Reply]]:
+    """`link.stream(request)`, closed on exit even when the consumer stops early."""
+    stream = link.stream(request)
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+_T = TypeVar("_T")
+
+
+async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking call (fsync) in a thread. A cancellation waits for the call to end, so
+    the descriptor it uses is never closed under it, then propagates."""
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+# --- crash leftovers ---------------------------------------------------------------------------
+
+
+def remove_stale_temp_files(root: Path) -> list[str]:
+    """Delete the `.ironsync-*.tmp` files a crash left anywhere under `root` (symlinks are not
+    followed); return their paths relative to the root. Call before any pull starts."""
+    removed: list[str] = []
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            if not is_temp_name(name):
+                continue
+            full = os.path.join(folder, name)
+            try:
+                if not stat_mod.S_ISREG(os.lstat(full).st_mode):
+                    continue
+                os.unlink(full)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("could not remove stale temporary file %s: %s", full, exc)
+                continue
+            removed.append(Path(os.path.relpath(full, root)).as_posix())
+    return sorted(removed)

@@ -1,0 +1,689 @@
+"""Peer sessions over real TLS on 127.0.0.1: handshake, requests, streams, refusals, flow."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from ironsync.net.session import (
+    STREAM_BUFFER_HIGH,
+    HandshakeError,
+    PeerSession,
+    SelfConnection,
+    backoff_delay,
+    connect,
+    connect_with_backoff,
+    hello_refusal,
+    serve,
+)
+from ironsync.net.tls import NodeIdentity, client_context, load_or_create_identity
+from ironsync.protocol import (
+    PROTOCOL_VERSION,
+    ChangeNotice,
+    ChunkData,
+    ChunkRef,
+    ChunksDone,
+    Connection,
+    Error,
+    GetChunks,
+    GetIndex,
+    GetStorageHashes,
+    Hello,
+    Message,
+    Reply,
+    Request,
+    Role,
+    StorageHashes,
+    SyncRequest,
+    SyncResult,
+)
+from ironsync.protocol.wire import encode_frame
+from ironsync.sync.link import PeerError, PeerLink, Responder
+
+GROUP = "example"
+SECRET = "correct horse battery staple"
+OTHER_SECRET = "another secret of sixteen+"
+HASH = bytes(range(16))
+TIMEOUT_SECONDS = 15
+PLACEHOLDER_ID = 1  # the session stamps the real request id
+
+
+@pytest.fixture(scope="module")
+def ids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, NodeIdentity]:
+    base = tmp_path_factory.mktemp("identities")
+    identities = {
+        name: load_or_create_identity(base / name, name, GROUP, SECRET)
+        for name in ("alpha", "beta", "gamma")
+    }
+    identities["outsider"] = load_or_create_identity(
+        base / "outsider", "outsider", GROUP, OTHER_SECRET
+    )
+    return identities
+
+
+def hello(node_id: str, group: str = GROUP, storages: tuple[str, ...] = ("docs",)) -> Hello:
+    return Hello(PROTOCOL_VERSION, node_id, group, storages)
+
+
+def run(coroutine: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coroutine, TIMEOUT_SECONDS))  # type: ignore[arg-type]
+
+
+def payload(offset: int, size: int) -> bytes:
+    return offset.to_bytes(8, "big") * (size // 8)
+
+
+def chunk_refs(count: int, size: int) -> tuple[ChunkRef, ...]:
+    return tuple(ChunkRef(i * size, size, HASH) for i in range(count))
+
+
+class Handler:
+    """Answers like a small node would, and records what it was asked."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, Request]] = []
+        self.notices: list[tuple[str, ChangeNotice]] = []
+        self.noticed = asyncio.Event()
+        self.release = asyncio.Event()  # SyncRequest waits for it
+        self.streams_finished = 0
+
+    async def handle(self, link: PeerLink, request: Request, respond: Responder) -> None:
+        self.requests.append((link.peer_id, request))
+        rid = request.request_id
+        if isinstance(request, GetStorageHashes):
+            await asyncio.sleep(random.random() / 1000)
+            await respond.send(StorageHashes({"docs": HASH}, request_id=rid))
+        elif isinstance(request, GetChunks):
+            for index, ref in enumerate(request.chunks):
+                if request.path == "fails-midway" and index == 2:
+                    raise PeerError(link.peer_id, "unreadable", "disk on fire")
+                data = payload(ref.offset, ref.length)
+                await respond.send(ChunkData(ref.offset, ref.hash, data, request_id=rid))
+            await respond.send(ChunksDone(request_id=rid))
+            self.streams_finished += 1
+        elif isinstance(request, GetIndex):
+            if request.storage == "crash":
+                raise RuntimeError("bug in the handler")
+            if request.storage == "silent":
+                return
+            raise PeerError(link.peer_id, "unknown_storage", f"no storage {request.storage!r}")
+        elif isinstance(request, SyncRequest):
+            await self.release.wait()
+            await respond.send(SyncResult(True, "done", request_id=rid))
+
+    async def notice(self, link: PeerLink, message: ChangeNotice) -> None:
+        self.notices.append((link.peer_id, message))
+        self.noticed.set()
+
+
+@dataclass
+class Listener:
+    port: int
+    handler: Handler
+    sessions: asyncio.Queue[PeerSession] = field(default_factory=asyncio.Queue)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    refusal: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: list[PeerSession] = field(default_factory=list)
+
+    async def next_session(self) -> PeerSession:
+        return await asyncio.wait_for(self.sessions.get(), 5)
+
+    async def next_refusal(self) -> tuple[str, str]:
+        await asyncio.wait_for(self.refusal.wait(), 5)
+        return self.refused[-1]
+
+
+@asynccontextmanager
+async def listening(identity: NodeIdentity, port: int = 0) -> AsyncIterator[Listener]:
+    listener = Listener(port, Handler())
+
+    async def on_session(session: PeerSession) -> None:
+        listener.opened.append(session)
+        await listener.sessions.put(session)
+
+    def on_refused(address: str, reason: str) -> None:
+        listener.refused.append((address, reason))
+        listener.refusal.set()
+
+    server = await serve(
+        "127.0.0.1",
+        port,
+        identity,
+        hello(identity.node_id),
+        listener.handler,
+        on_session,
+        on_refused,
+    )
+    listener.port = server.sockets[0].getsockname()[1]
+    try:
+        yield listener
+    finally:
+        server.close()
+        await asyncio.gather(*(session.close("test over") for session in listener.opened))
+
+
+@asynccontextmanager
+async def dialing(
+    listener: Listener, identity: NodeIdentity, handler: Handler | None = None
+) -> AsyncIterator[PeerSession]:
+    session = await connect(
+        "127.0.0.1", listener.port, identity, hello(identity.node_id), handler or Handler()
+    )
+    try:
+        yield session
+    finally:
+        await session.close("test over")
+
+
+async def raw_tls_exchange(
+    port: int,
+    identity: NodeIdentity,
+    *frames: bytes,
+    context: ssl.SSLContext | None = None,
+    hang_up: bool = False,
+) -> list[Message]:
+    """Send `frames` over TLS as a client with `identity`, then decode all the server sent
+    until it closed (or hang up at once)."""
+    context = context or client_context(identity)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    for frame in frames:
+        writer.write(frame)
+    await writer.drain()
+    received = b""
+    try:
+        while not hang_up and (chunk := await reader.read(65536)):
+            received += chunk
+    except (ConnectionError, OSError):
+        pass
+    writer.close()
+    return decode_all(received)
+
+
+def decode_all(data: bytes) -> list[Message]:
+    conn = Connection(Role.CLIENT)
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    messages: list[Message] = []
+    while isinstance(event := conn.next_event(), Message):
+        messages.append(event)
+    return messages
+
+
+# --- handshake ------------------------------------------------------------------------------
+
+
+def test_session_opens_with_each_side_knowing_the_other_by_certificate_and_hello(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener:
+            client = await connect(
+                "127.0.0.1",
+                listener.port,
+                ids["beta"],
+                hello("beta", storages=("docs", "pics")),
+                Handler(),
+            )
+            server_side = await listener.next_session()
+
+            assert client.peer_id == "alpha"
+            assert client.peer_storages == ("docs",)
+            assert server_side.peer_id == "beta"
+            assert server_side.peer_storages == ("docs", "pics")
+            assert listener.refused == []
+            await client.close()
+            await server_side.wait_closed()
+            assert server_side.closed_reason == "peer said goodbye: bye"
+
+    run(body())
+
+
+def test_hello_refusal_names_the_first_broken_rule() -> None:
+    ours = hello("alpha")
+
+    assert hello_refusal(ours, hello("beta"), "beta") is None
+    assert hello_refusal(ours, hello("beta", group="other"), "beta")[0] == "wrong_group"  # type: ignore[index]
+    assert hello_refusal(ours, hello("gamma"), "beta")[0] == "identity_mismatch"  # type: ignore[index]
+    assert hello_refusal(ours, hello("alpha"), "alpha")[0] == "self_connection"  # type: ignore[index]
+
+
+# --- requests and replies -------------------------------------------------------------------
+
+
+def test_request_returns_the_final_reply_and_both_ends_count_the_same_bytes(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            server_side = await listener.next_session()
+
+            reply = await client.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
+
+            assert isinstance(reply, StorageHashes)
+            assert dict(reply.hashes) == {"docs": HASH}
+            assert listener.handler.requests == [("beta", GetStorageHashes(request_id=1))]
+            assert client.bytes_out == server_side.bytes_in > 0
+            assert client.bytes_in == server_side.bytes_out > 0
+
+    run(body())
+
+
+def test_stream_yields_every_chunk_in_order_then_chunks_done(ids: dict[str, NodeIdentity]) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            refs = chunk_refs(300, 4096)
+
+            replies = [
+                reply
+                async for reply in client.stream(
+                    GetChunks("docs", "a.bin", HASH, refs, request_id=PLACEHOLDER_ID)
+                )
+            ]
+
+            assert isinstance(replies[-1], ChunksDone)
+            chunks = replies[:-1]
+            assert all(isinstance(chunk, ChunkData) for chunk in chunks)
+            assert [chunk.offset for chunk in chunks] == [ref.offset for ref in refs]  # type: ignore[attr-defined]
+            assert all(bytes(c.data) == payload(c.offset, 4096) for c in chunks)  # type: ignore[attr-defined]
+
+    run(body())
+
+
+def test_both_sides_send_many_requests_and_streams_at_once(ids: dict[str, NodeIdentity]) -> None:
+    async def body() -> None:
+        beta_handler = Handler()
+        async with (
+            listening(ids["alpha"]) as listener,
+            dialing(listener, ids["beta"], beta_handler) as client,
+        ):
+            server_side = await listener.next_session()
+
+            async def workload(link: PeerSession) -> list[Any]:
+                async def collect(count: int) -> list[Reply]:
+                    request = GetChunks(
+                        "docs", "f", HASH, chunk_refs(count, 1024), request_id=PLACEHOLDER_ID
+                    )
+                    return [reply async for reply in link.stream(request)]
+
+                hashes = [link.request(GetStorageHashes(request_id=1)) for _ in range(40)]
+                streams = [collect(20 + i) for i in range(6)]
+                return await asyncio.gather(*hashes, *streams)
+
+            from_beta, from_alpha = await asyncio.gather(workload(client), workload(server_side))
+
+            for results in (from_beta, from_alpha):
+                assert all(isinstance(r, StorageHashes) for r in results[:40])
+                for i, replies in enumerate(results[40:]):
+                    assert len(replies) == 20 + i + 1
+                    assert isinstance(replies[-1], ChunksDone)
+            assert {peer for peer, _ in listener.handler.requests} == {"beta"}
+            assert {peer for peer, _ in beta_handler.requests} == {"alpha"}
+            assert len(listener.handler.requests) == len(beta_handler.requests) == 46
+
+    run(body())
+
+
+def test_handler_errors_reach_the_caller_as_peer_errors_and_the_session_goes_on(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            with pytest.raises(PeerError) as refused:
+                await client.request(GetIndex("nope", 0, 10, request_id=1))
+            with pytest.raises(PeerError) as crashed:
+                await client.request(GetIndex("crash", 0, 10, request_id=1))
+            with pytest.raises(PeerError) as silent:
+                await client.request(GetIndex("silent", 0, 10, request_id=1))
+            received: list[Reply] = []
+            with pytest.raises(PeerError) as midway:
+                request = GetChunks(
+                    "docs", "fails-midway", HASH, chunk_refs(5, 16), request_id=PLACEHOLDER_ID
+                )
+                async for reply in client.stream(request):
+                    received.append(reply)
+
+            assert (refused.value.peer, refused.value.code) == ("alpha", "unknown_storage")
+            assert refused.value.message == "no storage 'nope'"
+            assert crashed.value.code == "internal"
+            assert "bug in the handler" in crashed.value.message
+            assert silent.value.code == "internal"
+            assert midway.value.code == "unreadable"
+            assert [type(r) for r in received] == [ChunkData, ChunkData]
+            assert isinstance(await client.request(GetStorageHashes(request_id=1)), StorageHashes)
+
+    run(body())
+
+
+def test_change_notice_reaches_the_peers_handler(ids: dict[str, NodeIdentity]) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            await client.notify(ChangeNotice("docs", 7))
+            await asyncio.wait_for(listener.handler.noticed.wait(), 5)
+
+            assert listener.handler.notices == [("beta", ChangeNotice("docs", 7))]
+            assert listener.handler.requests == []
+
+    run(body())
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outsider_role", ["client", "server"])
+def test_node_with_another_secret_is_refused_and_no_handler_runs(
+    ids: dict[str, NodeIdentity], outsider_role: str
+) -> None:
+    async def body() -> None:
+        server_id, client_id = ("alpha", "outsider")
+        if outsider_role == "server":
+            server_id, client_id = client_id, server_id
+        client_handler = Handler()
+        async with listening(ids[server_id]) as listener:
+            with pytest.raises(HandshakeError):
+                await connect(
+                    "127.0.0.1", listener.port, ids[client_id], hello(client_id), client_handler
+                )
+            _, reason = await listener.next_refusal()
+
+            assert "TLS handshake failed" in reason
+            assert listener.opened == []
+            assert listener.handler.requests == client_handler.requests == []
+
+    run(body())
+
+
+def test_outsider_gets_no_byte_of_application_data(ids: dict[str, NodeIdentity]) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener:
+            # An outsider who knows the group CA certificate (it is public), not the secret.
+            context = client_context(ids["outsider"])
+            context.load_verify_locations(cadata=ids["alpha"].ca_certificate_pem.decode())
+            hello_frame = Connection(Role.CLIENT).send(hello("outsider"))
+            received = await raw_tls_exchange(
+                listener.port, ids["outsider"], hello_frame, context=context
+            )
+            await listener.next_refusal()
+
+            assert received == []
+            assert listener.opened == []
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("their_hello", "code"),
+    [(hello("gamma"), "identity_mismatch"), (hello("beta", group="other"), "wrong_group")],
+)
+def test_hello_that_does_not_match_the_certificate_or_group_is_refused(
+    ids: dict[str, NodeIdentity], their_hello: Hello, code: str
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener:
+            with pytest.raises(HandshakeError) as refused:
+                await connect("127.0.0.1", listener.port, ids["beta"], their_hello, Handler())
+            _, reason = await listener.next_refusal()
+
+            assert refused.value.reason.startswith(f"refused by the peer: {code}: ")
+            assert refused.value.reason.endswith(reason)
+            assert listener.opened == []
+            assert listener.handler.requests == []
+
+    run(body())
+
+
+def test_hello_refused_by_the_server_gets_no_hello_back(ids: dict[str, NodeIdentity]) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener:
+            frame = Connection(Role.CLIENT).send(hello("gamma"))
+            received = await raw_tls_exchange(listener.port, ids["beta"], frame)
+
+            assert len(received) == 1
+            assert isinstance(received[0], Error)
+            assert (received[0].request_id, received[0].code) == (0, "identity_mismatch")
+
+    run(body())
+
+
+def test_node_dialing_itself_is_refused_cleanly_and_not_retried(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener:
+            with pytest.raises(SelfConnection):
+                await connect("127.0.0.1", listener.port, ids["alpha"], hello("alpha"), Handler())
+            _, reason = await listener.next_refusal()
+            with pytest.raises(SelfConnection):
+                await connect_with_backoff(
+                    "127.0.0.1", listener.port, ids["alpha"], hello("alpha"), Handler()
+                )
+
+            assert "connection to itself" in reason
+            assert listener.opened == []
+
+    run(body())
+
+
+# --- protocol errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        ([b"\x00\x00\x00\x05hello"], "frame body is not a msgpack array"),
+        ([b"\xff\xff\xff\xff"], "MAX_FRAME_SIZE"),
+        ([b"\x00\x00\x00\x10abc"], "end of stream inside a frame"),
+    ],
+    ids=["garbage", "oversized", "truncated"],
+)
+def test_garbage_instead_of_hello_is_refused_with_a_reason_and_others_are_served(
+    ids: dict[str, NodeIdentity], frames: list[bytes], expected: str
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["gamma"]) as honest:
+            truncated = expected == "end of stream inside a frame"
+            received = await raw_tls_exchange(
+                listener.port, ids["beta"], *frames, hang_up=truncated
+            )
+            _, reason = await listener.next_refusal()
+
+            assert reason.startswith("protocol error: ") and expected in reason
+            if not truncated:  # else nobody is left to tell
+                assert len(received) == 1
+                assert isinstance(received[0], Error)
+                assert (received[0].request_id, received[0].code) == (0, "protocol_error")
+            assert isinstance(await honest.request(GetStorageHashes(request_id=1)), StorageHashes)
+
+    run(body())
+
+
+def test_reply_to_a_request_never_sent_closes_only_that_session(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["gamma"]) as honest:
+            await listener.next_session()
+            frames = [
+                *encode_frame(hello("beta")),
+                *encode_frame(StorageHashes({"docs": HASH}, request_id=7)),
+            ]
+            received = await raw_tls_exchange(listener.port, ids["beta"], *map(bytes, frames))
+            rogue = await listener.next_session()
+            await rogue.wait_closed()
+
+            assert rogue.peer_id == "beta"
+            assert rogue.closed_reason is not None
+            assert rogue.closed_reason.startswith("protocol error: ")
+            assert "not in flight" in rogue.closed_reason
+            assert [type(m) for m in received] == [Hello, Error]
+            assert (received[1].request_id, received[1].code) == (0, "protocol_error")  # type: ignore[attr-defined]
+            assert isinstance(await honest.request(GetStorageHashes(request_id=1)), StorageHashes)
+            assert not honest.is_closed
+
+    run(body())
+
+
+# --- closing --------------------------------------------------------------------------------
+
+
+def test_disconnect_fails_every_pending_request_with_disconnected(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            server_side = await listener.next_session()
+            pending = asyncio.ensure_future(client.request(SyncRequest((), request_id=1)))
+            replies = client.stream(SyncRequest(("docs",), request_id=1))
+            while len(listener.handler.requests) < 2:
+                await asyncio.sleep(0.01)
+
+            await server_side.close("shutting down")
+
+            with pytest.raises(PeerError) as failed:
+                await pending
+            with pytest.raises(PeerError) as failed_stream:
+                await anext(replies)  # type: ignore[arg-type]
+            with pytest.raises(PeerError) as afterwards:
+                await client.request(GetStorageHashes(request_id=1))
+            await client.wait_closed()
+
+            for error in (failed.value, failed_stream.value, afterwards.value):
+                assert (error.peer, error.code) == ("alpha", "disconnected")
+                assert error.message == "peer said goodbye: shutting down"
+            assert client.closed_reason == "peer said goodbye: shutting down"
+
+    run(body())
+
+
+# --- flow control ---------------------------------------------------------------------------
+
+
+def test_slow_stream_consumer_stops_the_reading_and_bounds_what_is_buffered(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    chunk_size = 128 * 1024
+    count = 400  # 50 MiB: far more than the stream buffer, TLS and socket buffers together
+
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            request = GetChunks(
+                "docs", "big", HASH, chunk_refs(count, chunk_size), request_id=PLACEHOLDER_ID
+            )
+            replies = client.stream(request)
+            peak = 0
+            taken = 0
+            async for reply in replies:
+                if taken == 0:
+                    await asyncio.sleep(0.5)  # a consumer stuck on a slow disk
+                    paused_buffered, paused_reading = client.buffered_bytes, client.is_reading
+                    sender_finished = listener.handler.streams_finished
+                peak = max(peak, client.buffered_bytes)
+                taken += 1
+                if isinstance(reply, ChunksDone):
+                    break
+
+            assert taken == count + 1
+            assert STREAM_BUFFER_HIGH <= paused_buffered <= STREAM_BUFFER_HIGH + 1024 * 1024
+            assert not paused_reading
+            assert sender_finished == 0  # held back by TCP, not buffered here
+            assert peak <= STREAM_BUFFER_HIGH + 1024 * 1024
+            assert client.buffered_bytes == 0
+            assert client.is_reading
+
+    run(body())
+
+
+def test_abandoned_stream_releases_its_buffer(ids: dict[str, NodeIdentity]) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            request = GetChunks(
+                "docs", "big", HASH, chunk_refs(200, 128 * 1024), request_id=PLACEHOLDER_ID
+            )
+            async for _ in client.stream(request):
+                await asyncio.sleep(0.2)
+                assert client.buffered_bytes > 0
+                break  # the iterator is dropped here
+
+            assert client.buffered_bytes == 0
+            assert isinstance(await client.request(GetStorageHashes(request_id=1)), StorageHashes)
+
+    run(body())
+
+
+# --- reconnecting ---------------------------------------------------------------------------
+
+
+def test_backoff_delay_doubles_up_to_the_maximum_with_jitter() -> None:
+    rng = random.Random(4)
+    ceilings = [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+
+    delays = [backoff_delay(n, 0.5, 30.0, rng) for n in range(1, 10)]
+
+    for delay, ceiling in zip(delays, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    assert backoff_delay(10_000, 0.5, 30.0, rng) <= 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_connect_with_backoff_retries_until_a_server_appears(ids: dict[str, NodeIdentity]) -> None:
+    async def body() -> None:
+        port = free_port()
+        dialing_task = asyncio.ensure_future(
+            connect_with_backoff(
+                "127.0.0.1",
+                port,
+                ids["beta"],
+                hello("beta"),
+                Handler(),
+                initial=0.05,
+                maximum=0.2,
+                rng=random.Random(1),
+            )
+        )
+        await asyncio.sleep(0.5)
+        assert not dialing_task.done()
+
+        async with listening(ids["alpha"], port) as listener:
+            session = await asyncio.wait_for(dialing_task, 5)
+            try:
+                assert session.peer_id == "alpha"
+                assert isinstance(await session.request(GetStorageHashes(request_id=1)), Reply)
+                assert listener.refused == []
+            finally:
+                await session.close()
+
+    run(body())
+
+
+def test_connect_with_backoff_gives_up_after_the_given_attempts(
+    ids: dict[str, NodeIdentity], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        with pytest.raises(ConnectionRefusedError):
+            await connect_with_backoff(
+                "127.0.0.1",
+                free_port(),
+                ids["beta"],
+                hello("beta"),
+                Handler(),
+                attempts=3,
+                initial=0.01,
+                maximum=0.02,
+            )
+
+    with caplog.at_level("INFO", logger="ironsync.net.session"):
+        run(body())
+
+    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2

@@ -1,0 +1,191 @@
+"""Full sync between real nodes: daemons as subprocesses on 127.0.0.1, real TLS, real files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IRONSYNC
+from tests.daemons import SyncNode, stop_all, tree, write
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[SyncNode]]:
+    """The nodes a test made (with `node`); their daemons are stopped afterwards."""
+    made: list[SyncNode] = []
+    yield made
+    stop_all(*made)
+
+
+def node(nodes: list[SyncNode], tmp_path: Path, node_id: str, **kw: object) -> SyncNode:
+    made = SyncNode(tmp_path, node_id, **kw)  # type: ignore[arg-type]
+    nodes.append(made)
+    return made
+
+
+def test_two_nodes_converge_through_a_daemon_and_a_standalone_sync(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    write(a.root, "only-a.txt", "from alpha")
+    write(a.root, "dir/nested/big.bin", os.urandom(3_000_000))
+    write(b.root, "only-b.txt", "from beta")
+    a.add_peers(b)
+    b.start()
+    result = a.sync()
+    assert result["exit"] == 0
+    (peer,) = [r for r in result["results"] if "peer" in r]
+    assert peer["peer"] == "beta" and peer["converged"]
+    assert tree(a.root) == tree(b.root)
+    assert set(tree(a.root)) == {"only-a.txt", "only-b.txt", "dir/nested/big.bin"}
+    # mtimes travel with the content
+    assert (a.root / "only-b.txt").stat().st_mtime_ns == (b.root / "only-b.txt").stat().st_mtime_ns
+    # a second sync has nothing to do
+    again = a.sync()
+    (peer,) = [r for r in again["results"] if "peer" in r]
+    assert peer["pulled"] == 0 and peer["peer_changed"] == 0 and peer["converged"]
+
+
+def test_three_nodes_converge_and_a_node_relays_what_it_learned(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    c = node(nodes, tmp_path, "gamma")
+    write(a.root, "a.txt", "a")
+    write(b.root, "b.txt", "b")
+    write(c.root, "c.txt", "c")
+    # a and c only know b: what a has reaches c through b
+    a.add_peers(b)
+    c.add_peers(b)
+    b.start()
+    a.sync()
+    c.sync()
+    a.sync()
+    assert tree(a.root) == tree(b.root) == tree(c.root)
+    assert set(tree(a.root)) == {"a.txt", "b.txt", "c.txt"}
+
+
+def test_deletion_made_while_a_node_was_stopped_is_not_resurrected(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    write(a.root, "doomed.txt", "delete me while stopped")
+    write(a.root, "kept.txt", "keep me")
+    a.add_peers(b)
+    b.start()
+    a.sync()
+    assert (b.root / "doomed.txt").exists()
+    # alpha is not running: the file is deleted behind its back
+    (a.root / "doomed.txt").unlink()
+    a.sync()
+    assert not (a.root / "doomed.txt").exists()
+    assert not (b.root / "doomed.txt").exists()
+    assert tree(a.root) == tree(b.root) == {"kept.txt": b"keep me"}
+
+
+def test_move_made_offline_is_a_move_on_the_peer_without_resending_content(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    content = os.urandom(4_000_000)
+    write(a.root, "old/place.bin", content)
+    a.add_peers(b)
+    b.start()
+    a.sync()
+    assert (b.root / "old/place.bin").read_bytes() == content
+    (a.root / "new").mkdir()
+    (a.root / "old/place.bin").rename(a.root / "new/place.bin")
+    result = a.sync()
+    assert tree(a.root) == tree(b.root) == {"new/place.bin": content}
+    # beta pulled the new path from chunks it already had: no content on the wire
+    finished = [e for e in b.events("write_finished") if e["path"] == "new/place.bin"]
+    assert finished and finished[-1]["detail"]["bytes_from_peer"] == 0
+    assert result["exit"] == 0
+
+
+def test_concurrent_edits_keep_both_contents_as_a_conflict_copy(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    write(a.root, "shared.txt", "original")
+    a.add_peers(b)
+    b.start()
+    a.sync()
+    b.stop()
+    edit_a = write(a.root, "shared.txt", "alpha's edit")
+    edit_b = write(b.root, "shared.txt", "beta's edit, made later")
+    os.utime(edit_a, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    os.utime(edit_b, ns=(1_700_000_100 * 10**9, 1_700_000_100 * 10**9))
+    b.start()
+    a.sync()
+    files_a, files_b = tree(a.root), tree(b.root)
+    assert files_a == files_b
+    assert files_a["shared.txt"] == b"beta's edit, made later"  # the newer mtime keeps the name
+    copies = {p: c for p, c in files_a.items() if ".sync-conflict-" in p}
+    assert list(copies.values()) == [b"alpha's edit"]
+    (copy_name,) = copies
+    assert copy_name == "shared.sync-conflict-20231114-221320-alpha.txt"
+    assert a.events("conflict")
+
+
+def test_node_with_another_group_secret_is_refused_and_nothing_is_written(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    a = node(nodes, tmp_path, "alpha")
+    intruder = node(nodes, tmp_path, "mallory", secret="not the group's secret!")
+    write(a.root, "private.txt", "for the group only")
+    write(intruder.root, "planted.txt", "should never arrive")
+    intruder.add_peers(a)
+    a.start()
+    result = intruder.sync(expect=3)
+    assert result["exit"] == 3
+    assert tree(intruder.root) == {"planted.txt": b"should never arrive"}
+    assert tree(a.root) == {"private.txt": b"for the group only"}
+    a.stop()
+    assert a.events("peer_refused")
+
+
+def test_sigkill_mid_transfer_leaves_no_torn_file_and_the_next_sync_converges(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    old = os.urandom(2_000_000)
+    write(a.root, "big.bin", old)
+    a.add_peers(b)
+    b.start()
+    a.sync()
+    new = os.urandom(300_000_000)
+    write(b.root, "big.bin", new)
+    b.stop()
+    b.start()
+    env = a.env()
+    syncing = subprocess.Popen(
+        [*IRONSYNC, "sync"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # kill the receiver once its temp file exists: mid-transfer
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        temps = [p for p in a.root.iterdir() if p.name.startswith(".ironsync-")]
+        if temps and temps[0].stat().st_size > 0:
+            break
+        time.sleep(0.01)
+    os.kill(syncing.pid, signal.SIGKILL)
+    syncing.wait(timeout=10)
+    assert (a.root / "big.bin").read_bytes() == old  # the old file, never a mix
+    a.sync()
+    assert (a.root / "big.bin").read_bytes() == new
+    assert not [p for p in a.root.iterdir() if p.name.startswith(".ironsync-")]

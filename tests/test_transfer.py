@@ -1,0 +1,655 @@
+"""Transfer of one file between two nodes: real folders, real SQLite, an in-memory link."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import resource
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ironsync.config import Storage
+from ironsync.ignore import is_temp_name
+from ironsync.protocol import (
+    ChunkData,
+    ChunkList,
+    ChunkRef,
+    GetChunkList,
+    GetChunks,
+    Reply,
+    Request,
+)
+from ironsync.reconcile import ResolvedFile, VersionVector
+from ironsync.store import Database, index, open_database
+from ironsync.store import events as ev
+from ironsync.store.chunks import find_local_chunk
+from ironsync.sync.link import PeerError
+from ironsync.sync.local import scan_storage
+from ironsync.sync.transfer import (
+    BATCH_MAX_BYTES,
+    REASON_CHANGED_LOCALLY,
+    SERVE_MAX_REFS,
+    TransferResult,
+    pull_file,
+    remove_stale_temp_files,
+    serve_chunk_list,
+    serve_chunks,
+)
+from tests.memlink import MemoryLink
+
+KiB = 1024
+MiB = 1024 * KiB
+MAX_CHUNK = 128 * KiB
+OLD_MTIME_NS = 1_600_000_000_123_456_789
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+class Side:
+    """One node: a storage root, its database, its index of that root."""
+
+    def __init__(self, base: Path, node_id: str) -> None:
+        self.node_id = node_id
+        self.root = base / node_id / "docs"
+        self.root.mkdir(parents=True)
+        self.db: Database = open_database(base / node_id / "state.db", node_id)
+        self.storage = Storage("docs", self.root)
+        self.scan()
+
+    def scan(self) -> Any:
+        return scan_storage(self.db, self.node_id, self.storage)
+
+    @property
+    def row(self) -> index.StorageRow:
+        row = index.get_storage(self.db, "docs")
+        assert row is not None
+        return row
+
+    def write(
+        self, rel: str, data: bytes, *, mode: int = 0o644, mtime_ns: int = OLD_MTIME_NS
+    ) -> Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.chmod(path, mode)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        return path
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def temp_files(self, under: Path | None = None) -> list[Path]:
+        return [p for p in (under or self.root).rglob("*") if is_temp_name(p.name)]
+
+    def events(self, kind: str) -> list[ev.Event]:
+        return [e for e in ev.last_events(self.db, 1000) if e.kind == kind]
+
+    def target_row_id(self, rel: str) -> int:
+        row = index.get_file(self.db, self.row.id, rel)
+        assert row is not None
+        return row.id
+
+    def target(self, rel: str) -> ResolvedFile:
+        """What the reconciler would hand the other side for this node's file at `rel`."""
+        row = index.get_file(self.db, self.row.id, rel)
+        assert row is not None and row.hash is not None
+        return ResolvedFile(
+            path=row.path,
+            version=VersionVector.from_json(row.version),
+            hash=row.hash,
+            size=row.size,
+            mtime_ns=row.mtime_ns,
+            mode=row.mode,
+            deleted=False,
+            modified_by=row.modified_by,
+            sources=(self.node_id,),
+        )
+
+
+class TransferServer:
+    """The serving half of a RequestHandler: chunk lists and chunks of one storage."""
+
+    def __init__(self, side: Side, refs_per_reply: int | None = None) -> None:
+        self.side = side
+        self.options = {} if refs_per_reply is None else {"refs_per_reply": refs_per_reply}
+
+    async def handle(self, link: Any, request: Request, respond: Any) -> None:
+        side = self.side
+        if isinstance(request, GetChunkList):
+            await serve_chunk_list(
+                side.db, side.row, request, respond, peer=link.peer_id, **self.options
+            )
+        elif isinstance(request, GetChunks):
+            await serve_chunks(side.db, side.row, request, respond, peer=link.peer_id)
+        else:
+            raise PeerError(link.peer_id, "unsupported", type(request).__name__)
+
+
+@pytest.fixture
+def alpha(tmp_path: Path) -> Side:
+    return Side(tmp_path, "alpha")
+
+
+@pytest.fixture
+def beta(tmp_path: Path) -> Side:
+    return Side(tmp_path, "beta")
+
+
+def link_to(side: Side, **options: Any) -> MemoryLink:
+    return MemoryLink(side.node_id, TransferServer(side), local_id="beta", **options)
+
+
+def pull(
+    receiver: Side,
+    link: MemoryLink,
+    target: ResolvedFile,
+    *,
+    dest_path: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TransferResult:
+    expected = index.known_stat(receiver.db, receiver.row.id, dest_path or target.path)
+    return asyncio.run(
+        pull_file(
+            receiver.db,
+            link,
+            receiver.row,
+            target,
+            dest_path=dest_path,
+            expected=expected,
+            progress=progress,
+        )
+    )
+
+
+def assert_failed_cleanly(receiver: Side, result: TransferResult, code: str) -> ev.Event:
+    assert not result.ok
+    assert result.code == code, result.reason
+    assert receiver.temp_files() == []
+    failed = receiver.events("write_failed")
+    assert len(failed) == 1 and failed[0].detail is not None
+    assert failed[0].detail["code"] == code
+    assert failed[0].detail["reason"] == result.reason
+    assert receiver.events("write_finished") == []
+    return failed[0]
+
+
+# --- a new file -----------------------------------------------------------------------------------
+
+
+def test_new_file_arrives_whole_verified_with_mtime_mode_and_the_target_version(
+    alpha: Side, beta: Side
+) -> None:
+    data = random_bytes(3 * MiB + 12345, seed=1)
+    alpha.write("deep/folders/new.bin", data, mode=0o640)
+    alpha.scan()
+    target = alpha.target("deep/folders/new.bin")
+    link = link_to(alpha, encode=True)
+    progress: list[tuple[int, int]] = []
+
+    result = pull(beta, link, target, progress=lambda done, total: progress.append((done, total)))
+
+    assert result == TransferResult(True, "deep/folders/new.bin", len(data), 0)
+    assert link.chunk_bytes == len(data)
+    arrived = beta.root / "deep" / "folders" / "new.bin"
+    assert arrived.read_bytes() == data
+    st = arrived.stat()
+    assert st.st_mtime_ns == OLD_MTIME_NS and st.st_mode & 0o7777 == 0o640
+    row = index.get_file(beta.db, beta.row.id, "deep/folders/new.bin")
+    assert row is not None and row.hash == target.hash
+    assert (row.version, row.modified_by) == ('{"alpha":1}', "alpha")
+    assert index.chunks_of(beta.db, row.id) == index.chunks_of(
+        alpha.db, alpha.target_row_id("deep/folders/new.bin")
+    )
+    assert progress[-1] == (len(data), len(data))
+    started, finished = beta.events("write_started"), beta.events("write_finished")
+    assert [(e.path, e.peer) for e in started + finished] == [("deep/folders/new.bin", "alpha")] * 2
+    assert started[0].detail == {"size": len(data), "hash": target.hash.hex()}
+    assert finished[0].detail is not None
+    assert finished[0].detail["bytes_from_peer"] == len(data)
+    assert finished[0].detail["bytes_reused"] == 0
+    assert beta.temp_files() == []
+    assert beta.scan().changes == []  # the index row matches the disk exactly
+
+
+def test_empty_file_arrives(alpha: Side, beta: Side) -> None:
+    alpha.write("empty.txt", b"")
+    alpha.scan()
+    result = pull(beta, link_to(alpha), alpha.target("empty.txt"))
+    assert result.ok and beta.read("empty.txt") == b""
+
+
+def test_long_chunk_list_arrives_in_several_replies(alpha: Side, beta: Side) -> None:
+    data = random_bytes(1 * MiB, seed=2)
+    alpha.write("f.bin", data)
+    alpha.scan()
+    link = MemoryLink("alpha", TransferServer(alpha, refs_per_reply=3), local_id="beta")
+    replies: list[ChunkList] = []
+
+    def spy(reply: Reply) -> Reply:
+        if isinstance(reply, ChunkList):
+            replies.append(reply)
+        return reply
+
+    link.tamper = spy
+    assert pull(beta, link, alpha.target("f.bin")).ok
+    assert beta.read("f.bin") == data
+    assert len(replies) > 3 and [r.more for r in replies] == [True] * (len(replies) - 1) + [False]
+
+
+# --- what the receiver already has ----------------------------------------------------------------
+
+
+def test_in_place_edit_of_1_mib_in_an_8_mib_file_fetches_only_the_changed_chunks(
+    alpha: Side, beta: Side
+) -> None:
+    old = random_bytes(8 * MiB, seed=3)
+    alpha.write("big.bin", old)
+    beta.write("big.bin", old)
+    beta.scan()
+    new = old[: 3 * MiB] + random_bytes(1 * MiB, seed=4) + old[4 * MiB :]
+    alpha.write("big.bin", new, mtime_ns=OLD_MTIME_NS + 1)
+    alpha.scan()
+    link = link_to(alpha)
+
+    result = pull(beta, link, alpha.target("big.bin"))
+
+    assert result.ok and beta.read("big.bin") == new
+    assert result.bytes_from_peer == link.chunk_bytes <= 1 * MiB + 2 * MAX_CHUNK
+    assert result.bytes_reused == len(new) - result.bytes_from_peer
+
+
+def test_one_byte_inserted_at_the_start_fetches_only_the_first_chunks(
+    alpha: Side, beta: Side
+) -> None:
+    old = random_bytes(8 * MiB, seed=5)
+    beta.write("shifted.bin", old)
+    beta.scan()
+    new = b"!" + old
+    alpha.write("shifted.bin", new)
+    alpha.scan()
+    link = link_to(alpha)
+
+    result = pull(beta, link, alpha.target("shifted.bin"))
+
+    assert result.ok and beta.read("shifted.bin") == new
+    assert result.bytes_from_peer == link.chunk_bytes <= 1 + 2 * MAX_CHUNK
+
+
+def test_renamed_or_copied_content_costs_no_bytes_from_the_peer(alpha: Side, beta: Side) -> None:
+    data = random_bytes(2 * MiB, seed=6)
+    beta.write("old/name.bin", data)
+    beta.scan()
+    alpha.write("new/place.bin", data)
+    alpha.scan()
+    link = link_to(alpha)
+
+    result = pull(beta, link, alpha.target("new/place.bin"))
+
+    assert result.ok and beta.read("new/place.bin") == data
+    assert (result.bytes_from_peer, result.bytes_reused) == (0, len(data))
+    assert link.chunk_bytes == 0 and not any(isinstance(r, GetChunks) for r in link.requests)
+    assert beta.read("old/name.bin") == data
+
+
+def test_content_repeated_within_a_file_is_fetched_once(alpha: Side, beta: Side) -> None:
+    block = random_bytes(1 * MiB, seed=7)
+    data = block * 4
+    alpha.write("repeats.bin", data)
+    alpha.scan()
+    result = pull(beta, link_to(alpha), alpha.target("repeats.bin"))
+    assert result.ok and beta.read("repeats.bin") == data
+    assert result.bytes_from_peer <= len(block) + 2 * MAX_CHUNK
+
+
+def test_local_source_that_changed_since_it_was_indexed_is_fetched_from_the_peer(
+    alpha: Side, beta: Side
+) -> None:
+    data = random_bytes(6 * MiB, seed=8)
+    beta.write("copy.bin", data)
+    beta.scan()
+    beta.write("copy.bin", random_bytes(len(data), seed=9))  # changed; not rescanned
+    alpha.write("wanted.bin", data)
+    alpha.scan()
+    link = link_to(alpha)
+
+    result = pull(beta, link, alpha.target("wanted.bin"))
+
+    assert result.ok and beta.read("wanted.bin") == data
+    assert result.bytes_from_peer == len(data)
+    # Refetched in batches, not one request per chunk.
+    assert sum(isinstance(r, GetChunks) for r in link.requests) <= len(data) // BATCH_MAX_BYTES + 2
+
+
+# --- the peer's faults ----------------------------------------------------------------------------
+
+
+def test_peer_serving_wrong_bytes_for_a_hash_fails_cleanly(alpha: Side, beta: Side) -> None:
+    data = random_bytes(1 * MiB, seed=10)
+    alpha.write("f.bin", data)
+    alpha.scan()
+
+    def corrupt(reply: Reply) -> Reply:
+        if isinstance(reply, ChunkData) and reply.offset > 0:
+            wrong = bytes([reply.data[0] ^ 0xFF]) + bytes(reply.data[1:])
+            return ChunkData(reply.offset, reply.hash, wrong, request_id=reply.request_id)
+        return reply
+
+    result = pull(beta, link_to(alpha, tamper=corrupt), alpha.target("f.bin"))
+
+    event = assert_failed_cleanly(beta, result, "corrupt")
+    assert "wrong bytes" in str(result.reason) and event.peer == "alpha"
+    assert event.status == "error"
+    assert not (beta.root / "f.bin").exists()
+    assert index.get_file(beta.db, beta.row.id, "f.bin") is None
+
+
+def test_chunk_list_that_does_not_cover_the_file_is_refused(alpha: Side, beta: Side) -> None:
+    alpha.write("f.bin", random_bytes(300 * KiB, seed=11))
+    alpha.scan()
+
+    def drop_last(reply: Reply) -> Reply:
+        if isinstance(reply, ChunkList):
+            return ChunkList(
+                reply.storage, reply.path, reply.file_hash, reply.chunks[:-1],
+                request_id=reply.request_id,
+            )  # fmt: skip
+        return reply
+
+    result = pull(beta, link_to(alpha, tamper=drop_last), alpha.target("f.bin"))
+    assert_failed_cleanly(beta, result, "bad_chunk_list")
+    assert not (beta.root / "f.bin").exists()
+
+
+def test_peer_file_changed_under_it_fails_with_changed(alpha: Side, beta: Side) -> None:
+    data = random_bytes(1 * MiB, seed=12)
+    alpha.write("f.bin", data)
+    alpha.scan()
+    target = alpha.target("f.bin")
+    alpha.write("f.bin", random_bytes(len(data), seed=13))  # not rescanned
+
+    result = pull(beta, link_to(alpha), target)
+
+    assert_failed_cleanly(beta, result, "changed")
+    assert "changed since it was indexed" in str(result.reason)
+    assert not (beta.root / "f.bin").exists()
+
+
+def test_content_the_peer_does_not_have_is_not_found(alpha: Side, beta: Side) -> None:
+    alpha.write("f.bin", b"x" * 100)
+    alpha.scan()
+    target = alpha.target("f.bin")
+    missing = dataclasses.replace(target, hash=b"\x01" * 16)  # no file has this content
+    result = pull(beta, link_to(alpha), missing)
+    assert_failed_cleanly(beta, result, "not_found")
+
+
+def test_conflict_copy_is_fetched_by_content_from_wherever_the_peer_keeps_it(
+    alpha: Side, beta: Side
+) -> None:
+    losing = random_bytes(200 * KiB, seed=14)
+    alpha.write("notes.txt", losing)
+    alpha.scan()
+    target = alpha.target("notes.txt")
+    copy = "notes.sync-conflict-20200913-122640-beta.txt"
+    (alpha.root / "notes.txt").rename(alpha.root / copy)
+    alpha.write("notes.txt", b"the winner")
+    alpha.scan()
+
+    result = pull(beta, link_to(alpha), target, dest_path=copy)
+
+    assert result.ok and result.path == copy and beta.read(copy) == losing
+    assert not (beta.root / "notes.txt").exists()
+    finished = beta.events("write_finished")[0]
+    assert finished.path == copy and finished.detail is not None
+    assert finished.detail["from"] == "notes.txt"
+
+
+# --- the receiver's own disk ----------------------------------------------------------------------
+
+
+def test_local_target_edited_between_decision_and_rename_is_left_alone(
+    alpha: Side, beta: Side
+) -> None:
+    old = random_bytes(3 * MiB, seed=15)
+    beta.write("doc.bin", old)
+    beta.scan()
+    alpha.write("doc.bin", old[:MiB] + b"theirs" + old[MiB:])
+    alpha.scan()
+    edit = b"an edit the scanner has not seen yet"
+
+    def edit_locally(done: int, total: int) -> None:
+        if (beta.root / "doc.bin").read_bytes() != edit:
+            (beta.root / "doc.bin").write_bytes(edit)
+
+    result = pull(beta, link_to(alpha), alpha.target("doc.bin"), progress=edit_locally)
+
+    event = assert_failed_cleanly(beta, result, "changed_locally")
+    assert result.changed_locally and result.reason == REASON_CHANGED_LOCALLY
+    assert event.status == "warning"
+    assert beta.read("doc.bin") == edit
+    row = index.get_file(beta.db, beta.row.id, "doc.bin")
+    assert row is not None and row.version == '{"beta":1}'
+
+
+def test_file_created_locally_during_a_pull_is_not_overwritten(alpha: Side, beta: Side) -> None:
+    alpha.write("new.txt", random_bytes(2 * MiB, seed=16))
+    alpha.scan()
+
+    def create_locally(done: int, total: int) -> None:
+        (beta.root / "new.txt").write_bytes(b"mine")
+
+    result = pull(beta, link_to(alpha), alpha.target("new.txt"), progress=create_locally)
+
+    assert_failed_cleanly(beta, result, "changed_locally")
+    assert beta.read("new.txt") == b"mine"
+
+
+def test_folder_in_the_way_of_a_new_file_is_left_alone(alpha: Side, beta: Side) -> None:
+    alpha.write("f.bin", b"a file")
+    alpha.scan()
+    (beta.root / "f.bin").mkdir()
+    (beta.root / "f.bin" / "inside.txt").write_bytes(b"a user's file")
+
+    result = pull(beta, link_to(alpha), alpha.target("f.bin"))
+
+    assert_failed_cleanly(beta, result, "blocked")
+    assert beta.read("f.bin/inside.txt") == b"a user's file"
+
+
+def test_pull_into_a_symlinked_folder_escaping_the_root_is_refused(
+    alpha: Side, beta: Side, tmp_path: Path
+) -> None:
+    alpha.write("escape/x.txt", b"payload")
+    alpha.scan()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (beta.root / "escape").symlink_to(outside)
+
+    result = pull(beta, link_to(alpha), alpha.target("escape/x.txt"))
+
+    assert_failed_cleanly(beta, result, "unsafe_path")
+    assert "symlink on the way" in str(result.reason)
+    assert list(outside.iterdir()) == []
+
+
+def test_target_path_outside_the_root_is_refused_before_asking_the_peer(
+    alpha: Side, beta: Side
+) -> None:
+    alpha.write("x.txt", b"payload")
+    alpha.scan()
+    evil = dataclasses.replace(alpha.target("x.txt"), path="../x.txt")
+    link = link_to(alpha)
+    result = pull(beta, link, evil)
+    assert_failed_cleanly(beta, result, "unsafe_path")
+    assert link.requests == [] and not (beta.root.parent / "x.txt").exists()
+
+
+def test_write_error_such_as_a_full_disk_fails_cleanly_and_keeps_the_old_file(
+    alpha: Side, beta: Side
+) -> None:
+    # A real write failure without root: the file-size limit makes write() fail with EFBIG.
+    old = b"old content"
+    beta.write("f.bin", old)
+    beta.scan()
+    alpha.write("f.bin", random_bytes(4 * MiB, seed=17))
+    alpha.scan()
+    target = alpha.target("f.bin")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 * MiB, hard))
+    try:
+        result = pull(beta, link_to(alpha), target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+    assert_failed_cleanly(beta, result, "io_error")
+    assert "EFBIG" in str(result.reason)
+    assert beta.read("f.bin") == old
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Any:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.root
+def test_full_disk_fails_cleanly_with_enospc_and_keeps_the_old_file(
+    alpha: Side, tmp_path: Path, small_tmpfs: Path
+) -> None:
+    receiver = Side(small_tmpfs, "beta")
+    receiver.write("f.bin", b"old content")
+    receiver.scan()
+    alpha.write("f.bin", random_bytes(4 * MiB, seed=18))
+    alpha.scan()
+
+    result = pull(receiver, link_to(alpha), alpha.target("f.bin"))
+
+    assert_failed_cleanly(receiver, result, "io_error")
+    assert "ENOSPC" in str(result.reason)
+    assert receiver.read("f.bin") == b"old content"
+    receiver.db.close()
+
+
+def test_cancelled_pull_removes_its_temp_file_then_propagates(alpha: Side, beta: Side) -> None:
+    beta.write("f.bin", b"old content")
+    beta.scan()
+    alpha.write("f.bin", random_bytes(2 * MiB, seed=19))
+    alpha.scan()
+    server = TransferServer(alpha)
+
+    async def main() -> None:
+        stalled = asyncio.Event()
+
+        async def stalling(link: Any, request: Request, respond: Any) -> None:
+            if isinstance(request, GetChunks):
+                stalled.set()
+                await asyncio.Event().wait()  # a peer that stops answering
+            await server.handle(link, request, respond)
+
+        link = MemoryLink("alpha", stalling, local_id="beta")
+        expected = index.known_stat(beta.db, beta.row.id, "f.bin")
+        task = asyncio.create_task(
+            pull_file(beta.db, link, beta.row, alpha.target("f.bin"), expected=expected)
+        )
+        await stalled.wait()
+        assert len(beta.temp_files()) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    failed = beta.events("write_failed")
+    assert [(e.status, e.detail and e.detail["code"]) for e in failed] == [("warning", "cancelled")]
+    assert beta.temp_files() == [] and beta.read("f.bin") == b"old content"
+
+
+# --- the serving side's bounds --------------------------------------------------------------------
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+
+    async def send(self, reply: Reply) -> None:
+        self.replies.append(reply)
+
+
+def test_server_refuses_more_chunks_per_request_than_its_bound(alpha: Side) -> None:
+    alpha.write("f.bin", b"x" * 100)
+    alpha.scan()
+    target = alpha.target("f.bin")
+    assert target.hash is not None
+    refs = tuple(ChunkRef(0, 100, b"\x00" * 16) for _ in range(SERVE_MAX_REFS + 1))
+    request = GetChunks("docs", "f.bin", target.hash, refs, request_id=7)
+    with pytest.raises(PeerError) as caught:
+        asyncio.run(serve_chunks(alpha.db, alpha.row, request, Collect(), peer="beta"))
+    assert (caught.value.peer, caught.value.code) == ("beta", "too_large")
+
+
+@pytest.mark.parametrize("path", ["../docs/f.bin", ".ironsync/x", "a//b"])
+def test_server_refuses_unsafe_paths_from_a_peer(alpha: Side, path: str) -> None:
+    request = GetChunkList("docs", path, b"\x00" * 16, request_id=7)
+    with pytest.raises(PeerError) as caught:
+        asyncio.run(serve_chunk_list(alpha.db, alpha.row, request, Collect(), peer="beta"))
+    assert caught.value.code == "bad_path"
+
+
+def test_find_local_chunk_names_the_root_path_and_range(alpha: Side) -> None:
+    data = random_bytes(100 * KiB, seed=20)
+    alpha.write("sub/f.bin", data)
+    alpha.scan()
+    chunks = index.chunks_of(alpha.db, alpha.target_row_id("sub/f.bin"))
+    last = chunks[-1]
+    assert find_local_chunk(alpha.db, last.hash) == (
+        alpha.root,
+        "sub/f.bin",
+        last.offset,
+        last.length,
+    )
+    assert find_local_chunk(alpha.db, b"\x00" * 16) is None
+
+
+# --- crash leftovers ------------------------------------------------------------------------------
+
+
+def test_stale_temp_files_are_removed_without_following_symlinks(
+    beta: Side, tmp_path: Path
+) -> None:
+    beta.write(".ironsync-abc.tmp", b"left by a crash")
+    beta.write("a/b/.ironsync-def.tmp", b"left by a crash")
+    beta.write("a/keep.txt", b"a user's file")
+    beta.write("a/.ironsync-notes", b"not a temp name")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".ironsync-xyz.tmp").write_bytes(b"not ours to delete")
+    (beta.root / "link").symlink_to(outside)
+    (beta.root / ".ironsync-link.tmp").symlink_to(outside / ".ironsync-xyz.tmp")
+
+    removed = remove_stale_temp_files(beta.root)
+
+    assert removed == [".ironsync-abc.tmp", "a/b/.ironsync-def.tmp"]
+    assert (outside / ".ironsync-xyz.tmp").exists()
+    assert (beta.root / "a" / "keep.txt").exists() and (beta.root / "a/.ironsync-notes").exists()
+    assert remove_stale_temp_files(beta.root) == []
