@@ -44,13 +44,11 @@ class Stat:
     mtime_ns: int
     ctime_ns: int
     inode: int
-    mode: int  # permission bits only
+    mode: int  # permission bits (0o777): setuid, setgid and sticky are not synced
 
     @classmethod
     def of(cls, st: os.stat_result) -> Stat:
-        return cls(
-            st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, stat_mod.S_IMODE(st.st_mode)
-        )
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o777)
 
 
 @dataclass(frozen=True, slots=True)

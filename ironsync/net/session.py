@@ -80,7 +80,7 @@ from ironsync.protocol import (
     Role,
     State,
 )
-from ironsync.protocol.limits import CHUNK_REF_SIZE, MAX_TEXT_LEN, MiB
+from ironsync.protocol.limits import CHUNK_REF_SIZE, MAX_TEXT_LEN, KiB, MiB
 from ironsync.sync.link import PeerError, RequestHandler
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ HANDSHAKE_TIMEOUT = 10.0
 
 CLOSE_TIMEOUT = 5.0
 """Seconds a closing session may spend flushing and saying goodbye before it is aborted."""
+
+READ_SIZE = 256 * KiB
+"""Bytes of decrypted data handed to the Connection at most at once."""
 
 WRITE_BUFFER_HIGH = 4 * MiB
 """Bytes buffered for the peer before senders wait."""
@@ -142,7 +145,7 @@ def backoff_delay(failures: int, initial: float, maximum: float, rng: random.Ran
     return ceiling * rng.uniform(0.5, 1.0)
 
 
-class PeerSession(asyncio.Protocol):
+class PeerSession(asyncio.BufferedProtocol):
     """One connection to a peer; a `PeerLink` once open (see the module docstring)."""
 
     def __init__(
@@ -172,6 +175,9 @@ class PeerSession(asyncio.Protocol):
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self.closed_reason: str | None = None
         self.bytes_in = 0
+        # TLS decrypts straight into this (asyncio's BufferedProtocol path), which spares a
+        # buffer allocation per TLS record and a join per read.
+        self._read_buffer = memoryview(bytearray(READ_SIZE))
         self.bytes_out = 0
         # Out: set while the transport takes more; see pause_writing.
         self._can_write = asyncio.Event()
@@ -274,14 +280,17 @@ class PeerSession(asyncio.Protocol):
         if self._on_connected is not None:
             self._on_connected(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         # Only ever decrypted data: reading the TCP connection stays paused until TLS runs.
         # The first may arrive with the end of the TLS handshake, before start_tls returns:
         # it waits in the Connection until the Hello exchange asks for it.
         if self._closed:
             return
-        self.bytes_in += len(data)
-        self._conn.receive_data(data)
+        self.bytes_in += nbytes
+        self._conn.receive_data(self._read_buffer[:nbytes])  # copied: the buffer is reused
         if self._tls:
             self._process()
 

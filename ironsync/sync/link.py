@@ -40,6 +40,9 @@ class PeerLink(Protocol):
     async def request(self, message: Request) -> Reply:
         """Send a request and return its single (final) reply.
 
+        Build requests with any valid request_id (1 will do): the link stamps the
+        connection's next free id before sending.
+
         An `Error` reply raises `PeerError(peer, code, message)`; so does a closed link
         (code "disconnected")."""
         ...

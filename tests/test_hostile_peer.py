@@ -1,0 +1,145 @@
+"""A group member turned hostile: it offers paths that escape the root. A real daemon must write
+nothing outside its storage root, disconnect it, and log why."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ironsync.chunking import chunk_bytes
+from ironsync.net.session import connect
+from ironsync.net.tls import load_or_create_identity
+from ironsync.protocol import (
+    PROTOCOL_VERSION,
+    ChangeNotice,
+    ChunkData,
+    ChunkList,
+    ChunkRef,
+    ChunksDone,
+    GetChunkList,
+    GetChunks,
+    GetIndex,
+    GetStorageHashes,
+    Hello,
+    IndexEntry,
+    IndexPage,
+    Request,
+    StorageHashes,
+    SyncRequest,
+)
+from ironsync.sync.link import PeerError, PeerLink, Responder
+from tests.daemons import SECRET, SyncNode, tree
+
+PAYLOAD = b"written by mallory"
+CONTENT = chunk_bytes(PAYLOAD)
+
+
+class Mallory:
+    """Serves an index whose paths try to leave the victim's storage root."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.index_requests = 0
+
+    async def handle(self, link: PeerLink, request: Request, respond: Responder) -> None:
+        rid = request.request_id
+        if isinstance(request, GetStorageHashes):
+            await respond.send(StorageHashes({"docs": b"\x01" * 16}, request_id=rid))
+        elif isinstance(request, GetIndex):
+            self.index_requests += 1
+            entries = tuple(
+                IndexEntry(
+                    path=p,
+                    size=len(PAYLOAD),
+                    mtime_ns=1_700_000_000 * 10**9,
+                    mode=0o644,
+                    hash=CONTENT.hash,
+                    deleted=False,
+                    version='{"mallory":1}',
+                    modified_by="mallory",
+                    sequence=n + 1,
+                )
+                for n, p in enumerate(self.paths)
+            )
+            await respond.send(IndexPage("docs", entries, len(entries), False, request_id=rid))
+        elif isinstance(request, GetChunkList):
+            refs = tuple(ChunkRef(c.offset, c.length, c.hash) for c in CONTENT.chunks)
+            await respond.send(
+                ChunkList(request.storage, request.path, CONTENT.hash, refs, request_id=rid)
+            )
+        elif isinstance(request, GetChunks):
+            for ref in request.chunks:
+                data = PAYLOAD[ref.offset : ref.offset + ref.length]
+                await respond.send(ChunkData(ref.offset, ref.hash, data, request_id=rid))
+            await respond.send(ChunksDone(request_id=rid))
+        else:
+            raise PeerError(link.peer_id, "unsupported", type(request).__name__)
+
+    async def notice(self, link: PeerLink, message: ChangeNotice) -> None:
+        pass
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Iterator[SyncNode]:
+    node = SyncNode(tmp_path, "victim")
+    (tmp_path / "outside").mkdir()
+    (node.root / "link").symlink_to(tmp_path / "outside")
+    node.start()
+    yield node
+    if node.proc is not None:
+        node.stop()
+
+
+async def attack(victim: SyncNode, tmp_path: Path, paths: list[str]) -> tuple[str, Mallory]:
+    identity = load_or_create_identity(tmp_path / "mallory", "mallory", victim.group, SECRET)
+    hello = Hello(PROTOCOL_VERSION, "mallory", victim.group, ("docs",))
+    mallory = Mallory(paths)
+    session = await connect("127.0.0.1", victim.port, identity, hello, mallory)
+    try:
+        await session.request(SyncRequest(("docs",), request_id=1))
+        outcome = "accepted"
+    except PeerError as exc:
+        outcome = f"{exc.code}: {exc.message}"
+        await asyncio.wait_for(session.wait_closed(), 10)  # the victim hangs up
+    else:
+        await session.close()
+    return outcome, mallory
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../escaped.txt",
+        "/tmp/absolute.txt",
+        "docs/../../escaped.txt",
+        ".ignore",
+        "x/.ironsync-1.tmp",
+    ],
+)
+def test_path_escape_attempts_disconnect_the_peer_and_write_nothing(
+    victim: SyncNode, tmp_path: Path, path: str
+) -> None:
+    outcome, mallory = asyncio.run(attack(victim, tmp_path, ["innocent.txt", path]))
+    assert outcome.startswith("violation"), outcome
+    assert mallory.index_requests == 1
+    assert tree(victim.root) == {}  # not even the innocent file of a hostile index
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not Path("/tmp/absolute.txt").exists()
+    victim.stop()
+    refused = victim.events("peer_refused")
+    assert refused and refused[-1]["peer"] == "mallory"
+
+
+def test_symlink_on_the_way_out_of_the_root_is_never_followed(
+    victim: SyncNode, tmp_path: Path
+) -> None:
+    asyncio.run(attack(victim, tmp_path, ["link/escaped.txt", "fine.txt"]))
+    assert os.listdir(tmp_path / "outside") == []
+    assert tree(victim.root) == {"fine.txt": PAYLOAD}
+    victim.stop()
+    failed = [e for e in victim.events("write_failed") if e["path"] == "link/escaped.txt"]
+    assert failed and "symlink" in failed[-1]["detail"]["reason"]
