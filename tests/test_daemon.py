@@ -1,0 +1,131 @@
+"""The daemon as users run it: full sync at start, the control socket, exit codes, history."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import SyncNode, stop_all, tree, write
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[SyncNode, SyncNode]]:
+    a = SyncNode(tmp_path, "alpha")
+    b = SyncNode(tmp_path, "beta")
+    yield a, b
+    stop_all(a, b)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_daemons_run_a_full_sync_at_start(pair: tuple[SyncNode, SyncNode]) -> None:
+    a, b = pair
+    write(a.root, "from-a.txt", "a")
+    write(b.root, "from-b.txt", "b")
+    a.add_peers(b)
+    b.start()
+    a.start()
+    wait_for(lambda: tree(a.root) == tree(b.root) and len(tree(a.root)) == 2)
+    a.stop()
+    kinds = [e["kind"] for e in a.events()]
+    assert "peer_connected" in kinds and "sync_finished" in kinds
+    finished = [e for e in a.events("sync_finished") if e["detail"]["converged"]]
+    assert finished
+
+
+def test_sync_goes_through_the_running_daemon(pair: tuple[SyncNode, SyncNode]) -> None:
+    a, b = pair
+    a.add_peers(b)
+    b.start()
+    a.start()
+    socket_path = a.db_path.with_name("state.db.sock")
+    wait_for(socket_path.exists)
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600  # owner only
+    write(a.root, "later.txt", "written while the daemon runs")
+    result = a.sync()
+    assert result["exit"] == 0
+    assert (b.root / "later.txt").read_text() == "written while the daemon runs"
+    # the daemon did it: the standalone path would have needed the lock the daemon holds
+    assert any(e["kind"] == "sync_finished" for e in a.events())
+    a.stop()
+    assert not socket_path.exists()
+
+
+def test_sync_with_no_reachable_peer_exits_3(pair: tuple[SyncNode, SyncNode]) -> None:
+    a, b = pair
+    a.add_peers(b)  # beta is not running
+    result = a.sync(expect=3)
+    assert result["exit"] == 3
+    assert [r["unreachable"] for r in result["results"]] == [b.address]
+    plain = a.run("sync", check=False)
+    assert plain.returncode == 3 and "unreachable" in plain.stdout
+
+
+def test_sync_of_an_unknown_storage_is_a_usage_error(pair: tuple[SyncNode, SyncNode]) -> None:
+    a, _ = pair
+    proc = a.run("sync", "--storage", "nope", check=False)
+    assert proc.returncode == 2 and "no storage 'nope'" in proc.stderr
+
+
+def test_sigterm_stops_the_daemon_cleanly(pair: tuple[SyncNode, SyncNode]) -> None:
+    a, _ = pair
+    a.start()
+    assert a.stop() == 0
+    lock = a.db_path.with_name("state.db.lock")
+    # the lock is free again: a standalone command can run
+    assert lock.exists()
+    assert a.run("scan").returncode == 0
+
+
+def test_a_second_daemon_on_the_same_database_is_refused(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, _ = pair
+    a.start()
+    other_port = a.port
+    a.port = other_port + 1 if other_port < 65535 else other_port - 1
+    a.write_config()
+    proc = a.run("daemon", check=False, timeout=30)
+    assert proc.returncode == 2 and "already running" in proc.stderr
+
+
+def test_history_lists_every_version_and_event_of_a_file(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = pair
+    path = write(a.root, "notes/todo.txt", "one")
+    a.add_peers(b)
+    b.start()
+    a.sync()
+    path.write_text("two, longer")
+    a.sync()
+    proc = a.run("history", str(path))
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "docs:notes/todo.txt"
+    assert '"alpha":2' in lines[1]
+    kinds = [line.split("  ")[1] for line in lines[2:]]
+    assert kinds == ["created", "modified"]
+    on_b = json.loads(b.run("history", "--json", "docs:notes/todo.txt").stdout)
+    assert [e["kind"] for e in on_b["events"]] == [
+        "write_started", "write_finished", "write_started", "write_finished",
+    ]  # fmt: skip
+    assert all(e["peer"] == "alpha" for e in on_b["events"])
+    assert on_b["current"]["version"] == {"alpha": 2}
+    missing = a.run("history", str(a.root / "never.txt"), check=False)
+    assert missing.returncode == 1 and "nothing recorded" in missing.stderr
+    assert os.path.exists(path)
