@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from ironsync.config import Config
-from ironsync.net.session import PeerSession, connect, connect_with_backoff, serve
+from ironsync.net.session import (
+    PeerSession,
+    SelfConnection,
+    connect,
+    connect_with_backoff,
+    serve,
+)
 from ironsync.net.tls import load_or_create_identity
 from ironsync.protocol import PROTOCOL_VERSION, Hello
 from ironsync.store import Database
@@ -345,9 +351,13 @@ class Daemon:
         node = self.node
         host, port = parse_peer(address)
         while not self.stop.is_set():
-            session = await connect_with_backoff(
-                host, port, node.identity, node.hello, node.service, attempts=None
-            )
+            try:
+                session = await connect_with_backoff(
+                    host, port, node.identity, node.hello, node.service, attempts=None
+                )
+            except SelfConnection:
+                log.warning("peer %s is this node itself; not dialing it", address)
+                return
             node.connected(session, address)
             try:
                 outcome = await node.sync_with(session, None)

@@ -129,3 +129,30 @@ def test_history_lists_every_version_and_event_of_a_file(
     missing = a.run("history", str(a.root / "never.txt"), check=False)
     assert missing.returncode == 1 and "nothing recorded" in missing.stderr
     assert os.path.exists(path)
+
+
+def test_a_change_on_a_peer_whose_daemon_stays_up_is_seen_by_the_next_sync(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    # The session between the daemons outlives one sync; the next full sync must still make
+    # the peer rescan (its watcher is off), or its edit would be overwritten or missed.
+    a, b = pair
+    a.add_peers(b)
+    b.add_peers(a)
+    write(b.root, "x.txt", "first")
+    b.start()
+    a.start()
+    wait_for(lambda: tree(a.root) == tree(b.root) == {"x.txt": b"first"})
+    write(b.root, "x.txt", "beta's edit")
+    write(a.root, "y.txt", "alpha's new file")
+    assert a.sync()["exit"] == 0
+    assert tree(a.root) == tree(b.root) == {"x.txt": b"beta's edit", "y.txt": b"alpha's new file"}
+    # and concurrent edits on both, daemons up: a conflict copy, nothing lost
+    write(a.root, "x.txt", "alpha's edit")
+    time.sleep(0.05)
+    write(b.root, "x.txt", "beta's later edit")
+    assert a.sync()["exit"] == 0
+    files = tree(a.root)
+    assert files == tree(b.root)
+    assert files["x.txt"] == b"beta's later edit"
+    assert [c for p, c in files.items() if ".sync-conflict-" in p] == [b"alpha's edit"]

@@ -265,6 +265,14 @@ def test_send_returns_one_bytes_object_even_for_chunk_data() -> None:
 
 PINNED: list[tuple[Message, str]] = [
     (
+        GetStorageHashes(rescan=True, request_id=1),
+        "00000004"  # frame length 4
+        "93"  # array of 3
+        "0a"  # type code: GetStorageHashes
+        "01"  # request_id 1
+        "c3",  # rescan: true
+    ),
+    (
         hello("alpha"),
         "0000001a"  # frame length 26
         "96"  # array of 6
@@ -666,7 +674,7 @@ def test_end_of_stream_between_frames_closes_their_side() -> None:
         (framed(b"\xc1\x01"), "not a msgpack array"),
         (raw_frame([99, 1]), "unknown message type"),
         (raw_frame([10]), "not a msgpack array"),
-        (raw_frame([10, 1, "extra"]), "GetStorageHashes has 0 fields, the frame has 1"),
+        (raw_frame([10, 1, False, "extra"]), "GetStorageHashes has 1 fields, the frame has 2"),
         (raw_frame([10, 1], tail=b"\x00"), "undecodable"),
         (raw_frame([4, 0, "docs", -1]), "sequence must be in"),
         (raw_frame([4, 0, "docs", True]), "sequence must be an int"),

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from ironsync.net.session import (
+    MAX_HANDLERS,
     STREAM_BUFFER_HIGH,
     HandshakeError,
     PeerSession,
@@ -37,6 +38,7 @@ from ironsync.protocol import (
     GetIndex,
     GetStorageHashes,
     Hello,
+    LocalProtocolError,
     Message,
     Reply,
     Request,
@@ -358,6 +360,47 @@ def test_handler_errors_reach_the_caller_as_peer_errors_and_the_session_goes_on(
             assert midway.value.code == "unreadable"
             assert [type(r) for r in received] == [ChunkData, ChunkData]
             assert isinstance(await client.request(GetStorageHashes(request_id=1)), StorageHashes)
+
+    run(body())
+
+
+def test_request_for_a_stream_of_replies_raises_and_the_session_goes_on(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            request = GetChunks("docs", "a", HASH, chunk_refs(3, 16), request_id=PLACEHOLDER_ID)
+            with pytest.raises(LocalProtocolError, match="use stream"):
+                await client.request(request)
+
+            assert isinstance(await client.request(GetStorageHashes(request_id=1)), StorageHashes)
+
+    run(body())
+
+
+def test_requests_beyond_max_handlers_wait_for_a_slot_without_reading_on(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            server_side = await listener.next_session()
+            count = MAX_HANDLERS + 4
+            calls = [
+                asyncio.ensure_future(client.request(SyncRequest((), request_id=1)))
+                for _ in range(count)
+            ]
+            while len(listener.handler.requests) < MAX_HANDLERS or server_side.is_reading:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            started_while_full = len(listener.handler.requests)
+
+            listener.handler.release.set()
+            results = await asyncio.gather(*calls)
+
+            assert started_while_full == MAX_HANDLERS
+            assert all(isinstance(result, SyncResult) for result in results)
+            assert len(listener.handler.requests) == count
+            assert server_side.is_reading
 
     run(body())
 

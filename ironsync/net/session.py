@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 A PeerSession is the asyncio Protocol of one TCP connection. It moves bytes and applies flow
-control; every protocol decision is the Connection's. Input is two lines: `data_received`
-feeds the bytes as read (no copy) to `Connection.receive_data`, and `_process` hands each
-message that comes out to whoever waits for it. Output is one: `transport.writelines(
-conn.send_buffers(message))`, so a ChunkData's bytes go from the caller's buffer to TLS.
+control; every protocol decision is the Connection's. Input is two lines: `buffer_updated`
+hands what TLS decrypted into the session's read buffer to `Connection.receive_data`, and
+`_process` hands each message that comes out to whoever waits for it. Output is one:
+`transport.writelines(conn.send_buffers(message))`, so a ChunkData's bytes go from the
+caller's buffer straight to TLS.
 
 Establishing a session (`connect` dials, `serve` accepts), all under one timeout:
 1. TCP, then TLS 1.3 with the group CA (ironsync.net.tls): a node without the group secret
@@ -18,8 +19,8 @@ Establishing a session (`connect` dials, `serve` accepts), all under one timeout
    Error with the reason (the Connection allows one even before our Hello) and closes.
 
 Once open, the session dispatches what arrives:
-- a reply goes to the request waiting for it: a future for `request`, a `_ReplyStream` for
-  `stream` (replies of a request the caller gave up on are dropped);
+- a reply goes to the request waiting for it: a future for `request`, a queue for `stream`
+  (replies to a request the caller gave up on are dropped);
 - a request runs `handler.handle` in a task of its own, at most MAX_HANDLERS at once;
 - ChangeNotices go to `handler.notice` one at a time, in order, coalesced per storage;
 - Goodbye, a fatal Error, end of stream or a lost connection close the session and fail every
@@ -34,8 +35,8 @@ Flow control, both ways (uvicorn keeps the same two small mechanisms):
 - In: replies waiting for a slow stream consumer are counted (`buffered_bytes`). Over
   STREAM_BUFFER_HIGH the session stops reading the socket (TCP then stops the sender) until
   consumers bring it under STREAM_BUFFER_LOW. Reading also stops while a request waits for a
-  handler slot. So a fast peer makes this process hold at most STREAM_BUFFER_HIGH plus what
-  one read completes (one frame, MAX_FRAME_SIZE, and one TLS read) of replies.
+  handler slot. So a fast peer makes this process hold at most STREAM_BUFFER_HIGH of replies
+  plus what one read completes (READ_SIZE, and a frame of up to MAX_FRAME_SIZE begun before).
 
 The price of one TCP stream without per-request windows: while reading is stopped, nothing
 else arrives either. A stream consumer must keep taking its replies; one that stops to wait
@@ -359,7 +360,7 @@ class PeerSession(asyncio.BufferedProtocol):
         self._open = True
         self._phase = "open"
         self._peer_id = theirs.node_id
-        log.info("session with %s at %s is open", self.peer_id, self.address)
+        log.info("%s: session open", self._who())
         self._update_reading()
         self._process()  # what the peer sent after its Hello
 
@@ -385,7 +386,7 @@ class PeerSession(asyncio.BufferedProtocol):
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
-                log.warning("peer %s at %s: protocol error: %s", self.peer_id, self.address, exc)
+                log.warning("%s: protocol error: %s", self._who(), exc.reason)
                 self._write_fatal("protocol_error", exc.reason)
                 self._shutdown(f"protocol error: {exc.reason}")
                 return
@@ -477,14 +478,14 @@ class PeerSession(asyncio.BufferedProtocol):
         try:
             await self._handler.handle(self, request, _Responder(self, request_id))
         except PeerError as exc:
-            log.debug("peer %s: %s refused: %s", self.peer_id, type(request).__name__, exc)
+            log.debug("%s: %s refused: %s", self._who(), type(request).__name__, exc)
             self._reply_error(request_id, exc.code, exc.message)
         except Exception as exc:
-            log.exception("peer %s: handler failed on %r", self.peer_id, request)
+            log.exception("%s: handler failed on %r", self._who(), request)
             self._reply_error(request_id, "internal", f"{type(exc).__name__}: {exc}")
         else:
             if request_id in self._conn.their_requests_in_flight and not self._closed:
-                log.error("peer %s: handler sent no final reply to %r", self.peer_id, request)
+                log.error("%s: handler sent no final reply to %r", self._who(), request)
                 self._reply_error(request_id, "internal", "the handler sent no final reply")
         finally:
             self._handlers -= 1
@@ -505,7 +506,7 @@ class PeerSession(asyncio.BufferedProtocol):
     def _queue_notice(self, notice: ChangeNotice) -> None:
         queued = self._notices.get(notice.storage)
         if queued is None and len(self._notices) >= MAX_PENDING_NOTICES:
-            log.warning("peer %s: too many pending notices, dropped %r", self.peer_id, notice)
+            log.warning("%s: too many pending notices, dropped %r", self._who(), notice)
             return
         if queued is None or notice.sequence > queued.sequence:
             self._notices[notice.storage] = notice
@@ -520,7 +521,7 @@ class PeerSession(asyncio.BufferedProtocol):
                 try:
                     await self._handler.notice(self, notice)
                 except Exception:
-                    log.exception("peer %s: notice handler failed on %r", self.peer_id, notice)
+                    log.exception("%s: notice handler failed on %r", self._who(), notice)
         finally:
             self._notice_task = None
 
@@ -566,6 +567,9 @@ class PeerSession(asyncio.BufferedProtocol):
         self._transport.write(data)
         self.bytes_out += len(data)
 
+    def _who(self) -> str:
+        return f"peer {self.peer_id} at {self.address}" if self.peer_id else self.address
+
     def _disconnected(self) -> PeerError:
         return PeerError(self.peer_id or self.address, "disconnected", self.closed_reason or "")
 
@@ -594,7 +598,7 @@ class PeerSession(asyncio.BufferedProtocol):
                 task.cancel()
         self._can_write.set()  # wake senders, who then see the session closed
         if was_open:
-            log.info("session with %s at %s closed: %s", self.peer_id, self.address, reason)
+            log.info("%s: session closed: %s", self._who(), reason)
         if self._transport is not None and not self._transport_closed:
             self._transport_closed = True
             self._transport.close()  # flushes what is buffered (the last Error, the Goodbye)

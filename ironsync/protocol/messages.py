@@ -296,7 +296,15 @@ class Error(Reply):
 
 @dataclass(frozen=True, slots=True)
 class GetStorageHashes(Request):
-    """Ask for the hash of every storage the peer shares."""
+    """Ask for the hash of every storage the peer shares.
+
+    `rescan`: the asker is starting a full sync, so bring your index up to date with your
+    disk first (a scan), unless a healthy file watcher keeps it current."""
+
+    rescan: bool = False
+
+    def _validate(self) -> None:
+        _check_bool("rescan", self.rescan)
 
 
 @dataclass(frozen=True, slots=True)

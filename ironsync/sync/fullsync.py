@@ -191,7 +191,7 @@ class SyncEngine:
         try:
             for round_no in range(1, MAX_ROUNDS + 1):
                 outcome.rounds = round_no
-                divergent = await self.divergent_storages(link, wanted)
+                divergent = await self.divergent_storages(link, wanted, rescan=round_no == 1)
                 outcome.divergent = divergent
                 if not divergent:
                     outcome.converged = not unavailable
@@ -247,8 +247,10 @@ class SyncEngine:
             )
         return outcome
 
-    async def divergent_storages(self, link: PeerLink, wanted: list[str]) -> list[str]:
-        reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
+    async def divergent_storages(
+        self, link: PeerLink, wanted: list[str], *, rescan: bool = False
+    ) -> list[str]:
+        reply = await link.request(GetStorageHashes(rescan=rescan, request_id=PLACEHOLDER_ID))
         assert isinstance(reply, StorageHashes)
         ours = self.our_hashes(wanted)
         return [
@@ -469,7 +471,7 @@ class SyncEngine:
             report.bytes_reused += result.bytes_reused
             self.progress.file_done(storage.name, dest, target.size)
             return True
-        if result.reason and "changed locally" in result.reason:
+        if result.changed_locally:
             rescan_paths(self.db, self.node_id, storage, [dest])
             report.changed += 1
         else:
