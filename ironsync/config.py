@@ -17,6 +17,7 @@ from typing import Any
 
 DEFAULT_PORT = 25230
 DEFAULT_WATCHER_DELAY_S = 10
+DEFAULT_RESCAN_INTERVAL_S = 300
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MIN_SECRET_LEN = 16
@@ -67,6 +68,7 @@ class Config:
     listen_address: str = "0.0.0.0"
     enable_file_watcher: bool = True
     delay_watcher_events: float = DEFAULT_WATCHER_DELAY_S
+    rescan_interval: float = DEFAULT_RESCAN_INTERVAL_S
     enable_service_discovery: bool = True
     peers: tuple[str, ...] = ()
     log_path: Path | None = None
@@ -93,6 +95,7 @@ _SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "listen_address": ((str,), "a string"),
     "enable_file_watcher": ((bool,), "true or false"),
     "delay_watcher_events": ((int, float), "a number of seconds"),
+    "rescan_interval": ((int, float), "a number of seconds"),
     "enable_service_discovery": ((bool,), "true or false"),
     "peers": ((list,), 'a list of "host:port" strings'),
     "log_path": ((str,), "a path string"),
@@ -150,6 +153,9 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
     delay = data.get("delay_watcher_events", DEFAULT_WATCHER_DELAY_S)
     if delay < 0:
         raise ConfigError(file, "delay_watcher_events", "must not be negative")
+    rescan = data.get("rescan_interval", DEFAULT_RESCAN_INTERVAL_S)
+    if rescan < 0:
+        raise ConfigError(file, "rescan_interval", "must not be negative (0 turns it off)")
     peers = tuple(_parse_peer(file, p) for p in data.get("peers", []))
 
     return Config(
@@ -162,6 +168,7 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         listen_address=data.get("listen_address", "0.0.0.0"),
         enable_file_watcher=data.get("enable_file_watcher", True),
         delay_watcher_events=float(delay),
+        rescan_interval=float(rescan),
         enable_service_discovery=data.get("enable_service_discovery", True),
         peers=peers,
         log_path=_path(file, data["log_path"]) if "log_path" in data else None,

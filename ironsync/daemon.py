@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ironsync.config import Config
+from ironsync.config import Config, Storage
 from ironsync.net.session import (
     PeerSession,
     SelfConnection,
@@ -34,13 +34,17 @@ from ironsync.net.session import (
     serve,
 )
 from ironsync.net.tls import load_or_create_identity
-from ironsync.protocol import PROTOCOL_VERSION, Hello
-from ironsync.store import Database
+from ironsync.protocol import PROTOCOL_VERSION, ChangeNotice, Hello
+from ironsync.scan import Stat, is_trusted
+from ironsync.store import Database, index, tree
 from ironsync.store import events as ev
 from ironsync.store import peers as peer_store
-from ironsync.sync.fullsync import SyncEngine, SyncOutcome, SyncProgress
+from ironsync.sync.fullsync import PeerViolation, SyncEngine, SyncOutcome, SyncProgress
+from ironsync.sync.link import PeerError
+from ironsync.sync.local import rescan_paths
 from ironsync.sync.service import SyncService
 from ironsync.sync.transfer import remove_stale_temp_files
+from ironsync.sync.watcher import Watcher, files_under
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_NO_PEER = 3
 CONNECT_TIMEOUT_S = 10.0
+UNHEALTHY_RESCAN_S = 60.0
 
 
 class LockHeld(Exception):
@@ -138,15 +143,65 @@ class Node:
     service: SyncService = field(init=False)
     sessions: dict[str, PeerSession] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)  # static address -> peer id
+    _pull_wanted: dict[str, set[str]] = field(default_factory=dict)
+    _pull_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.engine = SyncEngine(self.db, self.config, progress=self.progress)
-        self.service = SyncService(self.db, self.config, self.engine, on_violation=self._violation)
+        self.service = SyncService(
+            self.db,
+            self.config,
+            self.engine,
+            on_violation=self._violation,
+            on_notice=self._notice,
+        )
         self.identity = load_or_create_identity(
             self.config.state_dir, self.config.node_id, self.config.group,
             self.config.group_secret,
         )  # fmt: skip
         self.hello = our_hello(self.config)
+
+    # --- live updates: notices out, pulls in ---------------------------------------------
+
+    async def announce(self, storage: str, *, skip: str | None = None) -> None:
+        """Tell every connected peer (but `skip`) that `storage` changed here."""
+        row = index.get_storage(self.db, storage)
+        if row is None:
+            return
+        notice = ChangeNotice(storage, row.sequence)
+        for peer_id, session in list(self.sessions.items()):
+            if peer_id == skip:
+                continue
+            try:
+                await session.notify(notice)
+            except Exception as exc:  # a closing session: it resyncs when it reconnects
+                log.info("notice to %s failed: %s", peer_id, exc)
+
+    def _notice(self, link: Any, notice: ChangeNotice) -> None:
+        """A peer changed a storage: pull from it (coalesced: one pull per peer at a time)."""
+        if not any(s.name == notice.storage for s in self.config.storages):
+            return
+        wanted = self._pull_wanted.setdefault(link.peer_id, set())
+        wanted.add(notice.storage)
+        if link.peer_id not in self._pull_tasks:
+            task = asyncio.get_running_loop().create_task(self._pull_loop(link))
+            self._pull_tasks[link.peer_id] = task
+
+    async def _pull_loop(self, link: Any) -> None:
+        try:
+            while wanted := self._pull_wanted.pop(link.peer_id, None):
+                try:
+                    report = await self.engine.pull_from(link, sorted(wanted))
+                except (PeerError, PeerViolation) as exc:
+                    log.info("live pull from %s failed: %s", link.peer_id, exc)
+                    if isinstance(exc, PeerViolation):
+                        self._violation(link, exc.reason)
+                    return
+                if report.changed:
+                    for storage in sorted(wanted):
+                        await self.announce(storage, skip=link.peer_id)  # relay
+        finally:
+            self._pull_tasks.pop(link.peer_id, None)
 
     def _violation(self, link: Any, reason: str) -> None:
         log.warning("peer %s: %s; disconnecting", link.peer_id, reason)
@@ -286,6 +341,8 @@ class Daemon:
         self.lock = NodeLock(lock_path(config))
         self.node: Node | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.watcher: Watcher | None = None
+        self.rescan_now = asyncio.Event()
 
     async def run(self) -> int:
         self.lock.acquire()
@@ -311,10 +368,21 @@ class Daemon:
             )  # fmt: skip
             for address in self.config.peers:
                 self._spawn(self._peer_loop(address))
+            if self.config.enable_file_watcher:
+                self.watcher = Watcher(
+                    self.config.storages, self.config.delay_watcher_events, self._watched,
+                    lambda _storage: self.rescan_now.set(),
+                )  # fmt: skip
+                await self.watcher.start()
+                watcher = self.watcher
+                node.service.watcher_healthy = lambda: watcher.healthy
+            self._spawn(self._periodic_rescan())
             await self.stop.wait()
             log.info("stopping")
             return 0
         finally:
+            if self.watcher is not None:
+                await self.watcher.stop()
             for task in list(self.tasks):
                 task.cancel()
             for task in list(self.tasks):
@@ -336,6 +404,52 @@ class Daemon:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    async def _watched(self, storage: Storage, paths: set[str], folders: set[str]) -> None:
+        """Settled watcher events: record them (the scanner's index update), tell the peers."""
+        assert self.node is not None
+        node = self.node
+        async with node.engine.apply_lock:
+            row = index.get_storage(self.db, storage.name)
+            if row is None:
+                return
+            wanted = set(paths)
+            for folder in folders:
+                wanted.update(tree.live_paths_under(self.db, row.id, folder))
+                wanted.update(files_under(storage.root, folder))
+            # Our own writes (pulls, conflict copies) are in the index already: skip them
+            # without reading them again.
+            changed = [
+                p for p in sorted(wanted) if not _index_matches_disk(self.db, row.id, storage, p)
+            ]
+            changes = (
+                rescan_paths(self.db, self.config.node_id, storage, changed) if changed else []
+            )
+        if changes:
+            await node.announce(storage.name)
+
+    async def _periodic_rescan(self) -> None:
+        """A safety net under the watcher: rescan every `rescan_interval` seconds (every minute
+        while the watcher is not healthy, and at once after it lost events)."""
+        assert self.node is not None
+        node = self.node
+        while True:
+            interval = self.config.rescan_interval or None
+            if self.watcher is not None and not self.watcher.healthy:
+                interval = min(interval or UNHEALTHY_RESCAN_S, UNHEALTHY_RESCAN_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rescan_now.wait(), interval)
+            self.rescan_now.clear()
+            names = [s.name for s in self.config.storages]
+            async with node.engine.apply_lock:
+                before = node.engine.our_hashes(names)
+                node.engine.scan()
+                after = node.engine.our_hashes(names)
+            if self.watcher is not None:
+                self.watcher.mark_rescanned()
+            for name in names:
+                if before.get(name) != after.get(name):
+                    await node.announce(name)
 
     async def _incoming(self, session: PeerSession) -> None:
         assert self.node is not None
@@ -415,6 +529,17 @@ class Daemon:
             log.warning("control request failed: %s", exc)
         finally:
             writer.close()
+
+
+def _index_matches_disk(db: Database, storage_id: int, storage: Storage, path: str) -> bool:
+    known = index.known_stat(db, storage_id, path)
+    if known is None:
+        return False
+    try:
+        st = os.lstat(storage.root / path)
+    except OSError:
+        return False
+    return Stat.of(st) == known.stat and is_trusted(known)
 
 
 def run_daemon(config: Config, db: Database) -> int:

@@ -36,6 +36,8 @@ class SyncNode:
         storages: tuple[str, ...] = ("docs",),
         secret: str = SECRET,
         group: str = "test-group",
+        watcher: bool = False,
+        delay: float = 1.0,
     ) -> None:
         self.node_id = node_id
         self.base = base / node_id
@@ -46,6 +48,8 @@ class SyncNode:
         self.secret = secret
         self.group = group
         self.peers: list[str] = []
+        self.watcher = watcher
+        self.delay = delay
         self.proc: subprocess.Popen[str] | None = None
         self.write_config()
 
@@ -74,7 +78,8 @@ class SyncNode:
             port=self.port,
             listen_address="127.0.0.1",
             enable_service_discovery=False,
-            enable_file_watcher=False,
+            enable_file_watcher=self.watcher,
+            delay_watcher_events=self.delay,
             peers=self.peers,
             database=str(self.db_path),
             log_path=str(self.base / "daemon.log"),

@@ -332,24 +332,41 @@ class SyncEngine:
     ) -> PullReport:
         report = PullReport()
         rules = IgnoreRules.load(storage.root)
-        for path in peers.divergent_paths(self.db, link.peer_id, row.id):
+        paths = peers.divergent_paths(self.db, link.peer_id, row.id)
+        # Deletions last: a file moved on the peer arrives as a new path whose chunks are
+        # still here, in the file its deletion is about to remove.
+        deferred: list[str] = []
+        for path in paths:
             if rules.ignores_file(path):
                 report.ignored += 1
                 continue
-            try:
-                await self.apply_path(link, storage, row, path, report)
-            except (PeerError, PeerViolation):
-                raise
-            except UnsafePath as exc:
-                report.failed.append((f"{storage.name}:{path}", f"unsafe: {exc.reason}"))
-            except OSError as exc:
-                report.failed.append((f"{storage.name}:{path}", exc.strerror or str(exc)))
-                with self.db.atomic():
-                    ev.append_event(
-                        self.db, "write_failed", storage=storage.name, path=path,
-                        status="error", peer=link.peer_id, detail={"reason": str(exc)},
-                    )  # fmt: skip
+            await self._apply_guarded(link, storage, row, path, report, deferred)
+        for path in deferred:
+            await self._apply_guarded(link, storage, row, path, report, None)
         return report
+
+    async def _apply_guarded(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        path: str,
+        report: PullReport,
+        deferred: list[str] | None,
+    ) -> None:
+        try:
+            await self.apply_path(link, storage, row, path, report, deferred)
+        except (PeerError, PeerViolation):
+            raise
+        except UnsafePath as exc:
+            report.failed.append((f"{storage.name}:{path}", f"unsafe: {exc.reason}"))
+        except OSError as exc:
+            report.failed.append((f"{storage.name}:{path}", exc.strerror or str(exc)))
+            with self.db.atomic():
+                ev.append_event(
+                    self.db, "write_failed", storage=storage.name, path=path,
+                    status="error", peer=link.peer_id, detail={"reason": str(exc)},
+                )  # fmt: skip
 
     async def apply_path(
         self,
@@ -358,7 +375,9 @@ class SyncEngine:
         row: index.StorageRow,
         path: str,
         report: PullReport,
+        deferred: list[str] | None = None,
     ) -> None:
+        """Decide one path and act. With `deferred`, a deletion is put there for later."""
         peer = link.peer_id
         local = index.get_file(self.db, row.id, path)
         remote = peers.get_peer_file(self.db, peer, row.id, path)
@@ -367,6 +386,9 @@ class SyncEngine:
         local_state = None if local is None else _state(self.node_id, local)
         plan = reconcile(local_state, [_peer_state(remote)], self.node_id)
         if plan.local_action is LocalAction.NOTHING and not plan.conflict_copies:
+            return
+        if plan.local_action is LocalAction.DELETE_HERE and deferred is not None:
+            deferred.append(path)
             return
         if plan.is_conflict:
             report.conflicts += 1

@@ -1,0 +1,113 @@
+"""Live updates: two real daemons with their file watchers on (1 s debounce), on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import SyncNode, stop_all, tree, write
+
+pytestmark = pytest.mark.slow
+
+DELAY = 1.0
+SETTLE = DELAY + 8.0  # the delay plus a few seconds
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[tuple[SyncNode, SyncNode]]:
+    a = SyncNode(tmp_path, "alpha", watcher=True, delay=DELAY)
+    b = SyncNode(tmp_path, "beta", watcher=True, delay=DELAY)
+    a.add_peers(b)
+    b.start()
+    a.start()
+    wait_until(lambda: len(b.events("sync_finished")) + len(a.events("sync_finished")) > 0)
+    yield a, b
+    stop_all(a, b)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = SETTLE) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s")
+
+
+def same(a: SyncNode, b: SyncNode) -> Callable[[], bool]:
+    return lambda: tree(a.root) == tree(b.root)
+
+
+def test_create_modify_delete_and_rename_reach_the_peer(live: tuple[SyncNode, SyncNode]) -> None:
+    a, b = live
+    write(a.root, "note.txt", "first")
+    wait_until(lambda: tree(b.root).get("note.txt") == b"first")
+    write(a.root, "note.txt", "second, longer")
+    wait_until(lambda: tree(b.root).get("note.txt") == b"second, longer")
+    big = os.urandom(2_000_000)
+    write(a.root, "big.bin", big)
+    wait_until(lambda: tree(b.root).get("big.bin") == big)
+    (a.root / "big.bin").rename(a.root / "renamed.bin")
+    wait_until(lambda: tree(b.root).get("renamed.bin") == big and "big.bin" not in tree(b.root))
+    (a.root / "note.txt").unlink()
+    wait_until(lambda: "note.txt" not in tree(b.root))
+    # the rename moved no content over the wire
+    finished = [e for e in b.events("write_finished") if e["path"] == "renamed.bin"]
+    assert finished[-1]["detail"]["bytes_from_peer"] == 0
+    # and changes flow the other way too
+    write(b.root, "from-b.txt", "b")
+    wait_until(lambda: tree(a.root).get("from-b.txt") == b"b")
+
+
+def test_folder_trees_created_and_removed_reach_the_peer(live: tuple[SyncNode, SyncNode]) -> None:
+    a, b = live
+    deep = a.root / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    for n in range(5):
+        (deep / f"f{n}.txt").write_text(f"file {n}")
+    (a.root / "a" / "top.txt").write_text("top")
+    wait_until(lambda: len(tree(b.root)) == 6)
+    assert tree(a.root) == tree(b.root)
+    shutil.rmtree(a.root / "a")
+    wait_until(lambda: tree(b.root) == {})
+
+
+def test_a_file_rewritten_200_times_in_the_window_is_transferred_once(
+    live: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = live
+    path = a.root / "busy.log"
+    for n in range(200):
+        path.write_text(f"version {n}\n" * 10)
+    wait_until(lambda: tree(b.root).get("busy.log") == path.read_bytes())
+    time.sleep(DELAY + 1)
+    writes = [e for e in b.events("write_finished") if e["path"] == "busy.log"]
+    assert len(writes) == 1
+
+
+def test_received_changes_do_not_echo_back_as_local_changes(
+    live: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = live
+    for n in range(5):
+        write(a.root, f"dir/f{n}.txt", f"content {n}")
+    wait_until(lambda: len(tree(b.root)) == 5)
+    (a.root / "dir" / "f0.txt").rename(a.root / "dir" / "g0.txt")
+    (a.root / "dir" / "f1.txt").unlink()
+    wait_until(same(a, b))
+    time.sleep(DELAY + 1.5)  # let beta's watcher see its own writes
+    local = [
+        e
+        for e in b.events()
+        if e["kind"] in ("created", "modified", "deleted", "moved") and e["peer"] is None
+    ]
+    assert local == []
+    # and alpha never heard anything back that would bump versions
+    history = json.loads(a.run("history", "--json", "docs:dir/f2.txt").stdout)
+    assert history["current"]["version"] == {"alpha": 1}
