@@ -337,6 +337,10 @@ def status(app: AppContext, as_json: bool) -> None:
     config = app.config()
     with app.database(config) as db:
         info = collect_status(db, config)
+    info["daemon"] = _ask_daemon_status(config)
+    live = (info["daemon"] or {}).get("connected", {})
+    for peer in info["peers"]:
+        peer["connected"] = peer["node_id"] in live
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -350,13 +354,45 @@ def status(app: AppContext, as_json: bool) -> None:
         click.echo(
             f"  last scan {s['last_scan_at'] or 'never'}, last sync {s['last_sync_at'] or 'never'}"
         )
+    daemon_info = info["daemon"]
+    if daemon_info is None:
+        click.echo("daemon: not running")
+    else:
+        watcher = daemon_info["watcher"]
+        state = (
+            "off"
+            if not watcher["enabled"]
+            else (
+                "healthy" if watcher.get("healthy") else f"NOT healthy ({watcher.get('failure')})"
+            )
+        )
+        click.echo(f"daemon: running (pid {daemon_info['pid']}), watcher {state}")
     if not info["peers"]:
         click.echo("peers: none seen yet")
     for p in info["peers"]:
+        state = "connected" if p["connected"] else "not connected"
         click.echo(
-            f"peer {p['node_id']}: {p['address'] or '?'}, last seen {p['last_seen'] or 'never'}, "
-            f"last sync {p['last_sync_at'] or 'never'}"
+            f"peer {p['node_id']}: {state}, {p['address'] or '?'}, last seen "
+            f"{p['last_seen'] or 'never'}, last sync {p['last_sync_at'] or 'never'}, "
+            f"{p['bytes_in']} bytes in, {p['bytes_out']} bytes out"
         )
+
+
+def _ask_daemon_status(config: Config) -> dict[str, Any] | None:
+    """The running daemon's live view (connected peers, watcher), or None."""
+    import asyncio
+
+    from ironsync.daemon import ask_daemon
+
+    async def ask() -> dict[str, Any] | None:
+        try:
+            async for message in ask_daemon(config, {"cmd": "status"}):
+                return message
+        except (TimeoutError, OSError, ValueError):
+            return None
+        return None
+
+    return asyncio.run(ask())
 
 
 def collect_status(db: Database, config: Config) -> dict[str, Any]:

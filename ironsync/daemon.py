@@ -498,6 +498,26 @@ class Daemon:
         os.chmod(path, 0o600)
         return server
 
+    def live_status(self) -> dict[str, Any]:
+        """What only the running daemon knows: who is connected, how the watcher is."""
+        node = self.node
+        sessions = node.sessions if node is not None else {}
+        watcher: dict[str, Any] = {"enabled": self.config.enable_file_watcher}
+        if self.watcher is not None:
+            watcher |= {"healthy": self.watcher.healthy, "failure": self.watcher.failure}
+        return {
+            "pid": os.getpid(),
+            "connected": {
+                peer: {
+                    "address": session.address,
+                    "bytes_in": session.bytes_in,
+                    "bytes_out": session.bytes_out,
+                }
+                for peer, session in sorted(sessions.items())
+            },
+            "watcher": watcher,
+        }
+
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         try:
@@ -512,6 +532,10 @@ class Daemon:
                     return
             line = await reader.readline()
             request = json.loads(line or b"{}")
+            if request.get("cmd") == "status":
+                writer.write(json.dumps(self.live_status()).encode() + b"\n")
+                await writer.drain()
+                return
             if request.get("cmd") != "sync":
                 writer.write(json.dumps({"error": "unknown command"}).encode() + b"\n")
                 return

@@ -156,3 +156,26 @@ def test_a_change_on_a_peer_whose_daemon_stays_up_is_seen_by_the_next_sync(
     assert files == tree(b.root)
     assert files["x.txt"] == b"beta's later edit"
     assert [c for p, c in files.items() if ".sync-conflict-" in p] == [b"alpha's edit"]
+
+
+def test_status_shows_each_peer_connected_or_not_and_the_watcher(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = pair
+    a.add_peers(b)
+    b.start()
+    a.start()
+    wait_for(lambda: any(e["kind"] == "sync_finished" for e in a.events()))
+    info = json.loads(a.run("status", "--json").stdout)
+    assert info["daemon"]["pid"] == a.proc.pid  # type: ignore[union-attr]
+    assert info["daemon"]["watcher"] == {"enabled": False}
+    (peer,) = info["peers"]
+    assert peer["node_id"] == "beta" and peer["connected"] is True
+    assert peer["last_sync_at"] is not None
+    assert "peer beta: connected" in a.run("status").stdout
+    b.stop()
+    wait_for(lambda: not json.loads(a.run("status", "--json").stdout)["peers"][0]["connected"])
+    a.stop()
+    info = json.loads(a.run("status", "--json").stdout)
+    assert info["daemon"] is None and info["peers"][0]["connected"] is False
+    assert "daemon: not running" in a.run("status").stdout

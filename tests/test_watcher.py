@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,3 +112,34 @@ def test_received_changes_do_not_echo_back_as_local_changes(
     # and alpha never heard anything back that would bump versions
     history = json.loads(a.run("history", "--json", "docs:dir/f2.txt").stdout)
     assert history["current"]["version"] == {"alpha": 1}
+
+
+def test_a_peer_killed_and_restarted_gets_only_what_changed_while_it_was_down(
+    tmp_path: Path,
+) -> None:
+    a = SyncNode(tmp_path, "alpha", watcher=True, delay=DELAY)
+    b = SyncNode(tmp_path, "beta", watcher=True, delay=DELAY)
+    try:
+        files = {f"f{n:02}.bin": os.urandom(200_000) for n in range(20)}
+        for name, data in files.items():
+            write(a.root, name, data)
+        a.add_peers(b)
+        b.start()
+        a.start()
+        wait_until(same(a, b), timeout=30)
+        b.stop(signal.SIGKILL)
+        changed = os.urandom(300_000)
+        write(a.root, "f07.bin", changed)
+        write(a.root, "new.txt", "made while beta was down")
+        time.sleep(DELAY + 0.5)
+        before = len(b.events("write_finished"))
+        b.start()  # alpha reconnects (backoff) and runs a full sync
+        wait_until(same(a, b), timeout=30)
+        after = b.events("write_finished")[before:]
+        assert sorted(e["path"] for e in after) == ["f07.bin", "new.txt"]
+        sent = sum(e["detail"]["bytes_from_peer"] for e in after)
+        assert sent <= len(changed) + len("made while beta was down")
+        kinds = [e["kind"] for e in a.events()]
+        assert kinds.count("peer_connected") >= 2 and "peer_disconnected" in kinds
+    finally:
+        stop_all(a, b)
