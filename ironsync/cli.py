@@ -594,10 +594,15 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
         if tty:
             click.echo("", err=True)
 
+    shown = SyncTtyProgress() if tty else None
+
     async def via_daemon() -> int | None:
         try:
             async for message in ask_daemon(config, {"cmd": "sync", "storages": storages}):
-                if "peer_result" in message:
+                if "progress" in message and shown is not None:
+                    item = message["progress"]
+                    shown.file_done(item["storage"], item["path"], item["bytes"])
+                elif "peer_result" in message:
                     report(message["peer_result"])
                 elif "exit" in message:
                     return int(message["exit"])
@@ -609,8 +614,7 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
     if code is None:
         with app.database(config) as db:
             try:
-                progress = SyncTtyProgress() if tty else None
-                code = asyncio.run(standalone_sync(config, db, storages, report, progress))
+                code = asyncio.run(standalone_sync(config, db, storages, report, shown))
             except LockHeld as exc:
                 raise click.ClickException(
                     f"{exc}, and no daemon answers on its control socket"

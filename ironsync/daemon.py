@@ -545,7 +545,12 @@ class Daemon:
                 writer.write(json.dumps({"peer_result": item}).encode() + b"\n")
 
             assert self.node is not None
-            results, unreachable = await self.node.sync_static_peers(storages, report)
+            engine = self.node.engine
+            previous, engine.progress = engine.progress, _ControlProgress(writer)
+            try:
+                results, unreachable = await self.node.sync_static_peers(storages, report)
+            finally:
+                engine.progress = previous
             code = exit_code(results, unreachable)
             writer.write(json.dumps({"exit": code, "results": results}).encode() + b"\n")
             await writer.drain()
@@ -553,6 +558,18 @@ class Daemon:
             log.warning("control request failed: %s", exc)
         finally:
             writer.close()
+
+
+class _ControlProgress(SyncProgress):
+    """Progress of a sync asked for on the control socket, sent back as JSON lines."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def file_done(self, storage: str, path: str, nbytes: int) -> None:
+        if not self.writer.is_closing():
+            line = {"progress": {"storage": storage, "path": path, "bytes": nbytes}}
+            self.writer.write(json.dumps(line).encode() + b"\n")
 
 
 def _index_matches_disk(db: Database, storage_id: int, storage: Storage, path: str) -> bool:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import IRONSYNC
 from tests.daemons import SyncNode, stop_all, tree, write
 
 pytestmark = pytest.mark.slow
@@ -179,3 +181,75 @@ def test_status_shows_each_peer_connected_or_not_and_the_watcher(
     info = json.loads(a.run("status", "--json").stdout)
     assert info["daemon"] is None and info["peers"][0]["connected"] is False
     assert "daemon: not running" in a.run("status").stdout
+
+
+def test_sigterm_during_a_transfer_abandons_the_write_cleanly(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = pair
+    old = b"the old content"
+    write(b.root, "big.bin", old)
+    a.add_peers(b)
+    b.start()
+    a.sync()  # both hold the old content
+    write(a.root, "big.bin", os.urandom(400_000_000))
+    syncing = subprocess.Popen(
+        [*IRONSYNC, "sync"], env=a.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        # beta pulls the new content (alpha's SyncRequest); stop it while it writes
+        wait_for(lambda: any(p.name.startswith(".ironsync-") for p in b.root.iterdir()), timeout=60)
+        assert b.stop() == 0
+    finally:
+        syncing.wait(timeout=60)
+    assert (b.root / "big.bin").read_bytes() == old  # the old file, never a mix
+    assert not [p for p in b.root.iterdir() if p.name.startswith(".ironsync-")]
+    failed = [e for e in b.events("write_failed") if e["path"] == "big.bin"]
+    assert failed  # the abandoned write is on record
+
+
+def run_on_a_tty(node: SyncNode, *args: str) -> tuple[int, str, str]:
+    """Run `ironsync ARGS` with stderr on a pseudo-terminal, as a person at a shell would."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*IRONSYNC, *args], env=node.env(), stdout=subprocess.PIPE, stderr=slave, text=True
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    code = proc.wait(timeout=60)
+    os.close(master)
+    return code, out, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("through_daemon", [False, True])
+def test_sync_on_a_tty_shows_files_bytes_and_rate(
+    pair: tuple[SyncNode, SyncNode], through_daemon: bool
+) -> None:
+    a, b = pair
+    for n in range(3):
+        write(b.root, f"f{n}.bin", os.urandom(300_000))
+    a.add_peers(b)
+    b.start()
+    if through_daemon:
+        a.start()
+        wait_for(lambda: len(tree(a.root)) == 3)
+        for n in range(3, 6):
+            write(b.root, f"f{n}.bin", os.urandom(300_000))
+    code, out, err = run_on_a_tty(a, "sync")
+    assert code == 0, (out, err)
+    assert "3 file(s)" in err and "/s" in err and "KiB" in err
+    assert "peer beta: converged" in out
+    # without a terminal: no progress, one summary line per peer
+    plain = a.run("sync")
+    assert plain.stderr == "" and plain.stdout.count("\n") == 1

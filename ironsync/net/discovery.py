@@ -523,14 +523,16 @@ class Discovery:
                 del self._resolving[name]
 
     async def _resolve_once(self, name: str) -> None:
-        zeroconf = self._zeroconf
-        if zeroconf is None:
-            return
         try:
+            if not name.lower().endswith("." + SERVICE_TYPE.lower()):
+                raise InvalidAnnouncement(f"not a {SERVICE_TYPE} instance")
             info = AsyncServiceInfo(SERVICE_TYPE, name)
         except Exception as exc:  # BadTypeInNameException and kin: a name zeroconf rejects
             self._complain(name, f"malformed service name: {exc!r}")
             return
+        zeroconf = self._zeroconf
+        if zeroconf is None:
+            return  # stopped meanwhile
         if not await info.async_request(zeroconf.zeroconf, RESOLVE_TIMEOUT_MS):
             log.debug("discovery: %s did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
             return
