@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -663,6 +664,9 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
         row = index.get_storage(db, storage_name)
         current = index.get_file(db, row.id, rel) if row else None
         events = ev.events_for_path(db, storage_name, rel)
+    from ironsync.sync.versions import list_versions
+
+    kept = list_versions(config.storage(storage_name).root, rel)
     if as_json:
         click.echo(
             json.dumps(
@@ -681,12 +685,16 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
                         "sequence": current.sequence,
                     },
                     "events": [e.to_json() for e in events],
+                    "versions": [
+                        {"file": str(v.file), "stamp": v.stamp.isoformat(), "size": v.size}
+                        for v in kept
+                    ],
                 },
                 indent=2,
             )
         )
         return
-    if current is None and not events:
+    if current is None and not events and not kept:
         raise click.ClickException(f"nothing recorded for {storage_name}:{rel}")
     click.echo(f"{storage_name}:{rel}")
     if current is not None:
@@ -697,6 +705,71 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
         )
     for event in events:
         _print_event(event)
+    for version in kept:
+        click.echo(
+            f"  kept version {version.stamp:%Y-%m-%dT%H:%M:%SZ}: {version.size} bytes, "
+            f"{version.file}"
+        )
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path")
+@click.option(
+    "--at",
+    "at",
+    metavar="TIME",
+    help="The newest version at or before TIME "
+    "(ISO date or date-time, UTC unless it says otherwise). Default: the newest.",
+)
+@click.option("--storage", "name", help="The storage (default: found from PATH).")
+@click.pass_obj
+def restore(app: AppContext, path: str, at: str | None, name: str | None) -> None:
+    """Put a kept version of PATH back, as a new local change that syncs to every peer.
+
+    What PATH holds now (if anything) is kept as a version first."""
+    from ironsync.sync.local import rescan_paths
+    from ironsync.sync.versions import keep_version, version_at
+
+    config = app.config()
+    storage_name, rel = _locate(config, path, name)
+    storage = config.storage(storage_name)
+    moment = _parse_time(at) if at else None
+    version = version_at(storage.root, rel, moment)
+    if version is None:
+        when = f" at or before {moment:%Y-%m-%dT%H:%M:%SZ}" if moment else ""
+        raise click.ClickException(f"no kept version of {storage_name}:{rel}{when}")
+    target = storage.root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / f".ironsync-restore-{os.getpid()}.tmp"
+    try:
+        shutil.copy2(version.file, temp)
+        keep_version(storage.root, rel, move=False)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    with app.database(config) as db:
+        changes = rescan_paths(db, config.node_id, storage, [rel])
+    kind = changes[0].kind if changes else "unchanged"
+    click.echo(
+        f"restored {storage_name}:{rel} from the version of "
+        f"{version.stamp:%Y-%m-%dT%H:%M:%SZ} ({kind}); it reaches the peers with the next "
+        "sync (at once when the daemon's watcher is on)"
+    )
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageFailure(f"--at {text!r} is not an ISO date or date-time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if len(text) == 10:  # a date alone: the end of that day
+        moment = moment.replace(hour=23, minute=59, second=59)
+    return moment.astimezone(UTC)
 
 
 def _locate(config: Config, path: str, name: str | None) -> tuple[str, str]:

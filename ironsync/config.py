@@ -18,6 +18,7 @@ from typing import Any
 DEFAULT_PORT = 25230
 DEFAULT_WATCHER_DELAY_S = 10
 DEFAULT_RESCAN_INTERVAL_S = 300
+DEFAULT_KEEP_VERSIONS_DAYS = 30
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MIN_SECRET_LEN = 16
@@ -69,6 +70,7 @@ class Config:
     enable_file_watcher: bool = True
     delay_watcher_events: float = DEFAULT_WATCHER_DELAY_S
     rescan_interval: float = DEFAULT_RESCAN_INTERVAL_S
+    keep_versions_days: float = DEFAULT_KEEP_VERSIONS_DAYS
     enable_service_discovery: bool = True
     peers: tuple[str, ...] = ()
     log_path: Path | None = None
@@ -96,6 +98,7 @@ _SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "enable_file_watcher": ((bool,), "true or false"),
     "delay_watcher_events": ((int, float), "a number of seconds"),
     "rescan_interval": ((int, float), "a number of seconds"),
+    "keep_versions_days": ((int, float), "a number of days"),
     "enable_service_discovery": ((bool,), "true or false"),
     "peers": ((list,), 'a list of "host:port" strings'),
     "log_path": ((str,), "a path string"),
@@ -156,6 +159,9 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
     rescan = data.get("rescan_interval", DEFAULT_RESCAN_INTERVAL_S)
     if rescan < 0:
         raise ConfigError(file, "rescan_interval", "must not be negative (0 turns it off)")
+    keep = data.get("keep_versions_days", DEFAULT_KEEP_VERSIONS_DAYS)
+    if keep < 0:
+        raise ConfigError(file, "keep_versions_days", "must not be negative (0 turns it off)")
     peers = tuple(_parse_peer(file, p) for p in data.get("peers", []))
 
     return Config(
@@ -169,6 +175,7 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         enable_file_watcher=data.get("enable_file_watcher", True),
         delay_watcher_events=float(delay),
         rescan_interval=float(rescan),
+        keep_versions_days=float(keep),
         enable_service_discovery=data.get("enable_service_discovery", True),
         peers=peers,
         log_path=_path(file, data["log_path"]) if "log_path" in data else None,

@@ -22,6 +22,7 @@ import socket
 import stat as stat_mod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from ironsync.sync.link import PeerError
 from ironsync.sync.local import rescan_paths
 from ironsync.sync.service import SyncService
 from ironsync.sync.transfer import remove_stale_temp_files
+from ironsync.sync.versions import prune_versions
 from ironsync.sync.watcher import Watcher, files_under
 
 log = logging.getLogger(__name__)
@@ -447,6 +449,11 @@ class Daemon:
                 after = node.engine.our_hashes(names)
             if self.watcher is not None:
                 self.watcher.mark_rescanned()
+            now = datetime.now(UTC)
+            for storage in self.config.storages:
+                pruned = prune_versions(storage.root, self.config.keep_versions_days, now)
+                if pruned:
+                    log.info("storage '%s': pruned %d old version(s)", storage.name, pruned)
             for name in names:
                 if before.get(name) != after.get(name):
                     await node.announce(name)

@@ -61,6 +61,7 @@ from ironsync.sync.link import PeerError, PeerLink
 from ironsync.sync.local import StorageUnavailable, rescan_paths, scan_storage
 from ironsync.sync.paths import UnsafePath, check_peer_path, resolve_inside
 from ironsync.sync.transfer import pull_file
+from ironsync.sync.versions import keep_version
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +463,10 @@ class SyncEngine:
                 )  # fmt: skip
             report.changed += 1
         elif action is LocalAction.DELETE_HERE:
-            os.unlink(full)
+            if self.config.keep_versions_days > 0:
+                keep_version(storage.root, path, move=True)  # a rename: nothing is lost
+            else:
+                os.unlink(full)
             with self.db.atomic():
                 index.put_tombstone(
                     self.db, row.id, path, version=version, modified_by=target.modified_by
@@ -484,8 +488,9 @@ class SyncEngine:
     ) -> bool:
         expected = index.known_stat(self.db, row.id, dest)
         result = await pull_file(
-            self.db, link, row, target, dest_path=dest, expected=expected, now_ns=self.clock
-        )
+            self.db, link, row, target, dest_path=dest, expected=expected, now_ns=self.clock,
+            keep_versions=self.config.keep_versions_days > 0,
+        )  # fmt: skip
         if result.ok:
             report.changed += 1
             report.pulled += 1

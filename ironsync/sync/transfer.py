@@ -74,6 +74,7 @@ from ironsync.store import events as ev
 from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import UnsafePath, check_peer_path, open_inside, open_parent_folder
+from ironsync.sync.versions import keep_version
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +274,13 @@ async def pull_file(
     expected: KnownStat | None,
     now_ns: Callable[[], int] = time.time_ns,
     progress: Callable[[int, int], None] | None = None,
+    keep_versions: bool = False,
 ) -> TransferResult:
     """Fetch `target`'s content from the peer behind `link` into `dest_path` (default: the
     target's path), verified, atomically, without overwriting a local change.
 
-    `expected` is the local file the decision saw (None: no file there). Failures are returned
+    `expected` is the local file the decision saw (None: no file there); with `keep_versions`
+    the file it replaces is kept in the versions folder first. Failures are returned
     as a TransferResult with ok=False, after a `write_failed` event; cancellation cleans up the
     same way, then propagates.
     """
@@ -291,6 +294,7 @@ async def pull_file(
     with db.atomic():
         ev.append_event(db, "write_started", detail=about, **where)
     pull = _Pull(db, link, storage_row, target, path, progress)
+    pull.keep_versions = keep_versions
     try:
         await pull.run(expected, now_ns)
     except BaseException as exc:
@@ -366,6 +370,7 @@ class _Pull:
         self.bytes_from_peer = 0
         self.bytes_reused = 0
         self.replaced = False  # the new file has been renamed over the target
+        self.keep_versions = False
         self._folder_fd: int | None = None
         self._name = ""
         self._temp: str | None = None
@@ -593,6 +598,8 @@ class _Pull:
                 except OSError as exc:  # the new file is in place; the temp goes at next start
                     log.warning("could not remove %s beside %s: %s", temp, self.path, exc)
         else:
+            if self.keep_versions:  # a hard link: the rename below leaves it alone
+                keep_version(self.storage.root, self.path, move=False)
             os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
         self._temp = None
         self.replaced = True

@@ -1,0 +1,109 @@
+"""Versions: what a peer's change replaces or deletes is kept, and `restore` brings it back."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ironsync.sync.versions import keep_version, list_versions, prune_versions, version_at
+from tests.daemons import SyncNode, stop_all, tree, write
+
+MTIME = 1_700_000_000 * 10**9  # 2023-11-14T22:13:20Z
+
+
+def test_a_kept_version_is_named_by_its_mtime_and_found_again(tmp_path: Path) -> None:
+    path = write(tmp_path, "dir/report.txt", "v1")
+    os.utime(path, ns=(MTIME, MTIME))
+    kept = keep_version(tmp_path, "dir/report.txt", move=False)
+    assert kept == tmp_path / ".ironsync/versions/dir/report.txt~20231114-221320"
+    assert path.exists() and kept.read_text() == "v1"
+    assert os.stat(kept).st_ino == os.stat(path).st_ino  # a link, not a copy
+    # a pull replaces by rename, which leaves the linked inode alone
+    (tmp_path / "dir/.ironsync-x.tmp").write_text("v2!")
+    os.replace(tmp_path / "dir/.ironsync-x.tmp", path)
+    os.utime(path, ns=(MTIME, MTIME))
+    second = keep_version(tmp_path, "dir/report.txt", move=True)
+    assert second is not None and second.name == "report.txt~20231114-221320-1"
+    assert not path.exists()
+    versions = list_versions(tmp_path, "dir/report.txt")
+    assert [v.file.read_text() for v in versions] == ["v1", "v2!"]
+    assert version_at(tmp_path, "dir/report.txt", None) == versions[-1]
+    assert version_at(tmp_path, "dir/report.txt", datetime(2020, 1, 1, tzinfo=UTC)) is None
+    assert list_versions(tmp_path, "dir/report") == []  # a name prefix is not a match
+
+
+def test_old_versions_are_pruned_and_recent_ones_kept(tmp_path: Path) -> None:
+    write(tmp_path, "a.txt", "a")
+    keep_version(tmp_path, "a.txt", move=True)
+    now = datetime.now(UTC)
+    assert prune_versions(tmp_path, 30, now) == 0
+    assert prune_versions(tmp_path, 0, now + timedelta(days=365)) == 0  # 0 = keep forever
+    assert prune_versions(tmp_path, 30, now + timedelta(days=31)) == 1
+    assert list_versions(tmp_path, "a.txt") == []
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[SyncNode, SyncNode]]:
+    a = SyncNode(tmp_path, "alpha")
+    b = SyncNode(tmp_path, "beta")
+    a.add_peers(b)
+    yield a, b
+    stop_all(a, b)
+
+
+@pytest.mark.slow
+def test_a_deleted_file_is_kept_on_the_peer_and_restore_brings_it_back_everywhere(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = pair
+    write(a.root, "precious.txt", "do not lose me")
+    b.start()
+    a.sync()
+    (a.root / "precious.txt").unlink()
+    a.sync()
+    assert "precious.txt" not in tree(b.root)
+    (kept,) = list_versions(b.root, "precious.txt")
+    assert kept.file.read_text() == "do not lose me"
+    b.stop()
+    out = b.run("restore", str(b.root / "precious.txt")).stdout
+    assert "restored docs:precious.txt" in out and "(created)" in out
+    b.start()
+    a.sync()
+    assert (a.root / "precious.txt").read_text() == "do not lose me"
+    assert tree(a.root) == tree(b.root)
+    history = json.loads(b.run("history", "--json", "docs:precious.txt").stdout)
+    assert history["current"]["deleted"] is False
+    assert [e["kind"] for e in history["events"]][-1] == "created"
+
+
+@pytest.mark.slow
+def test_a_replaced_file_is_kept_and_restore_at_picks_by_time(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = pair
+    path = write(a.root, "doc.txt", "first draft")
+    os.utime(path, ns=(MTIME, MTIME))
+    b.start()
+    a.sync()
+    write(a.root, "doc.txt", "second draft")
+    a.sync()
+    assert (b.root / "doc.txt").read_text() == "second draft"
+    kept = list_versions(b.root, "doc.txt")
+    assert [v.file.read_text() for v in kept] == ["first draft"]
+    b.stop()
+    none = b.run("restore", "docs:doc.txt", "--at", "2020-01-01", check=False)
+    assert none.returncode == 1 and "no kept version" in none.stderr
+    b.run("restore", "docs:doc.txt", "--at", "2023-11-15")
+    assert (b.root / "doc.txt").read_text() == "first draft"
+    # what it replaced was kept in its turn
+    assert sorted(v.file.read_text() for v in list_versions(b.root, "doc.txt")) == [
+        "first draft",
+        "second draft",
+    ]
+    text = b.run("history", "docs:doc.txt").stdout
+    assert text.count("kept version") == 2
