@@ -760,6 +760,80 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
     )
 
 
+# --- conflicts -------------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_obj
+def conflicts(app: AppContext, as_json: bool) -> None:
+    """List conflict copies per storage, with both sides' node, time and size."""
+    from ironsync.sync.conflicts import find_conflicts
+
+    config = app.config()
+    with app.database(config) as db:
+        found = [c for s in config.storages for c in find_conflicts(db, s)]
+    if as_json:
+        click.echo(json.dumps([_conflict_json(c) for c in found], indent=2))
+        return
+    if not found:
+        click.echo("no conflicts")
+    for c in found:
+        mine = (
+            f"{c.mine.node} {c.mine.mtime:%Y-%m-%dT%H:%M:%SZ} {c.mine.size} bytes"
+            if c.mine
+            else "deleted"
+        )
+        theirs = f"{c.theirs.node} {c.theirs.mtime:%Y-%m-%dT%H:%M:%SZ} {c.theirs.size} bytes"
+        click.echo(f"{c.storage}:{c.path}")
+        click.echo(f"  mine:   {mine}")
+        click.echo(f"  theirs: {theirs}  ({c.theirs.path})")
+
+
+def _conflict_json(c: Any) -> dict[str, Any]:
+    def side(s: Any) -> dict[str, Any] | None:
+        if s is None:
+            return None
+        return {"path": s.path, "node": s.node, "mtime": s.mtime.isoformat(), "size": s.size}
+
+    return {"storage": c.storage, "path": c.path, "mine": side(c.mine), "theirs": side(c.theirs)}
+
+
+@cli.command()
+@click.argument("path")
+@click.option(
+    "--keep",
+    required=True,
+    metavar="mine|theirs|CONFLICT_FILE",
+    help="Which side keeps the name; every other side goes to the versions folder.",
+)
+@click.option("--storage", "name", help="The storage (default: found from PATH).")
+@click.pass_obj
+def resolve(app: AppContext, path: str, keep: str, name: str | None) -> None:
+    """Settle the conflict of PATH; the outcome syncs to every peer."""
+    from ironsync.sync.conflicts import find_conflicts
+    from ironsync.sync.conflicts import resolve as settle
+
+    config = app.config()
+    storage_name, rel = _locate(config, path, name)
+    storage = config.storage(storage_name)
+    if keep not in ("mine", "theirs"):
+        keep = _locate(config, keep, storage_name)[1]
+    with app.database(config) as db:
+        mine = [c for c in find_conflicts(db, storage) if rel in (c.path, c.theirs.path)]
+        if not mine:
+            raise click.ClickException(f"no conflict copy of {storage_name}:{rel}")
+        original = mine[0].path
+        group = [c for c in find_conflicts(db, storage) if c.path == original]
+        try:
+            changes = settle(db, config.node_id, storage, group, keep)
+        except ValueError as exc:
+            raise UsageFailure(str(exc)) from None
+    for change in changes:
+        click.echo(f"{storage_name}: {change.kind:<9} {change.path}")
+    click.echo(f"resolved {storage_name}:{original} (kept {keep}); the other side is in versions")
+
+
 def _parse_time(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))

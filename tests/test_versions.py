@@ -107,3 +107,54 @@ def test_a_replaced_file_is_kept_and_restore_at_picks_by_time(
     ]
     text = b.run("history", "docs:doc.txt").stdout
     assert text.count("kept version") == 2
+
+
+def make_conflict(a: SyncNode, b: SyncNode) -> None:
+    write(a.root, "shared.txt", "original")
+    b.start()
+    a.sync()
+    b.stop()
+    edit_a = write(a.root, "shared.txt", "alpha's edit")
+    edit_b = write(b.root, "shared.txt", "beta's edit")
+    os.utime(edit_a, ns=(MTIME, MTIME))
+    os.utime(edit_b, ns=(MTIME + 10**9, MTIME + 10**9))
+    b.start()
+    a.sync()
+
+
+@pytest.mark.slow
+def test_conflicts_lists_both_sides_and_resolve_keep_theirs_settles_it_everywhere(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = pair
+    make_conflict(a, b)
+    listed = json.loads(a.run("conflicts", "--json").stdout)
+    assert len(listed) == 1
+    (c,) = listed
+    assert c["path"] == "shared.txt"
+    assert c["mine"]["node"] == "beta" and c["mine"]["size"] == len("beta's edit")
+    assert c["theirs"]["node"] == "alpha" and c["theirs"]["size"] == len("alpha's edit")
+    assert c["theirs"]["path"] == "shared.sync-conflict-20231114-221320-alpha.txt"
+    assert "theirs: alpha 2023-11-14T22:13:20Z" in a.run("conflicts").stdout
+    out = a.run("resolve", "docs:shared.txt", "--keep", "theirs").stdout
+    assert "resolved docs:shared.txt (kept theirs)" in out
+    a.sync()
+    assert tree(a.root) == tree(b.root) == {"shared.txt": b"alpha's edit"}
+    assert json.loads(b.run("conflicts", "--json").stdout) == []
+    # the discarded side is in the versions folder, not gone
+    assert "beta's edit" in [v.file.read_text() for v in list_versions(a.root, "shared.txt")]
+
+
+@pytest.mark.slow
+def test_resolve_keep_mine_drops_the_copy_into_versions(pair: tuple[SyncNode, SyncNode]) -> None:
+    a, b = pair
+    make_conflict(a, b)
+    copy = "shared.sync-conflict-20231114-221320-alpha.txt"
+    bad = b.run("resolve", "docs:shared.txt", "--keep", "nonsense.txt", check=False)
+    assert bad.returncode == 2 and "is not a conflict copy" in bad.stderr
+    b.stop()
+    b.run("resolve", f"docs:{copy}", "--keep", "mine")
+    b.start()
+    a.sync()
+    assert tree(a.root) == tree(b.root) == {"shared.txt": b"beta's edit"}
+    assert [v.file.read_text() for v in list_versions(b.root, copy)] == ["alpha's edit"]

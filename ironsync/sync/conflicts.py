@@ -1,0 +1,120 @@
+"""Conflicts at a glance, and settling them.
+
+A conflict copy is a live file named `NAME.sync-conflict-YYYYMMDD-HHMMSS-NODEID.EXT` beside
+`NAME.EXT` (see reconcile.conflict_copy_path). `find_conflicts` lists each with both sides;
+`resolve` keeps one side under the name and moves every other side into the versions folder
+(never into nothing), then records the outcome with the scanner's index update, so it syncs
+to every peer like any local change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ironsync.config import Storage
+from ironsync.reconcile import CONFLICT_MARKER
+from ironsync.store import Database, index
+from ironsync.sync.local import Change, rescan_paths
+from ironsync.sync.versions import keep_version
+
+_COPY = re.compile(r"^(?P<stem>.+)\.sync-conflict-(?P<stamp>\d{8}-\d{6})-(?P<rest>.+)$")
+
+
+@dataclass(frozen=True)
+class Side:
+    path: str
+    node: str
+    mtime: datetime
+    size: int
+
+
+@dataclass(frozen=True)
+class Conflict:
+    storage: str
+    path: str  # the name both versions claimed
+    mine: Side | None  # what the name holds now (None if it was deleted since)
+    theirs: Side  # the conflict copy
+
+
+def original_candidates(copy_path: str) -> list[tuple[str, str, datetime]]:
+    """(original path, node id, stamp) readings of a conflict copy's name. A node id may hold
+    dots, so `x.sync-conflict-...-a.b.txt` reads as node "a.b" of `x.txt` or node "a" of
+    `x.b.txt`; the caller keeps the reading whose original the index knows."""
+    folder, _, name = copy_path.rpartition("/")
+    match = _COPY.match(name)
+    if match is None:
+        return []
+    stamp = datetime.strptime(match.group("stamp"), "%Y%m%d-%H%M%S").replace(tzinfo=UTC)
+    stem, rest = match.group("stem"), match.group("rest")
+    readings = [(stem, rest)]  # no extension
+    for i, char in enumerate(rest):
+        if char == ".":
+            readings.append((stem + rest[i:], rest[:i]))
+    prefix = f"{folder}/" if folder else ""
+    return [(prefix + original, node, stamp) for original, node in readings if node]
+
+
+def find_conflicts(db: Database, storage: Storage) -> list[Conflict]:
+    """Every conflict copy of `storage` the index knows, with both sides."""
+    row = index.get_storage(db, storage.name)
+    if row is None:
+        return []
+    copies = db.query(
+        "SELECT path, size, mtime_ns, modified_by FROM files"
+        " WHERE storage_id = ? AND deleted = 0 AND instr(path, ?) > 0 ORDER BY path",
+        (row.id, CONFLICT_MARKER),
+    )
+    found = []
+    for path, size, mtime_ns, modified_by in copies:
+        readings = original_candidates(path)
+        if not readings:
+            continue
+        chosen = readings[-1]
+        for reading in readings:
+            if index.get_file(db, row.id, reading[0]) is not None:
+                chosen = reading
+                break
+        original, node, _stamp = chosen
+        current = index.get_file(db, row.id, original)
+        mine = None
+        if current is not None and not current.deleted:
+            mine = Side(original, current.modified_by, _time(current.mtime_ns), current.size)
+        theirs = Side(path, node or modified_by, _time(mtime_ns), size)
+        found.append(Conflict(storage.name, original, mine, theirs))
+    return found
+
+
+def resolve(
+    db: Database, node_id: str, storage: Storage, conflicts: list[Conflict], keep: str
+) -> list[Change]:
+    """Settle the conflicts of one name: `keep` is "mine", "theirs" (the only copy) or the
+    path of the copy to keep. Every side not kept goes to the versions folder."""
+    if not conflicts:
+        raise ValueError("no conflict to resolve")
+    if keep == "theirs":
+        if len(conflicts) > 1:
+            names = ", ".join(c.theirs.path for c in conflicts)
+            raise ValueError(f"several conflict copies ({names}): name the one to keep")
+        keep = conflicts[0].theirs.path
+    original = conflicts[0].path
+    touched = [original]
+    root = storage.root
+    if keep != "mine":
+        chosen = next((c for c in conflicts if c.theirs.path == keep), None)
+        if chosen is None:
+            raise ValueError(f"{keep} is not a conflict copy of {original}")
+        keep_version(root, original, move=False)  # the side we drop, kept
+        os.replace(root / chosen.theirs.path, root / original)
+        touched.append(chosen.theirs.path)
+    for conflict in conflicts:
+        if conflict.theirs.path != keep:
+            keep_version(root, conflict.theirs.path, move=True)
+            touched.append(conflict.theirs.path)
+    return rescan_paths(db, node_id, storage, touched)
+
+
+def _time(mtime_ns: int) -> datetime:
+    return datetime.fromtimestamp(mtime_ns / 1e9, UTC)
