@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ironsync.config import Config, Storage
+from ironsync.net.discovery import Discovery, DiscoveryError, PeerAddress, run_discovery
 from ironsync.net.session import (
     PeerSession,
     SelfConnection,
@@ -254,6 +255,10 @@ class Node:
         outcome = await self.engine.full_sync(session, storages)
         if outcome.error and "violation" in outcome.error:
             await session.close("protocol violation")
+        if outcome.pulled.changed:  # relay what we learned to the other peers
+            for storage in self.config.storages:
+                if storages is None or storage.name in storages:
+                    await self.announce(storage.name, skip=session.peer_id)
         return outcome
 
     async def sync_static_peers(
@@ -345,6 +350,10 @@ class Daemon:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.watcher: Watcher | None = None
         self.rescan_now = asyncio.Event()
+        self.discovery: Discovery | None = None
+        self.discovered: dict[str, PeerAddress] = {}
+        self._discovery_tasks: dict[str, asyncio.Task[Any]] = {}
+        self._dialing: set[str] = set()
 
     async def run(self) -> int:
         self.lock.acquire()
@@ -370,6 +379,10 @@ class Daemon:
             )  # fmt: skip
             for address in self.config.peers:
                 self._spawn(self._peer_loop(address))
+            try:
+                self.discovery = await run_discovery(self.config, self._peer_found, self._peer_lost)
+            except DiscoveryError as exc:
+                log.warning("service discovery unavailable (%s); static peers only", exc)
             if self.config.enable_file_watcher:
                 self.watcher = Watcher(
                     self.config.storages, self.config.delay_watcher_events, self._watched,
@@ -383,6 +396,9 @@ class Daemon:
             log.info("stopping")
             return 0
         finally:
+            if self.discovery is not None:
+                with contextlib.suppress(Exception):
+                    await self.discovery.stop()
             if self.watcher is not None:
                 await self.watcher.stop()
             for task in list(self.tasks):
@@ -484,6 +500,59 @@ class Daemon:
                 outcome = await node.sync_with(session, None)
                 log.info(
                     "full sync with %s: %s", session.peer_id,
+                    "converged" if outcome.converged else f"not converged ({outcome.error})",
+                )  # fmt: skip
+                await session.wait_closed()
+            finally:
+                node.disconnected(session)
+
+    # --- discovered peers (mDNS) ----------------------------------------------------------------
+
+    def _peer_found(self, peer: PeerAddress) -> None:
+        if peer.address in self.config.peers:
+            return  # a static peer: its own loop keeps it
+        self.discovered[peer.node_id] = peer
+        if self.config.node_id > peer.node_id:
+            return  # one session per pair: the node with the smaller id dials
+        task = self._discovery_tasks.get(peer.node_id)
+        if task is not None and not task.done():
+            if peer.node_id not in self._dialing:
+                return  # connected: the loop redials the new address when that session ends
+            task.cancel()  # still dialing an old address
+        self._discovery_tasks[peer.node_id] = self._spawn(self._discovered_loop(peer.node_id))
+
+    def _peer_lost(self, node_id: str) -> None:
+        self.discovered.pop(node_id, None)
+        task = self._discovery_tasks.get(node_id)
+        if task is not None and node_id in self._dialing:
+            task.cancel()  # an open session ends by itself; the loop then stops
+
+    async def _discovered_loop(self, node_id: str) -> None:
+        """Keep a session to one discovered peer while it is announced."""
+        assert self.node is not None
+        node = self.node
+        while not self.stop.is_set():
+            peer = self.discovered.get(node_id)
+            if peer is None:
+                return
+            existing = node.sessions.get(node_id)
+            if existing is not None:
+                await existing.wait_closed()
+                continue
+            self._dialing.add(node_id)
+            try:
+                session = await connect_with_backoff(
+                    peer.host, peer.port, node.identity, node.hello, node.service, attempts=None
+                )
+            except SelfConnection:
+                return
+            finally:
+                self._dialing.discard(node_id)
+            node.connected(session, peer.address)
+            try:
+                outcome = await node.sync_with(session, None)
+                log.info(
+                    "full sync with discovered %s: %s", session.peer_id,
                     "converged" if outcome.converged else f"not converged ({outcome.error})",
                 )  # fmt: skip
                 await session.wait_closed()

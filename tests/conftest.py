@@ -12,6 +12,7 @@ import pytest
 
 from ironsync.config import Config, load_config
 from ironsync.store import Database, open_database
+from tests.netns import lan  # noqa: F401 - a fixture for every test module
 
 IRONSYNC = [sys.executable, "-m", "ironsync"]
 

@@ -8,16 +8,14 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from ironsync.net.discovery import (
 )
 from ironsync.net.tls import group_tag
 from tests.conftest import write_config
+from tests.netns import Lan
 
 TAG = "0123456789abcdef"
 OTHER_TAG = "fedcba9876543210"
@@ -408,80 +407,6 @@ SECRET = "discovery test secret, 16+"
 DEADLINE_S = 10.0
 
 
-class NetnsUnavailable(Exception):
-    pass
-
-
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
-    if proc.returncode != 0:
-        raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
-
-
-@dataclass
-class Lan:
-    """A bridge in a hub namespace, and one namespace per node with eth0 plugged into it."""
-
-    prefix: str
-    namespaces: list[str] = field(default_factory=list)
-
-    def add_namespace(self, name: str) -> str:
-        ns = f"{self.prefix}-{name}"
-        _ip("netns", "add", ns)
-        self.namespaces.append(ns)
-        return ns
-
-    def build(self, hosts: dict[str, str]) -> None:
-        hub = self.add_namespace("hub")
-        _ip("-n", hub, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
-        _ip("-n", hub, "link", "set", "br0", "up")
-        for name, address in hosts.items():
-            ns = self.add_namespace(name)
-            # Created inside the hub, its peer straight inside the node: the root namespace
-            # never sees either end.
-            _ip("-n", hub, "link", "add", f"v{name}", "type", "veth", "peer", "eth0", "netns", ns)
-            _ip("-n", hub, "link", "set", f"v{name}", "master", "br0", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "multicast", "on", "up")
-
-    def remove(self) -> list[str]:
-        """Delete every namespace (which deletes its links); return what failed."""
-        failures = []
-        for ns in reversed(self.namespaces):
-            proc = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
-            if proc.returncode != 0:
-                failures.append(f"{ns}: {proc.stderr.strip()}")
-        self.namespaces.clear()
-        return failures
-
-    def ns(self, name: str) -> str:
-        return f"{self.prefix}-{name}"
-
-
-@pytest.fixture
-def lan() -> Iterator[Callable[[dict[str, str]], Lan]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
-    if shutil.which("ip") is None:
-        pytest.skip("needs the `ip` command (iproute2)")
-    built: list[Lan] = []
-
-    def build(hosts: dict[str, str]) -> Lan:
-        lan = Lan(f"isync-{os.getpid()}")
-        built.append(lan)
-        try:
-            lan.build(hosts)
-        except NetnsUnavailable as exc:
-            lan.remove()
-            pytest.skip(f"network namespaces unavailable even as root: {exc}")
-        return lan
-
-    yield build
-    failures = [failure for lan in built for failure in lan.remove()]
-    assert not failures, f"could not remove namespaces: {failures}"
-
-
 class DiscoveryProcess:
     """tests/discovery_node.py in a namespace; its JSON lines gathered by a thread."""
 
@@ -606,6 +531,8 @@ def test_nodes_find_the_nodes_of_their_group_across_namespaces_and_notice_one_le
         assert processes["d"].found() == set() and processes["d"].lost() == []
         for name in group:
             assert "node-d" not in {node_id for node_id, _, _ in processes[name].found()}
+            # Seconds of re-announcements and queries later, each peer was reported once.
+            assert len(processes[name].of("found")) == 2, processes[name].of("found")
 
         for name, process in processes.items():
             warnings = [e for e in process.of("log") if e["level"] in ("WARNING", "ERROR")]

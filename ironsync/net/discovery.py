@@ -220,7 +220,12 @@ def local_addresses() -> LocalAddresses:
     """Every address of every interface of this host (network namespace), and its network."""
     addresses: set[IPAddress] = set()
     networks: list[IPNetwork] = []
-    for adapter in ifaddr.get_adapters():
+    try:
+        adapters = ifaddr.get_adapters()
+    except OSError as exc:  # no netlink, no getifaddrs: we just know less
+        log.debug("cannot list interfaces: %s", exc)
+        adapters = []
+    for adapter in adapters:
         for ip in adapter.ips:
             text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
             try:
@@ -413,6 +418,9 @@ class Discovery:
         except (OSError, ValueError, RuntimeError) as exc:
             raise DiscoveryError(f"cannot run mDNS on {self.listen_address!r}: {exc}") from exc
         try:
+            advertised = advertised_addresses(address, local_addresses())
+            if not advertised:
+                log.warning("discovery: no address to advertise; peers will not resolve us")
             name = instance_name(self.node_id, self.tag)
             label = name.removesuffix("." + SERVICE_TYPE)
             self._info = AsyncServiceInfo(
@@ -423,7 +431,7 @@ class Discovery:
                 server=f"{label.replace('.', '-')}.local.",
                 host_ttl=HOST_TTL,
                 other_ttl=OTHER_TTL,
-                parsed_addresses=advertised_addresses(address, local_addresses()),
+                parsed_addresses=advertised,
             )
             # A name taken by another node (the same node id twice in one group) is renamed
             # rather than fatal: the TLS layer sorts out who is who.
@@ -444,14 +452,14 @@ class Discovery:
         """Say goodbye (peers report us lost) and stop browsing. Reports nothing itself."""
         zeroconf, self._zeroconf = self._zeroconf, None
         browser, self._browser = self._browser, None
+        if browser is not None:
+            await browser.async_cancel()  # first: no new resolutions start after this
         tasks = list(self._resolving.values())
         self._resolving.clear()
         self._stale.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if browser is not None:
-            await browser.async_cancel()
         if zeroconf is not None:
             await zeroconf.async_close()  # unregisters our service: goodbye packets
 
