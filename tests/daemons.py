@@ -161,9 +161,12 @@ def tree(root: Path) -> dict[str, bytes]:
             continue
         for name in filenames:
             rel = (rel_dir / name).as_posix()
-            if rel == ".ignore":
-                continue
-            out[rel] = (Path(dirpath) / name).read_bytes()
+            if rel == ".ignore" or (name.startswith(".ironsync-") and name.endswith(".tmp")):
+                continue  # a daemon's work in progress, not (yet) content
+            try:
+                out[rel] = (Path(dirpath) / name).read_bytes()
+            except FileNotFoundError:
+                continue  # renamed or deleted while we looked
     return out
 
 
