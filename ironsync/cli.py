@@ -129,10 +129,43 @@ def init(
     no_watcher: bool,
 ) -> None:
     """Write a commented config and create the database. Never overwrites a config."""
+    config = _write_new_config(
+        app,
+        node_id=node_id or _default_node_id(),
+        group=group,
+        group_secret=group_secret or secrets.token_urlsafe(24),
+        paths=paths,
+        port=port,
+        listen_address=listen_address,
+        peers=peers,
+        database=database,
+        no_discovery=no_discovery,
+        no_watcher=no_watcher,
+    )
+    click.echo(f"wrote {config.path}")
+    click.echo(f"database {config.database}")
+    click.echo("the config holds the group secret: keep it private (mode 0600)")
+
+
+def _write_new_config(
+    app: AppContext,
+    *,
+    node_id: str,
+    group: str,
+    group_secret: str,
+    paths: tuple[str, ...],
+    port: int,
+    listen_address: str,
+    peers: tuple[str, ...],
+    database: Path | None,
+    no_discovery: bool,
+    no_watcher: bool,
+) -> Config:
+    """Validate, write (0600, never over an existing file) and load a new config; create its
+    database and this node's certificate."""
     target = app.config_path or default_config_path()
     if target.exists():
         raise UsageFailure(f"{target} already exists; not overwriting it")
-    node_id = node_id or _default_node_id()
     if not NODE_ID_RE.match(node_id):
         raise UsageFailure(f"--node-id '{node_id}' must be 1-64 of A-Z a-z 0-9 _ . -")
     storages = {}
@@ -146,7 +179,7 @@ def init(
     text = render_config(
         node_id=node_id,
         group=group,
-        group_secret=group_secret or secrets.token_urlsafe(24),
+        group_secret=group_secret,
         port=port,
         listen_address=listen_address,
         enable_file_watcher=not no_watcher,
@@ -168,9 +201,141 @@ def init(
     config = load_config(target)
     with app.database(config):
         pass
-    click.echo(f"wrote {target}")
-    click.echo(f"database {config.database}")
-    click.echo("the config holds the group secret: keep it private (mode 0600)")
+    from ironsync.net.tls import load_or_create_identity
+
+    load_or_create_identity(config.state_dir, config.node_id, config.group, config.group_secret)
+    return config
+
+
+# --- invite and join ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Where the new computer can reach this one [default: this node's addresses].",
+)
+@click.pass_obj
+def invite(app: AppContext, addresses: tuple[str, ...]) -> None:
+    """Print a one-line token that lets another computer join this group.
+
+    The token holds the group secret: give it only to your own machines."""
+    from ironsync.invite import Invite, encode_invite, reachable_addresses
+    from ironsync.net.tls import load_or_create_identity
+
+    config = app.config()
+    identity = load_or_create_identity(
+        config.state_dir, config.node_id, config.group, config.group_secret
+    )
+    token = encode_invite(
+        Invite(
+            group=config.group,
+            group_secret=config.group_secret,
+            node_id=config.node_id,
+            addresses=addresses or tuple(reachable_addresses(config.listen_address, config.port)),
+            fingerprint=identity.fingerprint,
+            storages=tuple(s.name for s in config.storages),
+        )
+    )
+    click.echo(
+        "This token holds the group secret: whoever has it can join the group. Paste it into\n"
+        "`ironsync join TOKEN` on your other computer, and do not share it otherwise.",
+        err=True,
+    )
+    click.echo(token)
+
+
+@cli.command()
+@click.argument("token")
+@click.option(
+    "--path",
+    "paths",
+    multiple=True,
+    metavar="ALIAS=/folder",
+    help="Where each storage lives here [default: ~/Sync/ALIAS for the inviter's].",
+)
+@click.option("--node-id", help="This node's unique id [default: the host name].")
+@click.option("--port", type=int, default=25230, show_default=True)
+@click.option("--listen-address", default="0.0.0.0", show_default=True)
+@click.option("--database", type=click.Path(path_type=Path), help="SQLite state file.")
+@click.option("--no-discovery", is_flag=True, help="Disable mDNS discovery.")
+@click.option("--no-watcher", is_flag=True, help="Disable the file watcher.")
+@click.pass_obj
+def join(
+    app: AppContext,
+    token: str,
+    paths: tuple[str, ...],
+    node_id: str | None,
+    port: int,
+    listen_address: str,
+    database: Path | None,
+    no_discovery: bool,
+    no_watcher: bool,
+) -> None:
+    """Join the group of an `ironsync invite` TOKEN: write this computer's config, database and
+    certificate, and check that the inviting node answers."""
+    import asyncio
+
+    from ironsync.invite import InvalidToken, decode_invite
+
+    try:
+        invited = decode_invite(token)
+    except InvalidToken as exc:
+        raise UsageFailure(f"invalid token: {exc}") from None
+    chosen = list(paths) or [f"{a}={Path.home() / 'Sync' / a}" for a in invited.storages]
+    if not chosen:
+        raise UsageFailure("the token names no storage: give --path ALIAS=/folder")
+    node_id = node_id or _default_node_id()
+    if node_id == invited.node_id:
+        raise UsageFailure(f"--node-id '{node_id}' is the inviting node's id: choose another")
+    config = _write_new_config(
+        app,
+        node_id=node_id,
+        group=invited.group,
+        group_secret=invited.group_secret,
+        paths=tuple(chosen),
+        port=port,
+        listen_address=listen_address,
+        peers=invited.addresses,
+        database=database,
+        no_discovery=no_discovery,
+        no_watcher=no_watcher,
+    )
+    click.echo(f"wrote {config.path} (group {config.group}, node {config.node_id})")
+    reached = asyncio.run(_check_inviter(config, invited))
+    click.echo(reached)
+    click.echo("now run `ironsync daemon` here (and keep it running on the inviting node)")
+
+
+async def _check_inviter(config: Config, invited: Any) -> str:
+    """Connect to the inviter once; its certificate must be the one the token names."""
+    from ironsync.daemon import Node, parse_peer
+    from ironsync.net.session import connect
+
+    last = "no address in the token"
+    with open_database(config.database, config.node_id) as db:
+        node = Node(config, db)
+        for address in invited.addresses:
+            host, port = parse_peer(address)
+            try:
+                session = await connect(
+                    host, port, node.identity, node.hello, node.service, timeout=5
+                )
+            except (OSError, TimeoutError) as exc:
+                last = f"{address}: {exc}"
+                continue
+            fingerprint = session.peer_fingerprint
+            await session.close("join check")
+            if fingerprint != invited.fingerprint:
+                raise click.ClickException(
+                    f"{address} answered with another certificate than the token names: "
+                    "not the inviting node; config written, but check the address"
+                )
+            return f"reached {invited.node_id} at {address} (certificate matches the token)"
+    return f"could not reach {invited.node_id} now ({last}); the daemon keeps trying"
 
 
 def _default_node_id() -> str:
@@ -332,9 +497,24 @@ def _report_json(report: ScanReport) -> dict[str, Any]:
 
 @cli.command()
 @json_option
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds (on a terminal).")
 @click.pass_obj
-def status(app: AppContext, as_json: bool) -> None:
+def status(app: AppContext, as_json: bool, watch: bool) -> None:
     """Storages, file counts, storage hashes, peers, last scan and sync."""
+    if watch:
+        if not sys.stdout.isatty():
+            raise UsageFailure("--watch needs a terminal; use --json for scripts")
+        try:
+            while True:
+                click.clear()
+                _show_status(app, as_json)
+                time.sleep(2)
+        except KeyboardInterrupt:
+            return
+    _show_status(app, as_json)
+
+
+def _show_status(app: AppContext, as_json: bool) -> None:
     config = app.config()
     with app.database(config) as db:
         info = collect_status(db, config)
@@ -349,7 +529,8 @@ def status(app: AppContext, as_json: bool) -> None:
     for s in info["storages"]:
         click.echo(
             f"storage {s['name']}: {s['files']} files, {s['bytes']} bytes, "
-            f"{s['tombstones']} tombstones, hash {s['storage_hash']}"
+            f"{s['tombstones']} tombstones, {s['pending']} pending, {s['conflicts']} conflicts,"
+            f" hash {s['storage_hash']}"
         )
         click.echo(f"  root {s['root']}")
         click.echo(
@@ -414,6 +595,16 @@ def collect_status(db: Database, config: Config) -> dict[str, Any]:
                 "bytes": counts[1],
                 "tombstones": counts[2],
                 "storage_hash": index.storage_hash(db, row.id).hex(),
+                # paths where a peer's last announced row differs from ours
+                "pending": db.scalar(
+                    "SELECT count(DISTINCT path) FROM peer_differences WHERE storage = ?",
+                    (row.name,),
+                ),
+                "conflicts": db.scalar(
+                    "SELECT count(*) FROM files WHERE storage_id = ? AND deleted = 0"
+                    " AND instr(path, '.sync-conflict-') > 0",
+                    (row.id,),
+                ),
                 "sequence": row.sequence,
                 "last_scan_at": row.last_scan_at,
                 "last_sync_at": row.last_sync_at,
@@ -832,6 +1023,84 @@ def resolve(app: AppContext, path: str, keep: str, name: str | None) -> None:
     for change in changes:
         click.echo(f"{storage_name}: {change.kind:<9} {change.path}")
     click.echo(f"resolved {storage_name}:{original} (kept {keep}); the other side is in versions")
+
+
+# --- service and completion --------------------------------------------------------------------
+
+
+@cli.group()
+def service() -> None:
+    """Run the daemon as a systemd user service (restart on failure, SIGTERM to stop)."""
+
+
+@service.command("install")
+@click.option("--dry-run", is_flag=True, help="Only print the unit; change nothing.")
+@click.pass_obj
+def service_install(app: AppContext, dry_run: bool) -> None:
+    """Write and enable ~/.config/systemd/user/ironsync.service, and start it."""
+    from ironsync import service as svc
+
+    config = app.config()  # a broken config is an error now, not at the next boot
+    unit = svc.render_unit(config.path.absolute())
+    if dry_run:
+        click.echo(unit, nl=False)
+        return
+    path = svc.unit_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(unit, encoding="utf-8")
+    click.echo(f"wrote {path}")
+    for args in (("daemon-reload",), ("enable", "--now", svc.UNIT_NAME)):
+        _systemctl(svc, *args)
+    click.echo("enabled and started; `ironsync service status` shows it")
+
+
+@service.command("uninstall")
+def service_uninstall() -> None:
+    """Stop, disable and remove the user unit."""
+    from ironsync import service as svc
+
+    path = svc.unit_path()
+    if path.exists():
+        _systemctl(svc, "disable", "--now", svc.UNIT_NAME, check=False)
+        path.unlink()
+        click.echo(f"removed {path}")
+        _systemctl(svc, "daemon-reload", check=False)
+    else:
+        click.echo(f"{path} is not installed")
+
+
+@service.command("status")
+def service_status() -> None:
+    """systemd's view of the user unit."""
+    from ironsync import service as svc
+
+    result = _systemctl(svc, "status", "--no-pager", svc.UNIT_NAME, check=False)
+    click.echo(result.stdout, nl=False)
+    sys.exit(0 if result.returncode == 0 else EXIT_FAILED)
+
+
+def _systemctl(svc: Any, *args: str, check: bool = True) -> Any:
+    click.echo(f"$ systemctl --user {' '.join(args)}")
+    try:
+        result = svc.systemctl(*args)
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{exc}; use cron with `ironsync sync` instead") from None
+    if check and result.returncode != 0:
+        raise click.ClickException(
+            f"systemctl --user {' '.join(args)} failed: {result.stderr.strip()}"
+        )
+    return result
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: e.g. `eval "$(ironsync completion bash)"`."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(cli, {}, "ironsync", "_IRONSYNC_COMPLETE").source())
 
 
 def _parse_time(text: str) -> datetime:

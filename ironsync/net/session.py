@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import random
 import ssl
@@ -167,6 +168,7 @@ class PeerSession(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._tls = False
         self._certified_id = ""
+        self.peer_fingerprint = ""  # SHA-256 of the peer's certificate, hex, once TLS is up
         self._peer_id = ""
         self._hello_waiter: asyncio.Future[Hello] = self._loop.create_future()
         self._open = False
@@ -335,7 +337,10 @@ class PeerSession(asyncio.BufferedProtocol):
         self._tls = True
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         try:
-            self._certified_id = peer_node_id(transport.get_extra_info("ssl_object"))
+            ssl_object = transport.get_extra_info("ssl_object")
+            self._certified_id = peer_node_id(ssl_object)
+            der = ssl_object.getpeercert(binary_form=True)
+            self.peer_fingerprint = hashlib.sha256(der).hexdigest() if der else ""
         except PeerIdentityError as exc:
             self._refuse("bad_certificate", str(exc))
 
