@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,10 +110,16 @@ def test_move_made_offline_is_a_move_on_the_peer_without_resending_content(
     (a.root / "old/place.bin").rename(a.root / "new/place.bin")
     result = a.sync()
     assert tree(a.root) == tree(b.root) == {"new/place.bin": content}
-    # beta pulled the new path from chunks it already had: no content on the wire
-    finished = [e for e in b.events("write_finished") if e["path"] == "new/place.bin"]
-    assert finished and finished[-1]["detail"]["bytes_from_peer"] == 0
-    assert result["exit"] == 0
+    # beta moved its own file: a move on the peer, no content on the wire, nothing rebuilt
+    moved = [e for e in b.events("moved") if e["path"] == "new/place.bin"]
+    assert moved and moved[-1]["detail"]["from"] == "old/place.bin"
+    assert moved[-1]["peer"] == "alpha"
+    assert not [e for e in b.events("write_started") if e["path"] == "new/place.bin"]
+    (peer,) = [r for r in result["results"] if "peer" in r]
+    assert peer["bytes_from_peer"] == 0 and result["exit"] == 0
+    # the version history travelled with it
+    history = json.loads(b.run("history", "--json", "docs:new/place.bin").stdout)
+    assert history["current"]["version"] == {"alpha": 2}
 
 
 def test_concurrent_edits_keep_both_contents_as_a_conflict_copy(

@@ -58,9 +58,10 @@ def test_create_modify_delete_and_rename_reach_the_peer(live: tuple[SyncNode, Sy
     wait_until(lambda: tree(b.root).get("renamed.bin") == big and "big.bin" not in tree(b.root))
     (a.root / "note.txt").unlink()
     wait_until(lambda: "note.txt" not in tree(b.root))
-    # the rename moved no content over the wire
-    finished = [e for e in b.events("write_finished") if e["path"] == "renamed.bin"]
-    assert finished[-1]["detail"]["bytes_from_peer"] == 0
+    # the rename is a rename on the peer: no content over the wire, nothing rebuilt
+    moved = [e for e in b.events("moved") if e["path"] == "renamed.bin"]
+    assert moved and moved[-1]["detail"]["from"] == "big.bin"
+    assert not [e for e in b.events("write_started") if e["path"] == "renamed.bin"]
     # and changes flow the other way too
     write(b.root, "from-b.txt", "b")
     wait_until(lambda: tree(a.root).get("from-b.txt") == b"b")

@@ -66,6 +66,7 @@ from ironsync.sync.versions import keep_version
 log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 6
+PULL_CONCURRENCY = 6  # files in flight during one pull pass
 PLACEHOLDER_ID = 1  # the session stamps the real request id
 
 
@@ -334,17 +335,117 @@ class SyncEngine:
         report = PullReport()
         rules = IgnoreRules.load(storage.root)
         paths = peers.divergent_paths(self.db, link.peer_id, row.id)
-        # Deletions last: a file moved on the peer arrives as a new path whose chunks are
-        # still here, in the file its deletion is about to remove.
+        # Deletions last: a file moved on the peer arrives as a new path whose content is
+        # still here, in the file its deletion is about to remove. Plain pulls run a few at a
+        # time, after the other decisions.
         deferred: list[str] = []
+        pulls: list[tuple[str, ResolvedFile]] = []
         for path in paths:
             if rules.ignores_file(path):
                 report.ignored += 1
                 continue
-            await self._apply_guarded(link, storage, row, path, report, deferred)
+            await self._apply_guarded(link, storage, row, path, report, deferred, pulls)
+        moved_away: set[str] = set()
+        remaining = []
+        for path, target in pulls:
+            if not self._move_locally(link, storage, row, path, target, deferred, moved_away):
+                remaining.append((path, target))
+            else:
+                report.changed += 1
+        await self._pull_many(link, storage, row, remaining, report)
         for path in deferred:
+            if path in moved_away:
+                self._record_moved_away(link, row, path)
+                continue
             await self._apply_guarded(link, storage, row, path, report, None)
         return report
+
+    async def _pull_many(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        pulls: list[tuple[str, ResolvedFile]],
+        report: PullReport,
+    ) -> None:
+        """Pull several files at once (PULL_CONCURRENCY): round trips and fsyncs overlap."""
+        gate = asyncio.Semaphore(PULL_CONCURRENCY)
+
+        async def one(path: str, target: ResolvedFile) -> None:
+            async with gate:
+                try:
+                    await self._pull(link, storage, row, target, path, report)
+                except (UnsafePath, OSError) as exc:
+                    reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
+                    report.failed.append((f"{storage.name}:{path}", reason))
+
+        tasks = [asyncio.create_task(one(path, target)) for path, target in pulls]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def _move_locally(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        dest: str,
+        target: ResolvedFile,
+        deferred: list[str],
+        moved_away: set[str],
+    ) -> bool:
+        """A file the peer moved: its content is here, at a path this pass deletes. Move it
+        (a rename on this disk: no bytes read or sent) instead of rebuilding it."""
+        if index.known_stat(self.db, row.id, dest) is not None or target.hash is None:
+            return False
+        for source in deferred:
+            if source in moved_away:
+                continue
+            local = index.get_file(self.db, row.id, source)
+            known = index.known_stat(self.db, row.id, source)
+            if local is None or known is None or local.hash != target.hash:
+                continue
+            src = resolve_inside(storage.root, source)
+            dst = resolve_inside(storage.root, dest)
+            if not _disk_matches(src, known.stat) or os.path.lexists(dst):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            resolve_inside(storage.root, dest)  # the folders just made hold no symlink
+            os.link(src, dst, follow_symlinks=False)  # refuses to replace a file that appeared
+            os.unlink(src)
+            os.chmod(dst, target.mode, follow_symlinks=False)
+            os.utime(dst, ns=(target.mtime_ns, target.mtime_ns), follow_symlinks=False)
+            with self.db.atomic():
+                index.put_live_file(
+                    self.db, row.id, dest, Stat.of(os.lstat(dst)), target.hash,
+                    index.chunks_of(self.db, local.id), version=target.version.to_json(),
+                    modified_by=target.modified_by, indexed_at_ns=self.clock(),
+                )  # fmt: skip
+                ev.append_event(
+                    self.db, "moved", storage=storage.name, path=dest, peer=link.peer_id,
+                    detail={"from": source, "size": target.size, "hash": target.hash.hex()},
+                )  # fmt: skip
+            moved_away.add(source)
+            self.progress.file_done(storage.name, dest, 0)
+            return True
+        return False
+
+    def _record_moved_away(self, link: PeerLink, row: index.StorageRow, path: str) -> None:
+        """The deletion of a path whose file was moved: record the peer's tombstone."""
+        remote = peers.get_peer_file(self.db, link.peer_id, row.id, path)
+        local = index.get_file(self.db, row.id, path)
+        if remote is None or local is None:
+            return
+        plan = reconcile(_state(self.node_id, local), [_peer_state(remote)], self.node_id)
+        with self.db.atomic():
+            index.put_tombstone(
+                self.db, row.id, path, version=plan.target.version.to_json(),
+                modified_by=plan.target.modified_by,
+            )  # fmt: skip
 
     async def _apply_guarded(
         self,
@@ -354,9 +455,10 @@ class SyncEngine:
         path: str,
         report: PullReport,
         deferred: list[str] | None,
+        pulls: list[tuple[str, ResolvedFile]] | None = None,
     ) -> None:
         try:
-            await self.apply_path(link, storage, row, path, report, deferred)
+            await self.apply_path(link, storage, row, path, report, deferred, pulls)
         except (PeerError, PeerViolation):
             raise
         except UnsafePath as exc:
@@ -377,8 +479,10 @@ class SyncEngine:
         path: str,
         report: PullReport,
         deferred: list[str] | None = None,
+        pulls: list[tuple[str, ResolvedFile]] | None = None,
     ) -> None:
-        """Decide one path and act. With `deferred`, a deletion is put there for later."""
+        """Decide one path and act. With `deferred`, a deletion is put there for later; with
+        `pulls`, so is a plain pull (the caller runs them together)."""
         peer = link.peer_id
         local = index.get_file(self.db, row.id, path)
         remote = peers.get_peer_file(self.db, peer, row.id, path)
@@ -390,6 +494,10 @@ class SyncEngine:
             return
         if plan.local_action is LocalAction.DELETE_HERE and deferred is not None:
             deferred.append(path)
+            return
+        plain_pull = plan.local_action is LocalAction.PULL and not plan.conflict_copies
+        if plain_pull and pulls is not None and peer in plan.target.sources:
+            pulls.append((path, plan.target))
             return
         if plan.is_conflict:
             report.conflicts += 1
