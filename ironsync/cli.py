@@ -536,6 +536,12 @@ def _show_status(app: AppContext, as_json: bool) -> None:
         click.echo(
             f"  last scan {s['last_scan_at'] or 'never'}, last sync {s['last_sync_at'] or 'never'}"
         )
+        if s["write_failures"]:
+            err = s["last_write_error"]
+            click.echo(
+                f"  {s['write_failures']} failed write(s) since the last sync; last: "
+                f"{err['path']} at {err['at']}: {err['reason']}"
+            )
     daemon_info = info["daemon"]
     if daemon_info is None:
         click.echo("daemon: not running")
@@ -608,6 +614,7 @@ def collect_status(db: Database, config: Config) -> dict[str, Any]:
                 "sequence": row.sequence,
                 "last_scan_at": row.last_scan_at,
                 "last_sync_at": row.last_sync_at,
+                **_write_failures(db, row.name, row.last_sync_at),
             }
         )
     peers = [
@@ -630,6 +637,21 @@ def collect_status(db: Database, config: Config) -> dict[str, Any]:
         "database": str(config.database),
         "storages": storages,
         "peers": peers,
+    }
+
+
+def _write_failures(db: Database, storage: str, since: str | None) -> dict[str, Any]:
+    """How many writes failed in `storage` since its last converged sync, and the last one."""
+    where = "FROM events WHERE kind = 'write_failed' AND storage = ? AND at > ?"
+    args = (storage, since or "")
+    last = db.query_one(f"SELECT at, path, peer, detail {where} ORDER BY seq DESC LIMIT 1", args)
+    error = None
+    if last is not None:
+        detail = json.loads(last[3]) if last[3] else {}
+        error = {"at": last[0], "path": last[1], "peer": last[2], "reason": detail.get("reason")}
+    return {
+        "write_failures": db.scalar(f"SELECT count(*) {where}", args),
+        "last_write_error": error,
     }
 
 

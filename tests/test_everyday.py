@@ -141,7 +141,8 @@ def test_status_json_reports_storages_and_peers_for_scripts(desk: SyncNode, tmp_
         (storage,) = info["storages"]
         assert {
             "name", "root", "files", "bytes", "tombstones", "storage_hash", "sequence",
-            "pending", "conflicts", "last_scan_at", "last_sync_at",
+            "pending", "conflicts", "last_scan_at", "last_sync_at", "write_failures",
+            "last_write_error",
         } == set(storage)  # fmt: skip
         assert (storage["files"], storage["bytes"], storage["pending"]) == (1, 1, 0)
         assert storage["conflicts"] == 0 and storage["last_sync_at"] is not None

@@ -15,6 +15,7 @@ daemon; `ironsync restore` puts one back as a new local change.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -76,7 +77,18 @@ def keep_version(root: Path, rel: str, *, move: bool) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     dest = _free_name(folder, f"{Path(rel).name}~{_stamp(st.st_mtime_ns)}")
     if move:
-        os.rename(full, dest)
+        try:
+            os.rename(full, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # `rel` sits on another file system mounted inside the storage: copy, then unlink
+            shutil.copy2(full, dest, follow_symlinks=False)
+            try:
+                os.unlink(full)
+            except OSError:
+                dest.unlink(missing_ok=True)  # not deleted (read-only?): keep no stray copy
+                raise
     else:
         try:
             os.link(full, dest, follow_symlinks=False)
