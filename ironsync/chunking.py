@@ -26,12 +26,14 @@ wider spread of chunk sizes, which matters little here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import xxhash
-from pyfastcdc import FastCDC
+
+if TYPE_CHECKING:
+    from pyfastcdc import FastCDC
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -49,6 +51,16 @@ class Readable(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
+class ChunkSink(Protocol):
+    """Where `hash_and_chunk` can put the chunks of a big file instead of a tuple (a spool):
+    appended to while reading, then read back as a sequence."""
+
+    def append(self, chunk: ChunkInfo, /) -> None: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int, /) -> ChunkInfo: ...
+    def __iter__(self) -> Iterator[ChunkInfo]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkInfo:
     """One chunk of a file: where it is and the xxh3-128 of its bytes."""
@@ -60,15 +72,20 @@ class ChunkInfo:
 
 @dataclass(frozen=True, slots=True)
 class Content:
-    """The whole-file hash, the byte count read and the chunks that cover them exactly."""
+    """The whole-file hash, the byte count read and the chunks that cover them exactly.
+
+    `chunks` is a tuple, except for a big file read by the scanner: a spool on disk, so memory
+    stays flat in the file size."""
 
     hash: bytes
     size: int
-    chunks: tuple[ChunkInfo, ...]
+    chunks: Sequence[ChunkInfo]
 
 
 def new_chunker() -> FastCDC:
     """A chunker with ironsync's fixed parameters (every peer must use the same)."""
+    from pyfastcdc import FastCDC  # here, not at the top: `ironsync --version` never needs it
+
     return FastCDC(
         AVG_CHUNK,
         min_size=MIN_CHUNK,
@@ -87,31 +104,40 @@ def hash_and_chunk(
     stream: Readable,
     chunker: FastCDC | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    sink: ChunkSink | None = None,
 ) -> Content:
     """Read `stream` to its end once: whole-file hash, size and content-defined chunks.
 
-    Memory stays flat in the file size (pyfastcdc keeps a buffer of 2 x MAX_CHUNK).
-    `on_bytes(n)` is called after each chunk, for progress reporting.
+    Memory stays flat in the file size (pyfastcdc keeps a buffer of 2 x MAX_CHUNK) except for
+    the chunk list; given a `sink` (a Sequence too), the chunks go there and it is the
+    content's `chunks`. `on_bytes(n)` is called after each chunk, for progress reporting.
     """
     cutter = chunker or new_chunker()
     whole = xxhash.xxh3_128()
     chunks: list[ChunkInfo] = []
+    append = chunks.append if sink is None else sink.append
     chunk_digest = xxhash.xxh3_128_digest
     size = 0
     for chunk in cutter.cut_stream(stream):
         data = chunk.data
         whole.update(data)
-        chunks.append(ChunkInfo(chunk.offset, chunk.length, chunk_digest(data)))
+        append(ChunkInfo(chunk.offset, chunk.length, chunk_digest(data)))
         size += chunk.length
         if on_bytes is not None:
             on_bytes(chunk.length)
-    return Content(whole.digest(), size, tuple(chunks))
+    return Content(whole.digest(), size, tuple(chunks) if sink is None else sink)
 
 
-def chunk_bytes(data: bytes | bytearray | memoryview) -> Content:
-    """`hash_and_chunk` for data already in memory (tests, small payloads)."""
-    cutter = new_chunker()
+def chunk_bytes(data: bytes | bytearray | memoryview, chunker: FastCDC | None = None) -> Content:
+    """`hash_and_chunk` for data already in memory (small files, tests, payloads)."""
+    whole = content_hash(data)
+    size = len(data)
+    if size <= MIN_CHUNK:
+        # FastCDC never cuts within MIN_CHUNK bytes: the data is one chunk (none when empty),
+        # and that chunk's hash is the whole hash. Skipping the cutter halves the cost.
+        return Content(whole, size, (ChunkInfo(0, size, whole),) if size else ())
+    cutter = chunker or new_chunker()
     chunks = tuple(
         ChunkInfo(c.offset, c.length, content_hash(c.data)) for c in cutter.cut_buf(data)
     )
-    return Content(content_hash(data), len(data), chunks)
+    return Content(whole, size, chunks)

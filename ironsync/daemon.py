@@ -198,6 +198,7 @@ class Node:
                 except (PeerError, PeerViolation) as exc:
                     log.info("live pull from %s failed: %s", link.peer_id, exc)
                     if isinstance(exc, PeerViolation):
+                        self.record("peer_refused", link.peer_id, "error", reason=exc.reason)
                         self._violation(link, exc.reason)
                     return
                 if report.changed:
@@ -253,7 +254,11 @@ class Node:
         self, session: PeerSession, storages: tuple[str, ...] | None
     ) -> SyncOutcome:
         outcome = await self.engine.full_sync(session, storages)
-        if outcome.error and "violation" in outcome.error:
+        if outcome.violation is not None:  # it sent what no honest node sends: log, hang up
+            log.warning("peer %s: %s; disconnecting", session.peer_id, outcome.violation)
+            self.record("peer_refused", session.peer_id, "error", reason=outcome.violation)
+            await session.close(f"protocol violation: {outcome.violation}")
+        elif outcome.error and "violation" in outcome.error:  # it refused us
             await session.close("protocol violation")
         if outcome.pulled.changed:  # relay what we learned to the other peers
             for storage in self.config.storages:
@@ -459,10 +464,9 @@ class Daemon:
                 await asyncio.wait_for(self.rescan_now.wait(), interval)
             self.rescan_now.clear()
             names = [s.name for s in self.config.storages]
-            async with node.engine.apply_lock:
-                before = node.engine.our_hashes(names)
-                node.engine.scan()
-                after = node.engine.our_hashes(names)
+            before = node.engine.our_hashes(names)
+            await node.engine.scan_fresh()  # in a thread, coalesced with the peers' asks
+            after = node.engine.our_hashes(names)
             if self.watcher is not None:
                 self.watcher.mark_rescanned()
             now = datetime.now(UTC)

@@ -118,6 +118,9 @@ class SyncNode:
 
     def start(self) -> None:
         assert self.proc is None
+        sock = self.db_path.with_name(self.db_path.name + ".sock")
+        # a daemon killed with SIGKILL leaves its socket: gone, or we would not wait below
+        sock.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [*IRONSYNC, "daemon"], env=self.env(), stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True,
@@ -127,7 +130,7 @@ class SyncNode:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.node_id}: daemon exited\n{self.proc.stderr.read()}")
             # the control socket appears once the daemon serves peers
-            if self.db_path.with_name(self.db_path.name + ".sock").exists():
+            if sock.exists():
                 return
             time.sleep(0.05)
         raise AssertionError(f"{self.node_id}: daemon did not listen\n{self.log()}")

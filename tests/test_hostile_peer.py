@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ironsync.chunking import chunk_bytes
-from ironsync.net.session import connect
+from ironsync.net.session import PeerSession, connect, serve
 from ironsync.net.tls import load_or_create_identity
 from ironsync.protocol import (
     PROTOCOL_VERSION,
@@ -32,7 +33,7 @@ from ironsync.protocol import (
     SyncRequest,
 )
 from ironsync.sync.link import PeerError, PeerLink, Responder
-from tests.daemons import SECRET, SyncNode, tree
+from tests.daemons import SECRET, SyncNode, tree, write
 
 PAYLOAD = b"written by mallory"
 CONTENT = chunk_bytes(PAYLOAD)
@@ -143,3 +144,80 @@ def test_symlink_on_the_way_out_of_the_root_is_never_followed(
     victim.stop()
     failed = [e for e in victim.events("write_failed") if e["path"] == "link/escaped.txt"]
     assert failed and "symlink" in failed[-1]["detail"]["reason"]
+
+
+class Silent:
+    """A member that asks for a sync and then never answers the pull it asked for."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    async def handle(self, link: PeerLink, request: Request, respond: Responder) -> None:
+        self.asked.set()
+        await asyncio.Event().wait()
+
+    async def notice(self, link: PeerLink, message: ChangeNotice) -> None:
+        pass
+
+
+def test_a_member_that_never_answers_its_pull_holds_up_no_other_members_sync(
+    victim: SyncNode, tmp_path: Path
+) -> None:
+    honest = SyncNode(tmp_path, "honest")
+    honest.add_peers(victim)
+    write(honest.root, "from-honest.txt", "hello")
+
+    async def main() -> float:
+        identity = load_or_create_identity(tmp_path / "mallory", "mallory", victim.group, SECRET)
+        hello = Hello(PROTOCOL_VERSION, "mallory", victim.group, ("docs",))
+        silent = Silent()
+        session = await connect("127.0.0.1", victim.port, identity, hello, silent)
+        stuck = asyncio.ensure_future(session.request(SyncRequest(("docs",), request_id=1)))
+        await asyncio.wait_for(silent.asked.wait(), 10)  # the victim now waits on us
+        started = time.monotonic()
+        proc = await asyncio.to_thread(honest.run, "sync", "--json", check=False, timeout=30)
+        elapsed = time.monotonic() - started
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert not stuck.done()  # still waiting on us all along
+        stuck.cancel()
+        await session.close()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+
+    assert tree(victim.root) == {"from-honest.txt": b"hello"}
+    assert elapsed < 20
+
+
+def test_a_peer_the_daemon_dials_that_offers_an_escaping_path_is_refused_and_logged(
+    tmp_path: Path,
+) -> None:
+    async def main() -> SyncNode:
+        identity = load_or_create_identity(tmp_path / "mallory", "mallory", "test-group", SECRET)
+        hello = Hello(PROTOCOL_VERSION, "mallory", "test-group", ("docs",))
+        closed = asyncio.Event()
+
+        async def on_session(session: PeerSession) -> None:
+            await session.wait_closed()
+            closed.set()
+
+        server = await serve("127.0.0.1", 0, identity, hello, Mallory(["../escaped.txt"]),
+                             on_session)  # fmt: skip
+        port = server.sockets[0].getsockname()[1]
+        node = SyncNode(tmp_path, "victim")
+        node.peers = [f"127.0.0.1:{port}"]
+        node.write_config()
+        await asyncio.to_thread(node.start)
+        try:
+            await asyncio.wait_for(closed.wait(), 20)  # the daemon hangs up on us
+        finally:
+            server.close()
+            await asyncio.to_thread(node.stop)
+        return node
+
+    node = asyncio.run(main())
+
+    assert not (tmp_path / "escaped.txt").exists()
+    refused = node.events("peer_refused")
+    assert refused and refused[-1]["peer"] == "mallory"
+    assert "escaped.txt" in refused[-1]["detail"]["reason"]

@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import itertools
 import pathlib
+import tracemalloc
 from collections.abc import Callable
 
 import msgpack
@@ -46,7 +47,7 @@ from ironsync.protocol import (
     SyncResult,
     index_entry_size,
 )
-from ironsync.protocol.connection import FATAL_ERROR, transition_key
+from ironsync.protocol.connection import FATAL_ERROR, SMALL_PIECE, transition_key
 from ironsync.protocol.limits import (
     CHUNK_REF_SIZE,
     MAX_CHUNK_REFS,
@@ -63,6 +64,7 @@ from ironsync.protocol.limits import (
     MIN_INT64,
 )
 from ironsync.protocol.wire import (
+    CHUNK_REF,
     MAX_INDEX_PAGE_OVERHEAD,
     TYPE_CODES,
     decode_body,
@@ -238,7 +240,7 @@ def test_chunk_data_is_a_view_of_the_received_bytes_not_a_copy() -> None:
     client, server = pair()
     server.receive_data(client.send(GetChunks("docs", "a", HASH_A, (), request_id=1)))
     drain(server)
-    data = bytearray(b"hello")
+    data = bytearray(b"hello" * SMALL_PIECE)  # pieces this large are kept, not copied
     buffers = server.send_buffers(ChunkData(0, HASH_B, data, request_id=1))
     assert len(buffers) == 2
     assert buffers[1].obj is data  # the caller's buffer, for writelines, not a copy
@@ -248,7 +250,57 @@ def test_chunk_data_is_a_view_of_the_received_bytes_not_a_copy() -> None:
     assert isinstance(received, ChunkData)
     assert isinstance(received.data, memoryview)
     assert received.data.obj is wire
-    assert received.data == b"hello"
+    assert received.data == data
+
+
+def test_a_frame_trickled_byte_by_byte_costs_about_its_size_to_buffer() -> None:
+    client, server = pair()
+    wire = client.send(GetChunks("docs", "a", HASH_A, (ChunkRef(0, 1, HASH_B),) * 9000,
+                                 request_id=1))  # fmt: skip
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(len(wire) - 1):
+            server.receive_data(wire[n : n + 1])
+        buffered = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    server.receive_data(wire[-1:])
+    (received,) = drain(server)
+
+    assert buffered < 1.5 * len(wire)  # not ~300 bytes of bookkeeping per byte
+    assert isinstance(received, GetChunks) and len(received.chunks) == 9000
+
+
+def test_the_longest_chunk_list_decodes_to_about_the_size_of_its_frame() -> None:
+    refs = tuple(ChunkRef(n * 8, 8, n.to_bytes(16, "big")) for n in range(MAX_CHUNK_REFS))
+    frame = b"".join(encode_frame(ChunkList("docs", "p", HASH_A, refs, request_id=1)))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        message = decode_body(memoryview(frame)[4:])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert held < 1.2 * len(frame)  # packed records, not a ChunkRef object each (~5x)
+    assert isinstance(message, ChunkList) and message.chunks == refs
+    assert message.chunks[-1] == refs[-1] and message.chunks[1:3] == refs[1:3]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        (2**63, 1, HASH_A),  # offset past MAX_INT64
+        (0, MAX_CHUNK_SIZE + 1, HASH_A),
+        (0, 2**32 - 1, HASH_A),
+    ],
+)
+def test_a_received_chunk_ref_outside_the_limits_is_refused(record: tuple[int, int, bytes]) -> None:
+    good = CHUNK_REF.pack(0, 1, HASH_B)
+    body = msgpack.packb([16, 1, "docs", "p", HASH_A, good + CHUNK_REF.pack(*record)])
+    with pytest.raises(RemoteProtocolError, match=r"offset|length"):
+        decode_body(memoryview(body))
 
 
 def test_send_returns_one_bytes_object_even_for_chunk_data() -> None:

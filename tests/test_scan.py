@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import random
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from ironsync.chunking import content_hash
+from ironsync import scan as scan_module
+from ironsync.chunking import MIN_CHUNK, chunk_bytes, content_hash, hash_and_chunk
 from ironsync.ignore import IgnoreRules
 from ironsync.reconcile import VersionVector
-from ironsync.scan import RACY_WINDOW_NS, KnownStat, Stat, plan_scan
+from ironsync.scan import (
+    RACY_WINDOW_NS,
+    SMALL_FILE_BYTES,
+    ChunkSpool,
+    KnownRow,
+    KnownStat,
+    Observed,
+    Stat,
+    hash_files,
+    plan_scan,
+    plan_scan_rows,
+)
 from ironsync.store import Database, index
 from ironsync.store import events as ev
+from ironsync.sync import local
 from ironsync.sync.local import StorageUnavailable, scan_storage
 from tests.conftest import Node
 
@@ -98,8 +113,8 @@ def test_changes_made_while_not_running_are_found_on_the_next_scan(node: Node) -
         assert VersionVector.from_json(tomb.version)["alpha"] == 2
         moved = row(db, "new/name.bin")
         assert moved.hash == before["old/name.bin"].hash
-        # the new path keeps the version history of the old one, one step on
-        assert VersionVector.from_json(moved.version)["alpha"] == 2
+        # a new version at the new path (counters never travel between paths: issue 6)
+        assert VersionVector.from_json(moved.version) == VersionVector({"alpha": 1})
         assert row(db, "old/name.bin").deleted
         assert index.chunks_of(db, row(db, "old/name.bin").id) == []
         kinds = [(e.kind, e.path) for e in ev.last_events(db, 100) if e.path]
@@ -272,3 +287,271 @@ def test_scan_summary_event_records_the_counts(node: Node) -> None:
         summary = [e for e in ev.last_events(db, 10) if e.kind == "scanned"]
         assert summary[-1].detail["created"] == 1
         assert json.loads(db.scalar("SELECT detail FROM events WHERE kind = 'scanned'"))
+
+
+# --- how files are read and written in bulk ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, MIN_CHUNK - 1, MIN_CHUNK, MIN_CHUNK + 1, 300_000, SMALL_FILE_BYTES,
+     SMALL_FILE_BYTES + 1],
+)  # fmt: skip
+def test_small_files_read_whole_get_the_chunks_of_the_streamed_cutter(
+    tmp_path: Path, size: int
+) -> None:
+    data = random.Random(size).randbytes(size)
+    write(tmp_path, "f.bin", data)
+    seen: list[int] = []
+    (result,) = hash_files(tmp_path, [("f.bin", Stat(size, 0, 0, 0, 0))], seen.append)
+    assert isinstance(result, Observed)
+    assert result.content == hash_and_chunk(io.BytesIO(data))
+    assert sum(seen) == size
+
+
+def test_a_big_files_chunk_list_is_spooled_and_reads_back_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scan_module, "SPOOL_FILE_BYTES", 2 * SMALL_FILE_BYTES)
+    data = random.Random(7).randbytes(3 * SMALL_FILE_BYTES)
+    write(tmp_path, "big.bin", data)
+    (result,) = hash_files(tmp_path, [("big.bin", Stat(len(data), 0, 0, 0, 0))])
+    assert isinstance(result, Observed)
+    spool = result.content.chunks
+    assert isinstance(spool, ChunkSpool)
+    expected = hash_and_chunk(io.BytesIO(data))
+    assert result.content.hash == expected.hash and result.content.size == len(data)
+    assert list(spool) == list(expected.chunks) and len(spool) == len(expected.chunks)
+    assert spool[0] == expected.chunks[0] and spool[-1] == expected.chunks[-1]
+    assert spool[1:3] == list(expected.chunks[1:3])
+    with pytest.raises(IndexError):
+        spool[len(spool)]
+
+
+def test_spooled_chunks_are_indexed_and_survive_a_rename(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scan_module, "SPOOL_FILE_BYTES", 400_000)
+    monkeypatch.setattr(local, "SPOOL_FILE_BYTES", 400_000)
+    data = random.Random(8).randbytes(1_500_000)
+    write(node.root, "big.bin", data)
+    expected = [(c.offset, c.length, c.hash) for c in chunk_bytes(data).chunks]
+    with node.db() as db:
+        scan(node, db)
+        stored = [(c.offset, c.length, c.hash) for c in index.chunks_of(db, row(db, "big.bin").id)]
+        assert stored == expected
+        (node.root / "big.bin").rename(node.root / "moved.bin")  # same inode: not read again
+        report = scan_storage(db, "alpha", node.config().storages[0])
+        assert [(c.kind, c.path) for c in report.changes] == [("moved", "moved.bin")]
+        assert report.bytes_hashed == 0
+        moved = index.chunks_of(db, row(db, "moved.bin").id)
+        assert [(c.offset, c.length, c.hash) for c in moved] == expected
+        assert index.chunks_of(db, row(db, "big.bin").id) == []
+
+
+def test_ironsyncs_own_names_are_told_apart_as_ignore_rules_say(node: Node) -> None:
+    names = [".ignore", ".ironsync-1.tmp", ".ironsync-.tmp", ".ironsync-1.tmp.txt",
+             "x.tmp", ".ironsync-x", ".ironsync", "ironsync-1.tmp", "plain.txt"]  # fmt: skip
+    for name in names:
+        write(node.root, f"sub/{name}", b"x")
+        if name not in (".ironsync",):  # the root's .ironsync is the marker folder
+            write(node.root, name, b"x")
+    for patterns in ("", "*.txt\n"):
+        (node.root / ".ignore").write_text(patterns)
+        rules = IgnoreRules.load(node.root)
+        plan = plan_scan(node.root, {}, rules)
+        everything = [p.relative_to(node.root).as_posix() for p in node.root.rglob("*")]
+        expected = sorted(
+            p for p in everything if (node.root / p).is_file() and not rules.ignores_file(p)
+            and not p.startswith(".ironsync/")
+        )  # fmt: skip
+        assert [p for p, _ in plan.to_hash] == expected
+        assert "sub/.ignore" in expected or patterns
+
+
+def test_first_scan_writes_one_created_event_and_sequence_per_file_in_path_order(
+    node: Node,
+) -> None:
+    paths = [f"d{i % 3}/f{i:03d}.txt" for i in range(40)]
+    for i, path in enumerate(paths):
+        write(node.root, path, f"content {i}".encode())
+    with node.db() as db:
+        assert scan(node, db) == {"created": sorted(paths)}
+        storage = index.get_storage(db, "docs")
+        assert storage is not None and storage.sequence == len(paths)
+        rows = {p: row(db, p) for p in paths}
+        assert sorted(rows, key=lambda p: rows[p].sequence) == sorted(paths)
+        assert {r.version for r in rows.values()} == {'{"alpha":1}'}
+        events = [e for e in ev.last_events(db, 100) if e.kind == "created"]
+        assert [e.path for e in events] == sorted(paths)
+        for e in events:
+            data = (node.root / e.path).read_bytes()
+            detail = {"hash": content_hash(data).hex(), "size": len(data)}
+            text = db.scalar("SELECT detail FROM events WHERE seq = ?", (e.seq,))
+            assert text == json.dumps(detail, sort_keys=True, separators=(",", ":"))
+        # a touch that keeps the content: "content_changed": false, as append_event writes it
+        os.utime(node.root / paths[0], ns=(LONG_AGO_NS + 1, LONG_AGO_NS + 1))
+        assert scan(node, db) == {"modified": [paths[0]]}
+        text = db.scalar("SELECT detail FROM events WHERE kind = 'modified'")
+        data = (node.root / paths[0]).read_bytes()
+        detail = {"content_changed": False, "hash": content_hash(data).hex(), "size": len(data)}
+        assert text == json.dumps(detail, sort_keys=True, separators=(",", ":"))
+
+
+def scan_scenario(node: Node, batch: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Create, then edit / delete / move / copy-and-delete many files; every row and event."""
+    monkeypatch.setattr(local, "BATCH", batch)
+    root = node.root
+    rng = random.Random(3)
+    blobs = [rng.randbytes(rng.randint(1, 30_000)) for _ in range(30)]
+    for i, blob in enumerate(blobs):
+        write(root, f"f{i:02d}.bin", blob)
+    with node.db() as db:
+        scan(node, db)
+        # new files first: one must not take the inode of a deleted one (a rename, then)
+        write(root, "copy-of-0.bin", blobs[0])  # moved (content)
+        write(root, "new.bin", b"new")
+        for i in range(0, 30, 3):
+            (root / f"f{i:02d}.bin").unlink()  # deleted
+        for i in range(1, 30, 3):
+            (root / f"f{i:02d}.bin").rename(root / f"moved{i:02d}.bin")  # moved (inode)
+        for i in range(2, 30, 6):
+            write(root, f"f{i:02d}.bin", blobs[i] + b"!", mtime_ns=LONG_AGO_NS + 1)  # modified
+        scan(node, db)
+        return {
+            "files": db.query(
+                "SELECT path, size, mtime_ns, mode, hash, deleted, version, sequence"
+                " FROM files ORDER BY path"
+            ),
+            "chunks": db.query(
+                "SELECT f.path, c.idx, c.offset, c.length, c.hash FROM chunks AS c"
+                " JOIN files AS f ON f.id = c.file_id ORDER BY f.path, c.idx"
+            ),
+            "events": db.query("SELECT seq, path, kind, detail FROM events ORDER BY seq"),
+        }
+
+
+def test_batch_size_does_not_change_what_a_scan_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one = scan_scenario(Node(tmp_path / "one", "alpha"), 1, monkeypatch)
+    many = scan_scenario(Node(tmp_path / "many", "alpha"), 1000, monkeypatch)
+    assert one == many
+    kinds = [kind for _, _, kind, _ in one["events"] if kind != "scanned"]
+    assert kinds.count("deleted") == 9 and kinds.count("moved") == 11
+    assert kinds.count("modified") == 5 and kinds.count("created") == 31
+
+
+# --- the walk in C (ironsync/_scandir.c) is the walk in Python -------------------------------
+
+try:
+    from ironsync import _scandir
+except ImportError:  # not built: scan.py uses scan_folder_py
+    _scandir = None
+
+needs_c = pytest.mark.skipif(_scandir is None, reason="ironsync._scandir is not built")
+
+
+def tricky_tree(root: Path) -> dict[str, KnownRow]:
+    """Every kind of entry a folder can hold; the index rows of some of its files."""
+    (root / ".ironsync").mkdir(exist_ok=True)
+    for rel in ("a.txt", "changed.txt", "racy.txt", ".ignore", ".ironsync-1.tmp", "x.log",
+                "sub/.ignore", "sub/.ironsync", "sub/.ironsync-2.tmp", "sub/y.log", "sub/z",
+                "ünïcode/é.txt", "deep/er/still/f"):  # fmt: skip
+        write(root, rel, rel.encode())
+    (root / "link").symlink_to("a.txt")
+    (root / "sub" / "dirlink").symlink_to("..")
+    (root / "dangling").symlink_to("nowhere")
+    os.mkfifo(root / "fifo")
+    with open(os.fsencode(root) + b"/bad\xff\xfe.txt", "wb") as f:
+        f.write(b"not UTF-8")
+    os.mkdir(os.fsencode(root) + b"/bad\xffdir")
+    for rel, seconds in (("future.txt", 10_500_000_000), ("past.txt", -300_000_000)):
+        write(root, rel, b"when?", mtime_ns=seconds * 10**9 + 123)  # beyond 64-bit ns / < 1970
+    known = {}
+    for rel in ("a.txt", "changed.txt", "racy.txt", "sub/z", "future.txt", "past.txt", "gone.txt"):
+        st = os.stat(root / rel) if rel != "gone.txt" else os.stat(root / "a.txt")
+        known[rel] = (
+            rel,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_ino,
+            st.st_mode & 0o777,
+        )
+    known["changed.txt"] = (*known["changed.txt"][:2], 1, *known["changed.txt"][3:])
+    known["racy.txt"] = (*known["racy.txt"][:5], -1)
+    return known
+
+
+@needs_c
+@pytest.mark.parametrize("patterns", ["", "*.log\n!sub/y.log\n"])
+def test_the_c_walk_of_a_folder_is_the_python_walk(tmp_path: Path, patterns: str) -> None:
+    known = tricky_tree(tmp_path)
+    rules = IgnoreRules.from_lines(patterns.splitlines())
+    ignores_file = rules.ignores_file if rules.patterns else None
+    folders = [(str(tmp_path), "")] + [
+        (str(p), p.relative_to(tmp_path).as_posix() + "/")
+        for p in sorted(tmp_path.rglob("*"))
+        if p.is_dir() and not p.is_symlink()
+    ]
+    for folder, prefix in folders:
+        results = []
+        for scan_folder in (scan_module.scan_folder_py, _scandir.scan_folder):
+            walked: list[str] = []
+            changed: list[KnownRow] = []
+            notes: list[tuple[str, str, str | None]] = []
+            unchanged = scan_folder(folder, prefix, known, ignores_file, walked, changed, notes)
+            results.append((unchanged, walked, changed, notes))
+        assert results[0] == results[1], folder
+    for scan_folder in (scan_module.scan_folder_py, _scandir.scan_folder):
+        with pytest.raises(FileNotFoundError):
+            scan_folder(str(tmp_path / "nope"), "nope/", known, None, [], [], [])
+        with pytest.raises(NotADirectoryError):
+            scan_folder(str(tmp_path / "a.txt"), "a.txt/", known, None, [], [], [])
+
+
+@needs_c
+def test_the_c_walk_plans_the_same_scan_as_the_python_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    known = tricky_tree(tmp_path)
+    (tmp_path / ".ignore").write_text("*.log\n!sub/y.log\n")
+    plans = []
+    for scan_folder in (scan_module.scan_folder_py, _scandir.scan_folder):
+        monkeypatch.setattr(scan_module, "scan_folder", scan_folder)
+        plans.append(plan_scan_rows(tmp_path, known, IgnoreRules.load(tmp_path)))
+    python, c = plans
+    assert python == c
+    assert [p for p, _ in python.to_hash] == sorted(
+        ["changed.txt", "racy.txt", "sub/y.log", "ünïcode/é.txt", "deep/er/still/f",
+         "sub/.ignore", "sub/.ironsync"]  # ironsync's own names only at the root
+    )  # fmt: skip
+    assert python.unchanged == 4 and python.vanished == ["gone.txt"]
+    assert sorted(python.symlinks) == ["dangling", "link", "sub/dirlink"]
+    assert sorted(python.skipped) == [
+        ("bad\udcffdir", "name is not valid UTF-8"),
+        ("bad\udcff\udcfe.txt", "name is not valid UTF-8"),
+        ("fifo", "not a regular file, folder or symlink"),
+    ]
+
+
+@needs_c
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may stat anything")
+def test_the_c_walk_reports_files_it_cannot_stat_as_python_does(tmp_path: Path) -> None:
+    write(tmp_path, "locked/f", b"f")
+    st = os.stat(tmp_path / "locked" / "f")
+    known = {"locked/f": ("locked/f", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, 0o644)}
+    (tmp_path / "locked").chmod(0o444)  # can list, cannot stat
+    try:
+        results = []
+        for scan_folder in (scan_module.scan_folder_py, _scandir.scan_folder):
+            walked: list[str] = []
+            notes: list[tuple[str, str, str | None]] = []
+            scan_folder(str(tmp_path / "locked"), "locked/", known, None, walked, [], notes)
+            results.append((walked, notes))
+        assert (
+            results[0] == results[1] == (["locked/f"], [("error", "locked/f", "Permission denied")])
+        )
+    finally:
+        (tmp_path / "locked").chmod(0o755)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import ssl
@@ -15,7 +16,9 @@ import pytest
 
 from ironsync.net.session import (
     MAX_HANDLERS,
+    MAX_WAITING_REQUESTS,
     STREAM_BUFFER_HIGH,
+    WRITE_BUFFER_HIGH,
     HandshakeError,
     PeerSession,
     SelfConnection,
@@ -378,7 +381,7 @@ def test_request_for_a_stream_of_replies_raises_and_the_session_goes_on(
     run(body())
 
 
-def test_requests_beyond_max_handlers_wait_for_a_slot_without_reading_on(
+def test_requests_beyond_max_handlers_wait_for_a_slot_and_reading_goes_on(
     ids: dict[str, NodeIdentity],
 ) -> None:
     async def body() -> None:
@@ -389,18 +392,80 @@ def test_requests_beyond_max_handlers_wait_for_a_slot_without_reading_on(
                 asyncio.ensure_future(client.request(SyncRequest((), request_id=1)))
                 for _ in range(count)
             ]
-            while len(listener.handler.requests) < MAX_HANDLERS or server_side.is_reading:
+            while len(listener.handler.requests) < MAX_HANDLERS:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.1)
             started_while_full = len(listener.handler.requests)
+            # A handler may wait for a reply from this very peer (a SyncRequest makes a node
+            # pull from the asker): that reply must still get in.
+            reply = await server_side.request(GetStorageHashes(request_id=1))
+            reading_while_full = server_side.is_reading
 
             listener.handler.release.set()
             results = await asyncio.gather(*calls)
 
             assert started_while_full == MAX_HANDLERS
+            assert reading_while_full
+            assert isinstance(reply, StorageHashes)
             assert all(isinstance(result, SyncResult) for result in results)
             assert len(listener.handler.requests) == count
-            assert server_side.is_reading
+
+    run(body())
+
+
+def test_requests_beyond_the_waiting_bound_are_refused_as_busy_and_the_rest_served(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            count = MAX_HANDLERS + MAX_WAITING_REQUESTS + 3
+            calls = [
+                asyncio.ensure_future(client.request(SyncRequest((), request_id=1)))
+                for _ in range(count)
+            ]
+            done, _ = await asyncio.wait(calls, timeout=5, return_when=asyncio.FIRST_EXCEPTION)
+            busy = [c for c in done if isinstance(c.exception(), PeerError)]
+            listener.handler.release.set()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+
+            assert len(busy) == 3
+            assert all(c.exception().code == "busy" for c in busy)  # type: ignore[union-attr]
+            assert sum(isinstance(r, SyncResult) for r in results) == count - 3
+            assert not client.is_closed
+
+    run(body())
+
+
+def test_a_peer_that_never_reads_its_replies_fills_no_memory_of_ours(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    """Thousands of failing requests (each answered by an Error) from a peer that reads
+    nothing: the server's write buffer stays near its mark and it stops reading that peer."""
+
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener:
+            context = client_context(ids["beta"])
+            _, writer = await asyncio.open_connection("127.0.0.1", listener.port, ssl=context)
+            writer.write(b"".join(encode_frame(hello("beta"))))
+            server_side = await listener.next_session()
+            request_id = 0
+            deadline = asyncio.get_running_loop().time() + 5
+            while server_side.is_reading and asyncio.get_running_loop().time() < deadline:
+                frames = []
+                for _ in range(500):
+                    request_id += 1
+                    request = GetIndex("nope" * 60, 0, 1, request_id=request_id)
+                    frames += encode_frame(request)
+                writer.writelines(frames)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(writer.drain(), 0.2)
+            transport = server_side._transport
+            assert transport is not None
+            buffered = transport.get_write_buffer_size()
+            writer.transport.abort()
+
+            assert not server_side.is_reading
+            assert buffered <= WRITE_BUFFER_HIGH + 64 * 1024
 
     run(body())
 

@@ -9,7 +9,7 @@ import apsw
 import pytest
 
 from ironsync.chunking import chunk_bytes
-from ironsync.scan import Stat
+from ironsync.scan import RACY_WINDOW_NS, Stat, known_row
 from ironsync.store import (
     DatabaseError,
     available_migrations,
@@ -19,6 +19,7 @@ from ironsync.store import (
     open_database,
 )
 from ironsync.store import events as ev
+from ironsync.store.batch import IndexBatch
 
 
 def schema_of(path: Path) -> list[tuple]:
@@ -170,3 +171,134 @@ def test_views_are_readable_by_the_stock_sqlite3_shell(tmp_path: Path) -> None:
     assert out[2] == f"a.txt|0|{hello}"
     assert out[3] == "docs|1|5"
     assert out[4] == "created|a.txt"
+
+
+# --- batched writes (store.batch) ----------------------------------------------------------
+
+FILES_AS_WRITTEN = (
+    "SELECT id, path, size, mtime_ns, ctime_ns, inode, mode, hash, deleted, version,"
+    " modified_by, sequence, indexed_at_ns FROM files ORDER BY id"
+)
+
+
+def written_state(db) -> dict[str, list[tuple]]:
+    """Everything a change writes, but the events' wall-clock times."""
+    return {
+        "files": db.query(FILES_AS_WRITTEN),
+        "chunks": db.query("SELECT * FROM chunks ORDER BY file_id, idx"),
+        "events": db.query(
+            "SELECT seq, storage, path, kind, status, peer, detail FROM events ORDER BY seq"
+        ),
+        "sequence": db.query("SELECT id, sequence FROM storages"),
+    }
+
+
+def apply_changes(db, storage, changes, *, batched: bool) -> None:
+    """Apply ("live", path, data, version) / ("tombstone", path, version) / ("refresh", path)
+    one at a time through index + events, or through one IndexBatch."""
+    with db.atomic():
+        batch = IndexBatch(db, storage)
+        for change in changes:
+            kind, path = change[0], change[1]
+            if kind == "live":
+                data, version = change[2], change[3]
+                content = chunk_bytes(data)
+                stat = Stat(len(data), 10**18 + len(data), 10**18 + 7, len(path), 0o640)
+                args = (path, stat, content.hash, content.chunks)
+                keys = {"version": version, "modified_by": "alpha", "indexed_at_ns": 5}
+                if batched:
+                    batch.put_live_file(*args, **keys)
+                    batch.append_event("created", path, '{"size":1}')
+                else:
+                    index.put_live_file(db, storage.id, *args, **keys)
+                    ev.append_event(db, "created", storage="docs", path=path, detail={"size": 1})
+            elif kind == "tombstone":
+                if batched:
+                    batch.put_tombstone(path, version=change[2], modified_by="alpha")
+                    batch.append_event("deleted", path)
+                else:
+                    index.put_tombstone(
+                        db, storage.id, path, version=change[2], modified_by="alpha"
+                    )
+                    ev.append_event(db, "deleted", storage="docs", path=path)
+            else:
+                current = batch.get_file(path) if batched else index.get_file(db, storage.id, path)
+                assert current is not None
+                stat = Stat(current.size, current.mtime_ns, 99, 98, current.mode)
+                if batched:
+                    batch.refresh_stat(current.id, stat, 97)
+                else:
+                    index.refresh_stat(db, current.id, stat, 97)
+        batch.write()
+
+
+def test_a_batch_writes_the_same_rows_as_one_change_at_a_time(tmp_path: Path) -> None:
+    big = bytes(range(256)) * 1000  # several chunks
+    before = [("live", "keep.txt", b"kept", "{}"), ("live", "old.txt", big, '{"alpha":1}')]
+    changes = [
+        ("live", "a.txt", b"alpha", '{"alpha":1}'),
+        ("live", "b/c.bin", big, '{"alpha":1}'),
+        ("tombstone", "old.txt", '{"alpha":2}'),  # its chunks go
+        ("live", "keep.txt", b"kept, edited", '{"alpha":2}'),  # replaces a row and its chunks
+        ("refresh", "a.txt"),  # a path already changed in the batch: written out first
+        ("live", "a.txt", b"alpha again", '{"alpha":2}'),  # a second change of one path
+        ("tombstone", "never-seen.txt", '{"alpha":1}'),
+    ]
+    states = []
+    for batched in (False, True):
+        with open_database(tmp_path / f"{batched}.db", "alpha") as db:
+            storage = index.ensure_storage(db, "docs", tmp_path)
+            apply_changes(db, storage, before, batched=False)
+            apply_changes(db, storage, changes, batched=batched)
+            states.append(written_state(db))
+    one_at_a_time, batched_state = states
+    assert batched_state == one_at_a_time
+    # and the rows are what the changes say
+    files = {row[1]: row for row in one_at_a_time["files"]}
+    assert files["old.txt"][8] == 1 and files["never-seen.txt"][8] == 1
+    assert files["a.txt"][7] == chunk_bytes(b"alpha again").hash
+    # keep, old, a, b/c, never-seen: every change took the next sequence, in order
+    assert [row[11] for row in one_at_a_time["files"]] == [6, 5, 7, 4, 8]
+    assert one_at_a_time["sequence"] == [(1, 8)]
+
+
+def test_a_batch_answers_reads_with_its_own_changes(tmp_path: Path) -> None:
+    with open_database(tmp_path / "s.db", "alpha") as db:
+        storage = index.ensure_storage(db, "docs", tmp_path)
+        with db.atomic():
+            batch = IndexBatch(db, storage)
+            batch.prefetch(["a.txt", "b.txt"])
+            assert batch.get_file("a.txt") is None
+            content = chunk_bytes(b"a")
+            batch.put_live_file(
+                "a.txt", Stat(1, 2, 3, 4, 0o644), content.hash, content.chunks,
+                version='{"alpha":1}', modified_by="alpha", indexed_at_ns=5,
+            )  # fmt: skip
+            assert len(batch) == 1
+            row = batch.get_file("a.txt")  # written out, then read back
+            assert row is not None and row.hash == content.hash and row.sequence == 1
+            assert len(batch) == 0
+            with pytest.raises(ValueError, match="unknown event kind"):
+                batch.append_event("exploded", "a.txt")
+
+
+def test_known_rows_mark_racy_entries_so_they_match_no_stat(tmp_path: Path) -> None:
+    with open_database(tmp_path / "s.db", "alpha") as db:
+        sid = index.ensure_storage(db, "docs", tmp_path).id
+        for path, indexed_at in (("settled", 10**18 + RACY_WINDOW_NS + 1), ("racy", 10**18)):
+            content = chunk_bytes(b"x")
+            with db.atomic():
+                index.put_live_file(
+                    db, sid, path, Stat(1, 10**18, 10**18, 1, 0o644), content.hash,
+                    content.chunks, version="{}", modified_by="alpha", indexed_at_ns=indexed_at,
+                )  # fmt: skip
+        with db.atomic():
+            index.put_tombstone(db, sid, "gone", version="{}", modified_by="alpha")
+        rows = index.known_rows(db, sid)
+        stats = index.known_stats(db, sid)
+        assert set(rows) == set(stats) == {"settled", "racy"}
+        for path, known in stats.items():
+            assert rows[path] == known_row(path, known)
+        assert rows["settled"] == ("settled", 1, 10**18, 10**18, 1, 0o644)
+        assert rows["racy"][5] == -1
+        assert index.get_files(db, sid, ["racy", "gone", "nope"]).keys() == {"racy", "gone"}

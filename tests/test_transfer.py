@@ -369,6 +369,95 @@ def test_chunk_list_that_does_not_cover_the_file_is_refused(alpha: Side, beta: S
     assert not (beta.root / "f.bin").exists()
 
 
+def test_chunk_list_with_more_chunks_than_the_file_can_have_is_refused_as_it_arrives(
+    alpha: Side, beta: Side
+) -> None:
+    alpha.write("f.bin", random_bytes(100 * KiB, seed=21))
+    alpha.scan()
+    size = 100 * KiB
+    tiny = tuple(ChunkRef(n * 512, 512, bytes(16)) for n in range(size // 512))
+    replies: list[ChunkList] = []
+
+    def endless(reply: Reply) -> Reply:  # 512-byte chunks: no ironsync chunker cuts those
+        if isinstance(reply, ChunkList):
+            reply = ChunkList(reply.storage, reply.path, reply.file_hash, tiny, more=False,
+                              request_id=reply.request_id)  # fmt: skip
+            replies.append(reply)
+        return reply
+
+    result = pull(beta, link_to(alpha, tamper=endless), alpha.target("f.bin"))
+
+    assert_failed_cleanly(beta, result, "bad_chunk_list")
+    assert "more chunks than a file of 102400 bytes has" in str(result.reason)
+    assert len(replies) == 1 and not (beta.root / "f.bin").exists()
+
+
+def test_file_larger_than_the_free_space_is_refused_before_asking_the_peer(
+    alpha: Side, beta: Side
+) -> None:
+    alpha.write("x.bin", b"payload")
+    alpha.scan()
+    huge = dataclasses.replace(alpha.target("x.bin"), size=2**62)
+    link = link_to(alpha)
+
+    result = pull(beta, link, huge)
+
+    assert_failed_cleanly(beta, result, "io_error")
+    assert "ENOSPC" in str(result.reason) and link.requests == []
+
+
+def test_folders_made_for_a_pull_that_fails_are_removed_and_others_kept(
+    alpha: Side, beta: Side
+) -> None:
+    alpha.write("new/deeper/f.bin", random_bytes(50 * KiB, seed=22))
+    alpha.write("kept/f.bin", random_bytes(50 * KiB, seed=23))
+    alpha.scan()
+    (beta.root / "kept").mkdir()  # the user's own empty folder
+
+    def corrupt(reply: Reply) -> Reply:
+        if isinstance(reply, ChunkData):
+            wrong = bytes([reply.data[0] ^ 0xFF]) + bytes(reply.data[1:])
+            return ChunkData(reply.offset, reply.hash, wrong, request_id=reply.request_id)
+        return reply
+
+    first = pull(beta, link_to(alpha, tamper=corrupt), alpha.target("new/deeper/f.bin"))
+    second = pull(beta, link_to(alpha, tamper=corrupt), alpha.target("kept/f.bin"))
+
+    assert first.code == second.code == "corrupt"
+    assert not (beta.root / "new").exists()
+    assert (beta.root / "kept").is_dir()
+
+
+def test_switch_waits_for_the_switch_lock_and_is_abandoned_when_no_longer_valid(
+    alpha: Side, beta: Side
+) -> None:
+    alpha.write("f.bin", random_bytes(50 * KiB, seed=24))
+    alpha.scan()
+    target = alpha.target("f.bin")
+
+    async def main() -> tuple[bool, TransferResult, TransferResult]:
+        lock = asyncio.Lock()
+        await lock.acquire()
+        task = asyncio.create_task(
+            pull_file(beta.db, link_to(alpha), beta.row, target, expected=None, switch_lock=lock)
+        )
+        await asyncio.sleep(0.3)  # every chunk is in by now; the rename needs the lock
+        waited = not task.done() and not (beta.root / "f.bin").exists()
+        lock.release()
+        done = await task
+        (beta.root / "f.bin").unlink()
+        refused = await pull_file(
+            beta.db, link_to(alpha), beta.row, target, expected=None, still_valid=lambda: False
+        )
+        return waited, done, refused
+
+    waited, done, refused = asyncio.run(main())
+
+    assert waited and done.ok
+    assert refused.changed_locally and not (beta.root / "f.bin").exists()
+    assert beta.temp_files() == []
+
+
 def test_peer_file_changed_under_it_fails_with_changed(alpha: Side, beta: Side) -> None:
     data = random_bytes(1 * MiB, seed=12)
     alpha.write("f.bin", data)

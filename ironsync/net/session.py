@@ -21,7 +21,9 @@ Establishing a session (`connect` dials, `serve` accepts), all under one timeout
 Once open, the session dispatches what arrives:
 - a reply goes to the request waiting for it: a future for `request`, a queue for `stream`
   (replies to a request the caller gave up on are dropped);
-- a request runs `handler.handle` in a task of its own, at most MAX_HANDLERS at once;
+- a request runs `handler.handle` in a task of its own, at most MAX_HANDLERS at once; up to
+  MAX_WAITING_REQUESTS more (and MAX_WAITING_BYTES of them) wait for a slot, and a request
+  beyond those is answered at once with Error "busy" (no honest node has that many in flight);
 - ChangeNotices go to `handler.notice` one at a time, in order, coalesced per storage;
 - Goodbye, a fatal Error, end of stream or a lost connection close the session and fail every
   pending request with PeerError(peer, "disconnected", reason);
@@ -30,13 +32,21 @@ Once open, the session dispatches what arrives:
 
 Flow control, both ways (uvicorn keeps the same two small mechanisms):
 - Out: the TLS transport buffers up to WRITE_BUFFER_HIGH bytes; `pause_writing` /
-  `resume_writing` flip an Event that senders await only while the buffer is over the mark,
-  so a stream of small replies costs no `drain()` per message.
-- In: replies waiting for a slow stream consumer are counted (`buffered_bytes`). Over
-  STREAM_BUFFER_HIGH the session stops reading the socket (TCP then stops the sender) until
-  consumers bring it under STREAM_BUFFER_LOW. Reading also stops while a request waits for a
-  handler slot. So a fast peer makes this process hold at most STREAM_BUFFER_HIGH of replies
-  plus what one read completes (READ_SIZE, and a frame of up to MAX_FRAME_SIZE begun before).
+  `resume_writing` flip an Event that senders await, before they write, only while the
+  buffer is over the mark, so a stream of small replies costs no `drain()` per message, and
+  the buffer holds at most WRITE_BUFFER_HIGH plus one message (replies and Error replies
+  alike: a peer that sends requests and never reads the answers fills no memory of ours).
+- In: replies waiting for a slow stream consumer are counted (`buffered_bytes`, about the
+  memory their decoded objects take, not their frames). Over STREAM_BUFFER_HIGH the session
+  stops reading the socket (TCP then stops the sender) until consumers bring it under
+  STREAM_BUFFER_LOW. Reading also stops while requests wait for a handler slot and the peer
+  is not reading our replies (the write buffer is over its mark): it gets no further until it
+  reads. So a peer makes this process hold at most STREAM_BUFFER_HIGH of replies, the
+  requests in handlers and MAX_WAITING_BYTES waiting, plus what one read completes (READ_SIZE,
+  and a frame of up to MAX_FRAME_SIZE begun before).
+
+Reading does not stop just because requests wait for a slot: a handler may itself wait for a
+reply from the same peer (a SyncRequest makes us pull from it), and that reply must get in.
 
 The price of one TCP stream without per-request windows: while reading is stopped, nothing
 else arrives either. A stream consumer must keep taking its replies; one that stops to wait
@@ -69,8 +79,10 @@ from ironsync.protocol import (
     ChangeNotice,
     ChunkData,
     ChunkList,
+    ChunkRefs,
     Connection,
     Error,
+    GetChunks,
     Goodbye,
     Hello,
     IndexPage,
@@ -81,6 +93,7 @@ from ironsync.protocol import (
     Request,
     Role,
     State,
+    SyncRequest,
 )
 from ironsync.protocol.limits import CHUNK_REF_SIZE, MAX_TEXT_LEN, KiB, MiB
 from ironsync.sync.link import PeerError, RequestHandler
@@ -106,7 +119,13 @@ STREAM_BUFFER_LOW = 4 * MiB
 """... and at or below which it reads again."""
 
 MAX_HANDLERS = 16
-"""Peer requests handled at once; the next one waits, and reading stops meanwhile."""
+"""Peer requests handled at once; the next ones wait for a slot."""
+
+MAX_WAITING_REQUESTS = 256
+"""Peer requests waiting for a handler slot; one more is answered with Error "busy"."""
+
+MAX_WAITING_BYTES = 8 * MiB
+"""... and the memory those waiting requests may take (see `_held_size`)."""
 
 MAX_PENDING_NOTICES = 1024
 """Storages with an undelivered ChangeNotice; notices for more storages are dropped."""
@@ -191,6 +210,7 @@ class PeerSession(asyncio.BufferedProtocol):
         self._reading = True
         # In: the peer's requests and notices.
         self._waiting_requests: deque[Request] = deque()
+        self._waiting_bytes = 0
         self._handlers = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._notices: dict[str, ChangeNotice] = {}
@@ -315,9 +335,13 @@ class PeerSession(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._can_write.clear()
+        if self._open:
+            self._update_reading()
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self._open:
+            self._update_reading()
 
     # --- establishing ------------------------------------------------------------------------
 
@@ -429,11 +453,23 @@ class PeerSession(asyncio.BufferedProtocol):
             if sink is not None:
                 sink.deliver(message)
         elif isinstance(message, Request):
+            size = _held_size(message)
             if self._handlers < MAX_HANDLERS:
                 self._start_handler(message)
-            else:
+            elif (
+                len(self._waiting_requests) < MAX_WAITING_REQUESTS
+                and self._waiting_bytes + size <= MAX_WAITING_BYTES
+            ):
                 self._waiting_requests.append(message)
+                self._waiting_bytes += size
                 self._update_reading()
+            else:
+                self._reply_error(
+                    message.request_id,
+                    "busy",
+                    f"{MAX_HANDLERS} requests are being handled and "
+                    f"{len(self._waiting_requests)} wait; send fewer at once",
+                )
         elif isinstance(message, ChangeNotice):
             self._queue_notice(message)
         elif isinstance(message, Goodbye):
@@ -444,7 +480,9 @@ class PeerSession(asyncio.BufferedProtocol):
             wanted = self._buffered < STREAM_BUFFER_HIGH
         else:
             wanted = self._buffered <= STREAM_BUFFER_LOW
-        self._set_reading(wanted and self._open and not self._waiting_requests)
+        # Requests pile up and the peer does not read the answers: it gets no further.
+        stuck = bool(self._waiting_requests) and not self._can_write.is_set()
+        self._set_reading(wanted and self._open and not stuck)
 
     def _set_reading(self, wanted: bool) -> None:
         if wanted == self._reading or self._closed:
@@ -481,22 +519,36 @@ class PeerSession(asyncio.BufferedProtocol):
     async def _serve_request(self, request: Request) -> None:
         request_id = request.request_id
         try:
-            await self._handler.handle(self, request, _Responder(self, request_id))
-        except PeerError as exc:
-            log.debug("%s: %s refused: %s", self._who(), type(request).__name__, exc)
-            self._reply_error(request_id, exc.code, exc.message)
-        except Exception as exc:
-            log.exception("%s: handler failed on %r", self._who(), request)
-            self._reply_error(request_id, "internal", f"{type(exc).__name__}: {exc}")
-        else:
-            if request_id in self._conn.their_requests_in_flight and not self._closed:
-                log.error("%s: handler sent no final reply to %r", self._who(), request)
-                self._reply_error(request_id, "internal", "the handler sent no final reply")
+            failure = await self._run_handler(request)
+            del request  # not held while the reply waits for the peer to read
+            if failure is not None:
+                self._reply_error(request_id, *failure)
+                # The slot is kept until the peer reads: errors are flow-controlled too.
+                while not self._can_write.is_set() and not self._closed:
+                    await self._can_write.wait()
         finally:
             self._handlers -= 1
             if self._waiting_requests and not self._closed:
-                self._start_handler(self._waiting_requests.popleft())
+                waiting = self._waiting_requests.popleft()
+                self._waiting_bytes -= _held_size(waiting)
+                self._start_handler(waiting)
                 self._update_reading()
+
+    async def _run_handler(self, request: Request) -> tuple[str, str] | None:
+        """Run the handler; the (code, message) of the Error to send if it did not answer."""
+        request_id = request.request_id
+        try:
+            await self._handler.handle(self, request, _Responder(self, request_id))
+        except PeerError as exc:
+            log.debug("%s: %s refused: %s", self._who(), type(request).__name__, exc)
+            return exc.code, exc.message
+        except Exception as exc:
+            log.exception("%s: handler failed on %r", self._who(), request)
+            return "internal", f"{type(exc).__name__}: {exc}"
+        if request_id in self._conn.their_requests_in_flight and not self._closed:
+            log.error("%s: handler sent no final reply to %r", self._who(), request)
+            return "internal", "the handler sent no final reply"
+        return None
 
     def _reply_error(self, request_id: int, code: str, message: str) -> None:
         if self._closed or request_id not in self._conn.their_requests_in_flight:
@@ -542,10 +594,11 @@ class PeerSession(asyncio.BufferedProtocol):
         self.bytes_out += sum(map(len, buffers))
 
     async def _send(self, message: Message) -> None:
-        """Write one message, then wait while the transport's buffer is over its mark."""
-        self._write(message)
-        if not self._can_write.is_set():
+        """Wait while the transport's buffer is over its mark, then write one message. (All
+        waiting senders wake together; each looks again, so only one writes past the mark.)"""
+        while not self._can_write.is_set():
             await self._drain()
+        self._write(message)
 
     async def _drain(self) -> None:
         await self._can_write.wait()
@@ -596,6 +649,7 @@ class PeerSession(asyncio.BufferedProtocol):
         for sink in pending.values():
             sink.fail(error)
         self._waiting_requests.clear()
+        self._waiting_bytes = 0
         self._notices.clear()
         current = asyncio.current_task()
         for task in list(self._tasks):
@@ -670,7 +724,7 @@ class _ReplyQueue:
     def deliver(self, reply: Reply) -> None:
         if self.done:
             return  # abandoned by the consumer
-        size = _buffered_size(reply)
+        size = _held_size(reply)
         self._replies.append((reply, size))
         self._buffered += size
         self.session._hold(size)
@@ -750,17 +804,23 @@ class _ReplyStream:
             self._queue.abandon()
 
 
-def _buffered_size(reply: Reply) -> int:
-    """About the size of `reply`'s frame: what waiting for its consumer holds in memory."""
-    if isinstance(reply, ChunkData):
-        return 64 + len(reply.data)
-    if isinstance(reply, IndexPage):
-        return 64 + sum(
-            48 + len(e.path) + len(e.version) + len(e.modified_by) for e in reply.entries
+def _held_size(message: Message) -> int:
+    """About the memory `message` takes once decoded (measured with tracemalloc: a ChunkRef
+    ~140 bytes, or 28 packed in a received ChunkRefs; an IndexEntry ~380 plus its strings),
+    which is what waiting for a consumer or a handler holds: a frame of index entries costs
+    5 to 7 times less than its objects."""
+    if isinstance(message, ChunkData):
+        return 64 + len(message.data)
+    if isinstance(message, IndexPage):
+        return 256 + sum(
+            384 + len(e.path) + len(e.version) + len(e.modified_by) for e in message.entries
         )
-    if isinstance(reply, ChunkList):
-        return 64 + len(reply.path) + CHUNK_REF_SIZE * len(reply.chunks)
-    return 256
+    if isinstance(message, ChunkList | GetChunks):
+        per_ref = CHUNK_REF_SIZE if isinstance(message.chunks, ChunkRefs) else 144
+        return 256 + len(message.path) + per_ref * len(message.chunks)
+    if isinstance(message, SyncRequest):
+        return 256 + sum(64 + len(alias) for alias in message.storages)
+    return 256 + sum(len(getattr(message, name, "")) for name in ("path", "storage"))
 
 
 def _format_address(peername: object) -> str:

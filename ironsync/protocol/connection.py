@@ -39,6 +39,11 @@ Throughput: received bytes are kept as the objects the I/O layer passed in, not 
 one growing buffer. A frame that lies within one of them is decoded from a memoryview slice;
 a frame that spans several is joined once. ChunkData.data is a slice of its frame. On the
 way out, `send_buffers` returns a ChunkData's bytes untouched after a small header.
+
+Memory: what is buffered costs about its size, however the peer cuts it. Pieces smaller than
+SMALL_PIECE are copied into one growing tail rather than kept each as an object of its own (a
+peer trickling a frame in one-byte TLS records would otherwise cost ~300 bytes of bookkeeping
+per byte: gigabytes for one MAX_FRAME_SIZE frame).
 """
 
 import enum
@@ -52,6 +57,7 @@ from ironsync.protocol.limits import (
     MAX_FRAME_SIZE,
     MAX_IN_FLIGHT,
     MAX_REQUEST_ID,
+    KiB,
 )
 from ironsync.protocol.messages import (
     ChangeNotice,
@@ -160,21 +166,41 @@ def _key_name(key: TransitionKey) -> str:
     return key if isinstance(key, str) else key.__name__
 
 
-class _ReceiveBuffer:
-    """Received bytes, kept as the caller's objects and consumed from the front."""
+SMALL_PIECE = 16 * KiB
+"""Received pieces smaller than this are copied into the buffer's tail (see Memory above)."""
 
-    __slots__ = ("_pieces", "_size")
+
+class _ReceiveBuffer:
+    """Received bytes, consumed from the front: large pieces kept as the caller's objects,
+    small ones gathered in a tail that is sealed into a piece when it grows large or when a
+    frame needs its bytes."""
+
+    __slots__ = ("_pieces", "_size", "_tail")
 
     def __init__(self) -> None:
         self._pieces: deque[memoryview] = deque()
         self._size = 0
+        self._tail = bytearray()
 
     def __len__(self) -> int:
         return self._size
 
-    def append(self, data: bytes) -> None:
-        self._pieces.append(memoryview(data))
-        self._size += len(data)
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        size = len(data)
+        if size < SMALL_PIECE:
+            self._tail += data
+            if len(self._tail) >= SMALL_PIECE:
+                self._seal()
+        else:
+            self._seal()
+            # Keep the caller's bytes object itself (no copy); copy anything mutable.
+            self._pieces.append(memoryview(data if type(data) is bytes else bytes(data)))
+        self._size += size
+
+    def _seal(self) -> None:
+        if self._tail:
+            self._pieces.append(memoryview(bytes(self._tail)))
+            self._tail = bytearray()
 
     def peek(self, size: int) -> bytes:
         """The first `size` bytes (there must be that many), left in place."""
@@ -182,11 +208,14 @@ class _ReceiveBuffer:
         for piece in self._pieces:
             out += piece[: size - len(out)]
             if len(out) == size:
-                break
+                return bytes(out)
+        out += self._tail[: size - len(out)]
         return bytes(out)
 
     def take(self, size: int) -> memoryview:
         """Remove and return the first `size` bytes (there must be that many)."""
+        if self._size - len(self._tail) < size:
+            self._seal()
         head = self._pieces[0]
         if len(head) >= size:
             taken = head[:size]
@@ -255,8 +284,7 @@ class Connection:
         if not data:
             self._eof = True
             return
-        # Keep the caller's bytes object itself (no copy); copy anything mutable.
-        self._received.append(data if type(data) is bytes else bytes(data))
+        self._received.append(data)
 
     def next_event(self) -> Message | Marker:
         """The next message from the peer, NEED_DATA, or CONNECTION_CLOSED.

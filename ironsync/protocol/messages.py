@@ -17,10 +17,11 @@ the same constructors, so a peer cannot get past these checks either.
 """
 
 import re
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 from ironsync.protocol.errors import LocalProtocolError
 from ironsync.protocol.limits import (
@@ -183,6 +184,99 @@ class ChunkRef(_Validated):
         _check_int("offset", self.offset, 0, MAX_INT64)
         _check_int("length", self.length, 0, MAX_CHUNK_SIZE)
         _check_hash("hash", self.hash)
+
+
+CHUNK_REF_RECORD = struct.Struct(f">QI{HASH_SIZE}s")
+"""One ChunkRef on the wire: offset u64, length u32, hash, big-endian (see wire.py)."""
+
+
+class ChunkRefs(Sequence[ChunkRef]):
+    """ChunkRefs kept as their packed wire records (CHUNK_REF_RECORD), each validated as a
+    ChunkRef would be, a ChunkRef built only when one is looked at.
+
+    The decoder gives GetChunks.chunks and ChunkList.chunks in this form, so a frame of
+    MAX_CHUNK_REFS refs costs the 7 MiB of its records rather than ~37 MiB of objects before
+    anyone had a chance to refuse it. It compares equal to a tuple of the same ChunkRefs.
+    """
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, packed: bytes | bytearray | memoryview) -> None:
+        packed = bytes(packed)
+        size = CHUNK_REF_RECORD.size
+        if len(packed) % size:
+            raise LocalProtocolError(
+                f"chunks must be a whole number of {size}-byte records, not {len(packed)} bytes"
+            )
+        # Fast path, from the high bytes of every record: no offset has its top bit set
+        # (> MAX_INT64) and no length reaches MAX_CHUNK_SIZE; else look at each record.
+        top_of_offsets = max(packed[0::size], default=0)
+        top_of_lengths = max(packed[8::size], default=0) << 8 | max(packed[9::size], default=0)
+        if top_of_offsets >= 0x80 or top_of_lengths >= MAX_CHUNK_SIZE >> 16:
+            for offset, length, _ in CHUNK_REF_RECORD.iter_unpack(packed):
+                _check_int("offset", offset, 0, MAX_INT64)
+                _check_int("length", length, 0, MAX_CHUNK_SIZE)
+        self._packed = packed
+
+    @classmethod
+    def of(cls, refs: Sequence[ChunkRef]) -> "ChunkRefs":
+        if isinstance(refs, ChunkRefs):
+            return refs
+        pack = CHUNK_REF_RECORD.pack
+        return cls(b"".join([pack(ref.offset, ref.length, ref.hash) for ref in refs]))
+
+    @property
+    def packed(self) -> bytes:
+        """The wire records, ready to send."""
+        return self._packed
+
+    def __len__(self) -> int:
+        return len(self._packed) // CHUNK_REF_RECORD.size
+
+    @overload
+    def __getitem__(self, index: int) -> ChunkRef: ...
+    @overload
+    def __getitem__(self, index: slice) -> "ChunkRefs": ...
+    def __getitem__(self, index: int | slice) -> "ChunkRef | ChunkRefs":
+        size = CHUNK_REF_RECORD.size
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return ChunkRefs.of([self[i] for i in range(start, stop, step)])
+            return ChunkRefs(self._packed[start * size : max(start, stop) * size])
+        count = len(self)
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("ChunkRefs index out of range")
+        return ChunkRef(*CHUNK_REF_RECORD.unpack_from(self._packed, index * size))
+
+    def __iter__(self) -> Iterator[ChunkRef]:
+        for record in CHUNK_REF_RECORD.iter_unpack(self._packed):
+            yield ChunkRef(*record)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ChunkRefs):
+            return self._packed == other._packed
+        if isinstance(other, tuple | list):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"ChunkRefs({list(self)!r})" if len(self) <= 4 else f"ChunkRefs(<{len(self)}>)"
+
+
+def _chunk_refs(value: object) -> Sequence[ChunkRef]:
+    if isinstance(value, ChunkRefs):
+        if len(value) > MAX_CHUNK_REFS:
+            raise LocalProtocolError(
+                f"chunks must have at most {MAX_CHUNK_REFS} items, not {len(value)}"
+            )
+        return value
+    return _as_tuple("chunks", value, ChunkRef, MAX_CHUNK_REFS)
 
 
 # --- message kinds ---------------------------------------------------------------------------
@@ -400,7 +494,7 @@ class ChunkList(Reply):
         _check_name("storage", self.storage)
         _check_name("path", self.path, MAX_PATH_LEN)
         _check_hash("file_hash", self.file_hash)
-        _set(self, "chunks", _as_tuple("chunks", self.chunks, ChunkRef, MAX_CHUNK_REFS))
+        _set(self, "chunks", _chunk_refs(self.chunks))
         _check_bool("more", self.more)
 
 
@@ -417,7 +511,7 @@ class GetChunks(Request):
         _check_name("storage", self.storage)
         _check_name("path", self.path, MAX_PATH_LEN)
         _check_hash("file_hash", self.file_hash)
-        _set(self, "chunks", _as_tuple("chunks", self.chunks, ChunkRef, MAX_CHUNK_REFS))
+        _set(self, "chunks", _chunk_refs(self.chunks))
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -28,7 +28,7 @@ Type codes (TYPE_CODES below) are part of the contract: never reuse or renumber 
 """
 
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -37,7 +37,6 @@ import msgpack
 from ironsync.protocol.errors import LocalProtocolError, RemoteProtocolError
 from ironsync.protocol.limits import (
     CHUNK_REF_SIZE,
-    HASH_SIZE,
     MAX_CHUNK_REFS,
     MAX_FRAME_SIZE,
     MAX_INDEX_PAGE_ENTRIES,
@@ -47,10 +46,12 @@ from ironsync.protocol.limits import (
     KiB,
 )
 from ironsync.protocol.messages import (
+    CHUNK_REF_RECORD,
     ChangeNotice,
     ChunkData,
     ChunkList,
     ChunkRef,
+    ChunkRefs,
     ChunksDone,
     Error,
     GetChunkList,
@@ -70,7 +71,7 @@ from ironsync.protocol.messages import (
 Buffer = bytes | memoryview
 
 FRAME_HEADER = struct.Struct(">I")
-CHUNK_REF = struct.Struct(f">QI{HASH_SIZE}s")
+CHUNK_REF = CHUNK_REF_RECORD
 assert CHUNK_REF.size == CHUNK_REF_SIZE
 
 TYPE_CODES: dict[type[Message], int] = {
@@ -133,9 +134,8 @@ def _entries_to_wire(entries: tuple[IndexEntry, ...]) -> list[list[Any]]:
     return [_entry_to_wire(entry) for entry in entries]
 
 
-def _chunk_refs_to_wire(chunks: tuple[ChunkRef, ...]) -> bytes:
-    pack = CHUNK_REF.pack
-    return b"".join([pack(chunk.offset, chunk.length, chunk.hash) for chunk in chunks])
+def _chunk_refs_to_wire(chunks: Sequence[ChunkRef]) -> bytes:
+    return ChunkRefs.of(chunks).packed
 
 
 def _hashes_to_wire(hashes: Mapping[str, bytes]) -> dict[str, bytes]:
@@ -208,7 +208,7 @@ def _entries_from_wire(value: Any) -> tuple[IndexEntry, ...]:
     return tuple(entries)
 
 
-def _chunk_refs_from_wire(value: Any) -> tuple[ChunkRef, ...]:
+def _chunk_refs_from_wire(value: Any) -> ChunkRefs:
     if not isinstance(value, bytes):
         raise RemoteProtocolError(f"chunks must be a bin, not {type(value).__name__}")
     if len(value) % CHUNK_REF_SIZE:
@@ -216,7 +216,7 @@ def _chunk_refs_from_wire(value: Any) -> tuple[ChunkRef, ...]:
             f"chunks must be a whole number of {CHUNK_REF_SIZE}-byte records, "
             f"not {len(value)} bytes"
         )
-    return tuple(ChunkRef(*record) for record in CHUNK_REF.iter_unpack(value))
+    return ChunkRefs(value)  # validated, not unpacked into objects
 
 
 _FIELD_FROM_WIRE: dict[str, Callable[[Any], Any]] = {

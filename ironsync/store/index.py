@@ -6,13 +6,16 @@ the layers above and handed down as values; every write goes through `Database.a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 from ironsync.chunking import ChunkInfo
-from ironsync.scan import KnownStat, Stat
+from ironsync.scan import RACY_WINDOW_NS, UNTRUSTED_MODE, KnownRow, KnownStat, Stat
 from ironsync.store.database import Database
+
+_PATHS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,30 @@ def live_count(db: Database, storage_id: int) -> int:
 
 # --- files ---------------------------------------------------------------------------------
 
+# The writes of a local change, shared with `store.batch` (the same rows, many at a time).
+LIVE_FILE_UPSERT = (
+    "INSERT INTO files (storage_id, path, size, mtime_ns, ctime_ns, inode, mode, hash,"
+    " deleted, version, modified_by, sequence, indexed_at_ns)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+    " ON CONFLICT (storage_id, path) DO UPDATE SET"
+    " size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns,"
+    " inode = excluded.inode, mode = excluded.mode, hash = excluded.hash, deleted = 0,"
+    " version = excluded.version, modified_by = excluded.modified_by,"
+    " sequence = excluded.sequence, indexed_at_ns = excluded.indexed_at_ns"
+    " RETURNING id"
+)
+TOMBSTONE_UPSERT = (
+    "INSERT INTO files (storage_id, path, size, mtime_ns, mode, hash, deleted, version,"
+    " modified_by, sequence) VALUES (?, ?, 0, 0, 0, NULL, 1, ?, ?, ?)"
+    " ON CONFLICT (storage_id, path) DO UPDATE SET size = 0, mtime_ns = 0, ctime_ns = 0,"
+    " inode = 0, mode = 0, hash = NULL, deleted = 1, version = excluded.version,"
+    " modified_by = excluded.modified_by, sequence = excluded.sequence,"
+    " indexed_at_ns = 0 RETURNING id"
+)
+STAT_REFRESH = "UPDATE files SET ctime_ns = ?, inode = ?, indexed_at_ns = ? WHERE id = ?"
+CHUNKS_DELETE = "DELETE FROM chunks WHERE file_id = ?"
+CHUNK_INSERT = "INSERT INTO chunks (file_id, idx, offset, length, hash) VALUES (?, ?, ?, ?, ?)"
+
 
 def known_stats(db: Database, storage_id: int) -> dict[str, KnownStat]:
     """Stat fields of every live file, for the scanner's no-change test."""
@@ -135,6 +162,17 @@ def known_stats(db: Database, storage_id: int) -> dict[str, KnownStat]:
             (storage_id,),
         )
     }
+
+
+def known_rows(db: Database, storage_id: int) -> dict[str, KnownRow]:
+    """`known_stats` as plain tuples, the racy test made here: the scanner's fast form."""
+    rows = db.conn.execute(
+        "SELECT path, size, mtime_ns, ctime_ns, inode,"
+        " CASE WHEN mtime_ns < indexed_at_ns - ? THEN mode ELSE ? END"
+        " FROM files WHERE storage_id = ? AND deleted = 0",
+        (RACY_WINDOW_NS, UNTRUSTED_MODE, storage_id),
+    ).fetchall()
+    return dict(zip(map(itemgetter(0), rows), rows, strict=True))  # ~20% faster than a loop
 
 
 def known_stat(db: Database, storage_id: int, path: str) -> KnownStat | None:
@@ -155,6 +193,21 @@ def get_file(db: Database, storage_id: int, path: str) -> FileRow | None:
         (storage_id, path),
     )
     return None if row is None else _file_row(row)
+
+
+def get_files(db: Database, storage_id: int, paths: Iterable[str]) -> dict[str, FileRow]:
+    """`get_file` for many paths at once: path -> row, for those the index has."""
+    wanted = list(paths)
+    found: dict[str, FileRow] = {}
+    for start in range(0, len(wanted), _PATHS_PER_QUERY):
+        batch = wanted[start : start + _PATHS_PER_QUERY]
+        marks = ", ".join("?" * len(batch))
+        for row in db.conn.execute(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND path IN ({marks})",
+            (storage_id, *batch),
+        ):
+            found[row[2]] = _file_row(row)
+    return found
 
 
 def files_with_hash(db: Database, storage_id: int, content_hash: bytes) -> list[FileRow]:
@@ -181,15 +234,7 @@ def put_live_file(
     sequence = next_sequence(db, storage_id)
     file_id = int(
         db.scalar(
-            "INSERT INTO files (storage_id, path, size, mtime_ns, ctime_ns, inode, mode, hash,"
-            " deleted, version, modified_by, sequence, indexed_at_ns)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
-            " ON CONFLICT (storage_id, path) DO UPDATE SET"
-            " size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns,"
-            " inode = excluded.inode, mode = excluded.mode, hash = excluded.hash, deleted = 0,"
-            " version = excluded.version, modified_by = excluded.modified_by,"
-            " sequence = excluded.sequence, indexed_at_ns = excluded.indexed_at_ns"
-            " RETURNING id",
+            LIVE_FILE_UPSERT,
             (
                 storage_id,
                 path,
@@ -212,10 +257,7 @@ def put_live_file(
 
 def refresh_stat(db: Database, file_id: int, stat: Stat, indexed_at_ns: int) -> None:
     """Same content, same version: only the stat fields the no-change test uses moved."""
-    db.execute(
-        "UPDATE files SET ctime_ns = ?, inode = ?, indexed_at_ns = ? WHERE id = ?",
-        (stat.ctime_ns, stat.inode, indexed_at_ns, file_id),
-    )
+    db.execute(STAT_REFRESH, (stat.ctime_ns, stat.inode, indexed_at_ns, file_id))
 
 
 def put_tombstone(
@@ -223,36 +265,28 @@ def put_tombstone(
 ) -> int:
     """Record that `path` is deleted (new version): takes a new sequence, drops its chunks."""
     sequence = next_sequence(db, storage_id)
-    file_id = int(
-        db.scalar(
-            "INSERT INTO files (storage_id, path, size, mtime_ns, mode, hash, deleted, version,"
-            " modified_by, sequence) VALUES (?, ?, 0, 0, 0, NULL, 1, ?, ?, ?)"
-            " ON CONFLICT (storage_id, path) DO UPDATE SET size = 0, mtime_ns = 0, ctime_ns = 0,"
-            " inode = 0, mode = 0, hash = NULL, deleted = 1, version = excluded.version,"
-            " modified_by = excluded.modified_by, sequence = excluded.sequence,"
-            " indexed_at_ns = 0 RETURNING id",
-            (storage_id, path, version, modified_by, sequence),
-        )
-    )
-    db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+    file_id = int(db.scalar(TOMBSTONE_UPSERT, (storage_id, path, version, modified_by, sequence)))
+    db.execute(CHUNKS_DELETE, (file_id,))
     return file_id
 
 
 def replace_chunks(db: Database, file_id: int, chunks: Iterable[ChunkInfo]) -> None:
-    db.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+    db.execute(CHUNKS_DELETE, (file_id,))
     db.conn.executemany(
-        "INSERT INTO chunks (file_id, idx, offset, length, hash) VALUES (?, ?, ?, ?, ?)",
-        ((file_id, i, c.offset, c.length, c.hash) for i, c in enumerate(chunks)),
+        CHUNK_INSERT, ((file_id, i, c.offset, c.length, c.hash) for i, c in enumerate(chunks))
     )
 
 
 def chunks_of(db: Database, file_id: int) -> list[ChunkInfo]:
-    return [
-        ChunkInfo(offset, length, chunk_hash)
-        for offset, length, chunk_hash in db.conn.execute(
-            "SELECT offset, length, hash FROM chunks WHERE file_id = ? ORDER BY idx", (file_id,)
-        )
-    ]
+    return list(iter_chunks(db, file_id))
+
+
+def iter_chunks(db: Database, file_id: int) -> Iterator[ChunkInfo]:
+    """`chunks_of` one at a time, for a file with too many to hold (finish before writing)."""
+    for offset, length, chunk_hash in db.conn.execute(
+        "SELECT offset, length, hash FROM chunks WHERE file_id = ? ORDER BY idx", (file_id,)
+    ):
+        yield ChunkInfo(offset, length, chunk_hash)
 
 
 def adopt_version(

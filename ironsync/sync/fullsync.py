@@ -22,11 +22,23 @@ Each node only ever changes its own disk. A full sync between this node and a pe
 
 Every change applied here takes a new local sequence number, so a third node that syncs with
 us later receives it: a node relays what it learned from one peer to another.
+
+Locking: `apply_lock` serializes what changes this node's index and disk: deciding a path and
+acting on it locally, the switch of a pulled file into place (`pull_file`'s `switch_lock`),
+scans and the watcher's updates. It is never held while waiting on a peer: a peer that answers
+slowly, or not at all, delays only its own pulls, never another peer's or a scan. A decision
+whose pull waited on the peer is checked again under the lock before anything is replaced
+(the disk as `expected`, the index row unchanged), and abandoned for the next round otherwise.
+
+Scans (`scan_fresh`) run in a thread with their own database connection, under `apply_lock`,
+coalesced (ironsync.sync.coalesce): at most one at a time, and whoever asks during one waits
+for the next, which starts after the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -34,6 +46,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
 
 from ironsync.config import Config, Storage
 from ironsync.ignore import IgnoreRules
@@ -54,13 +67,14 @@ from ironsync.reconcile import (
     VersionVector,
     reconcile,
 )
-from ironsync.scan import Stat
-from ironsync.store import Database, index, peers
+from ironsync.scan import KnownStat, Stat
+from ironsync.store import Database, index, open_database, peers
 from ironsync.store import events as ev
+from ironsync.sync.coalesce import Coalescer
 from ironsync.sync.link import PeerError, PeerLink
 from ironsync.sync.local import StorageUnavailable, rescan_paths, scan_storage
 from ironsync.sync.paths import UnsafePath, check_peer_path, resolve_inside
-from ironsync.sync.transfer import pull_file
+from ironsync.sync.transfer import IO_ERROR, pull_file
 from ironsync.sync.versions import keep_version
 
 log = logging.getLogger(__name__)
@@ -68,6 +82,15 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 6
 PULL_CONCURRENCY = 6  # files in flight during one pull pass
 PLACEHOLDER_ID = 1  # the session stamps the real request id
+
+
+class PendingPull(NamedTuple):
+    """A pull decided under `apply_lock` and run later without it: what the decision saw."""
+
+    path: str
+    target: ResolvedFile
+    decided: index.FileRow | None  # the local row then
+    expected: KnownStat | None  # the local file then
 
 
 class PeerViolation(Exception):
@@ -123,6 +146,7 @@ class SyncOutcome:
     peer_changed: int = 0
     divergent: list[str] = field(default_factory=list)  # storages still differing
     error: str | None = None
+    violation: str | None = None  # what the peer sent that no honest node does
 
 
 class SyncProgress:
@@ -148,28 +172,55 @@ class SyncEngine:
         self.node_id = config.node_id
         self.progress = progress or SyncProgress()
         self.clock = clock
-        # Pull passes apply changes one at a time; never held while waiting on a peer's pull.
+        # Local changes one at a time; never held while waiting on a peer (module docstring).
         self.apply_lock = asyncio.Lock()
+        self._scans: Coalescer[list[str]] = Coalescer(self._scan_job)
 
     # --- the loop --------------------------------------------------------------------------
 
     def storages_for(self, names: tuple[str, ...] | list[str] | None) -> list[Storage]:
         return [s for s in self.config.storages if not names or s.name in names]
 
-    def scan(self, names: tuple[str, ...] | list[str] | None = None) -> list[str]:
-        """Scan the given storages (all by default); returns those that could not be."""
+    def scan(
+        self, names: tuple[str, ...] | list[str] | None = None, *, db: Database | None = None
+    ) -> list[str]:
+        """Scan the given storages (all by default), here and now, through `db` (default: the
+        engine's); returns those that could not be. See `scan_fresh` for the event loop."""
+        db = self.db if db is None else db
         unavailable = []
         for storage in self.storages_for(names):
             try:
-                scan_storage(self.db, self.node_id, storage, clock=self.clock)
+                scan_storage(db, self.node_id, storage, clock=self.clock)
             except StorageUnavailable as exc:
                 unavailable.append(storage.name)
-                with self.db.atomic():
+                with db.atomic():
                     ev.append_event(
-                        self.db, "error", storage=storage.name, status="error",
+                        db, "error", storage=storage.name, status="error",
                         detail={"reason": exc.reason},
                     )  # fmt: skip
         return unavailable
+
+    async def scan_fresh(self) -> list[str]:
+        """Scan every storage, off the event loop, and return once a scan that started after
+        this call has ended (coalesced: see the module docstring); returns the storages that
+        could not be scanned."""
+        return list(await self._scans.run())
+
+    async def _scan_job(self) -> list[str]:
+        async with self.apply_lock:
+            return await _in_thread(self._scan_with_own_connection)
+
+    def _scan_with_own_connection(self) -> list[str]:
+        # An apsw connection must not be shared between threads mid-transaction.
+        db = open_database(self.db.path, migrate=False)
+        try:
+            return self.scan(db=db)
+        finally:
+            db.close()
+
+    async def aclose(self) -> None:
+        """Stop a scan in progress (waiting for its thread to end)."""
+        await self._scans.aclose()
 
     def our_hashes(self, names: list[str]) -> dict[str, bytes]:
         result = {}
@@ -188,7 +239,7 @@ class SyncEngine:
         outcome = SyncOutcome(peer, converged=False, rounds=0, pulled=PullReport())
         with self.db.atomic():
             ev.append_event(self.db, "sync_started", peer=peer, detail={"storages": wanted})
-        unavailable = self.scan(wanted) if scan else []
+        unavailable = [n for n in await self.scan_fresh() if n in wanted] if scan else []
         wanted = [n for n in wanted if n not in unavailable]
         try:
             for round_no in range(1, MAX_ROUNDS + 1):
@@ -219,6 +270,8 @@ class SyncEngine:
                     break
         except (PeerError, PeerViolation) as exc:
             outcome.error = str(exc)
+            if isinstance(exc, PeerViolation):
+                outcome.violation = exc.reason
         if unavailable and outcome.error is None:
             outcome.error = f"storage(s) not scanned: {', '.join(unavailable)}"
         with self.db.atomic():
@@ -266,16 +319,16 @@ class SyncEngine:
     async def pull_from(self, link: PeerLink, names: list[str] | tuple[str, ...]) -> PullReport:
         """Fetch the peer's index for `names` and apply every decision that is ours to make."""
         report = PullReport()
-        async with self.apply_lock:
-            hashes_reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
-            assert isinstance(hashes_reply, StorageHashes)
-            for storage in self.storages_for(list(names)):
-                their_hash = hashes_reply.hashes.get(storage.name)
-                if their_hash is None:
-                    continue  # an alias the peer lacks
-                row = index.ensure_storage(self.db, storage.name, storage.root)
-                await self.fetch_index(link, row, their_hash)
-                report.add(await self.apply_storage(link, storage, row))
+        hashes_reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
+        assert isinstance(hashes_reply, StorageHashes)
+        for storage in self.storages_for(list(names)):
+            their_hash = hashes_reply.hashes.get(storage.name)
+            if their_hash is None:
+                continue  # an alias the peer lacks
+            row = index.ensure_storage(self.db, storage.name, storage.root)
+            # Only this peer's rows change here: no lock while the peer answers.
+            await self.fetch_index(link, row, their_hash)
+            report.add(await self.apply_storage(link, storage, row))
         return report
 
     async def fetch_index(self, link: PeerLink, row: index.StorageRow, their_hash: bytes) -> None:
@@ -339,7 +392,7 @@ class SyncEngine:
         # still here, in the file its deletion is about to remove. Plain pulls run a few at a
         # time, after the other decisions.
         deferred: list[str] = []
-        pulls: list[tuple[str, ResolvedFile]] = []
+        pulls: list[PendingPull] = []
         for path in paths:
             if rules.ignores_file(path):
                 report.ignored += 1
@@ -347,15 +400,21 @@ class SyncEngine:
             await self._apply_guarded(link, storage, row, path, report, deferred, pulls)
         moved_away: set[str] = set()
         remaining = []
-        for path, target in pulls:
-            if not self._move_locally(link, storage, row, path, target, deferred, moved_away):
-                remaining.append((path, target))
-            else:
-                report.changed += 1
+        async with self.apply_lock:
+            for pull in pulls:
+                if not _same_row(index.get_file(self.db, row.id, pull.path), pull.decided):
+                    report.changed += 1  # changed since the decision: decide again next round
+                elif self._move_locally(
+                    link, storage, row, pull.path, pull.target, deferred, moved_away
+                ):
+                    report.changed += 1
+                else:
+                    remaining.append(pull)
         await self._pull_many(link, storage, row, remaining, report)
         for path in deferred:
             if path in moved_away:
-                self._record_moved_away(link, row, path)
+                async with self.apply_lock:
+                    self._record_moved_away(link, row, path)
                 continue
             await self._apply_guarded(link, storage, row, path, report, None)
         return report
@@ -365,21 +424,24 @@ class SyncEngine:
         link: PeerLink,
         storage: Storage,
         row: index.StorageRow,
-        pulls: list[tuple[str, ResolvedFile]],
+        pulls: list[PendingPull],
         report: PullReport,
     ) -> None:
         """Pull several files at once (PULL_CONCURRENCY): round trips and fsyncs overlap."""
         gate = asyncio.Semaphore(PULL_CONCURRENCY)
 
-        async def one(path: str, target: ResolvedFile) -> None:
+        async def one(pull: PendingPull) -> None:
             async with gate:
                 try:
-                    await self._pull(link, storage, row, target, path, report)
+                    await self._pull(
+                        link, storage, row, pull.target, pull.path, report, pull.decided,
+                        pull.expected,
+                    )  # fmt: skip
                 except (UnsafePath, OSError) as exc:
                     reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
-                    report.failed.append((f"{storage.name}:{path}", reason))
+                    report.failed.append((f"{storage.name}:{pull.path}", reason))
 
-        tasks = [asyncio.create_task(one(path, target)) for path, target in pulls]
+        tasks = [asyncio.create_task(one(pull)) for pull in pulls]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -455,7 +517,7 @@ class SyncEngine:
         path: str,
         report: PullReport,
         deferred: list[str] | None,
-        pulls: list[tuple[str, ResolvedFile]] | None = None,
+        pulls: list[PendingPull] | None = None,
     ) -> None:
         try:
             await self.apply_path(link, storage, row, path, report, deferred, pulls)
@@ -465,10 +527,13 @@ class SyncEngine:
             report.failed.append((f"{storage.name}:{path}", f"unsafe: {exc.reason}"))
         except OSError as exc:
             report.failed.append((f"{storage.name}:{path}", exc.strerror or str(exc)))
+            name = errno.errorcode.get(exc.errno or 0, "")
+            reason = f"{name}: {exc.strerror}" if name and exc.strerror else str(exc)
             with self.db.atomic():
                 ev.append_event(
                     self.db, "write_failed", storage=storage.name, path=path,
-                    status="error", peer=link.peer_id, detail={"reason": str(exc)},
+                    status="error", peer=link.peer_id,
+                    detail={"reason": reason, "code": IO_ERROR},
                 )  # fmt: skip
 
     async def apply_path(
@@ -479,47 +544,55 @@ class SyncEngine:
         path: str,
         report: PullReport,
         deferred: list[str] | None = None,
-        pulls: list[tuple[str, ResolvedFile]] | None = None,
+        pulls: list[PendingPull] | None = None,
     ) -> None:
         """Decide one path and act. With `deferred`, a deletion is put there for later; with
-        `pulls`, so is a plain pull (the caller runs them together)."""
+        `pulls`, so is a plain pull (the caller runs them together).
+
+        The decision and every local action hold `apply_lock`; pulls do not (the switch of a
+        pulled file takes it again): see the module docstring."""
         peer = link.peer_id
-        local = index.get_file(self.db, row.id, path)
-        remote = peers.get_peer_file(self.db, peer, row.id, path)
-        if remote is None:
-            return  # only we have it: the peer pulls it when we send SyncRequest
-        local_state = None if local is None else _state(self.node_id, local)
-        plan = reconcile(local_state, [_peer_state(remote)], self.node_id)
-        if plan.local_action is LocalAction.NOTHING and not plan.conflict_copies:
-            return
-        if plan.local_action is LocalAction.DELETE_HERE and deferred is not None:
-            deferred.append(path)
-            return
-        plain_pull = plan.local_action is LocalAction.PULL and not plan.conflict_copies
-        if plain_pull and pulls is not None and peer in plan.target.sources:
-            pulls.append((path, plan.target))
-            return
-        if plan.is_conflict:
-            report.conflicts += 1
-            with self.db.atomic():
-                ev.append_event(
-                    self.db, "conflict", storage=storage.name, path=path, peer=peer,
-                    status="warning",
-                    detail={
-                        "winner": plan.target.modified_by,
-                        "copies": [c.path for c in plan.conflict_copies],
-                    },
-                )  # fmt: skip
-        # Losing contents first: nothing is replaced before its copy exists.
-        for copy in plan.conflict_copies:
-            if copy.path == plan.keep_local_as:
-                if not self._keep_local(storage, row, path, copy):
-                    report.failed.append((f"{storage.name}:{path}", "cannot keep local copy"))
-                    return
-                report.changed += 1
-            elif not await self._take_copy(link, storage, row, copy, report):
+        async with self.apply_lock:
+            local = index.get_file(self.db, row.id, path)
+            remote = peers.get_peer_file(self.db, peer, row.id, path)
+            if remote is None:
+                return  # only we have it: the peer pulls it when we send SyncRequest
+            local_state = None if local is None else _state(self.node_id, local)
+            plan = reconcile(local_state, [_peer_state(remote)], self.node_id)
+            if plan.local_action is LocalAction.NOTHING and not plan.conflict_copies:
                 return
-        await self._apply_target(link, storage, row, plan, report)
+            if plan.local_action is LocalAction.DELETE_HERE and deferred is not None:
+                deferred.append(path)
+                return
+            expected = index.known_stat(self.db, row.id, path)
+            plain_pull = plan.local_action is LocalAction.PULL and not plan.conflict_copies
+            if plain_pull and pulls is not None and peer in plan.target.sources:
+                pulls.append(PendingPull(path, plan.target, local, expected))
+                return
+            if plan.is_conflict:
+                report.conflicts += 1
+                with self.db.atomic():
+                    ev.append_event(
+                        self.db, "conflict", storage=storage.name, path=path, peer=peer,
+                        status="warning",
+                        detail={
+                            "winner": plan.target.modified_by,
+                            "copies": [c.path for c in plan.conflict_copies],
+                        },
+                    )  # fmt: skip
+            # Losing contents first: nothing is replaced before its copy exists.
+            for copy in plan.conflict_copies:
+                if copy.path == plan.keep_local_as:
+                    if not self._keep_local(storage, row, path, copy):
+                        report.failed.append((f"{storage.name}:{path}", "cannot keep local copy"))
+                        return
+                    report.changed += 1
+            local = index.get_file(self.db, row.id, path)
+        for copy in plan.conflict_copies:
+            remote_copy = copy.path != plan.keep_local_as
+            if remote_copy and not await self._take_copy(link, storage, row, copy, report):
+                return
+        await self._apply_target(link, storage, row, plan, report, local, expected)
 
     async def _apply_target(
         self,
@@ -528,7 +601,11 @@ class SyncEngine:
         row: index.StorageRow,
         plan: Plan,
         report: PullReport,
+        decided: index.FileRow | None,
+        expected: KnownStat | None,
     ) -> None:
+        """Carry out `plan.local_action`, decided when the local row was `decided` and the
+        index knew the file as `expected`."""
         target = plan.target
         path = plan.path
         action = plan.local_action
@@ -538,8 +615,27 @@ class SyncEngine:
         if action in (LocalAction.PULL, LocalAction.KEEP_LOCAL_THEN_PULL):
             if link.peer_id not in target.sources:
                 return  # another peer holds it; a later sync with that peer brings it
-            await self._pull(link, storage, row, target, path, report)
+            await self._pull(link, storage, row, target, path, report, decided, expected)
             return
+        async with self.apply_lock:
+            if not _same_row(index.get_file(self.db, row.id, path), decided):
+                report.changed += 1  # changed while a conflict copy was pulled: next round
+                return
+            self._apply_local(link, storage, row, plan, report, version)
+
+    def _apply_local(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        plan: Plan,
+        report: PullReport,
+        version: str,
+    ) -> None:
+        """The actions that need no peer; `apply_lock` is held."""
+        target = plan.target
+        path = plan.path
+        action = plan.local_action
         known = index.known_stat(self.db, row.id, path)
         if action is LocalAction.UPDATE_VERSION_ONLY:
             with self.db.atomic():
@@ -593,11 +689,20 @@ class SyncEngine:
         target: ResolvedFile,
         dest: str,
         report: PullReport,
+        decided: index.FileRow | None,
+        expected: KnownStat | None,
     ) -> bool:
-        expected = index.known_stat(self.db, row.id, dest)
+        """Pull `target` into `dest` without holding `apply_lock` while the peer answers; the
+        switch takes it, and goes ahead only if `dest` is still as decided."""
+        db = self.db
+
+        def still_as_decided() -> bool:
+            return _same_row(index.get_file(db, row.id, dest), decided)
+
         result = await pull_file(
             self.db, link, row, target, dest_path=dest, expected=expected, now_ns=self.clock,
-            keep_versions=self.config.keep_versions_days > 0,
+            keep_versions=self.config.keep_versions_days > 0, switch_lock=self.apply_lock,
+            still_valid=still_as_decided,
         )  # fmt: skip
         if result.ok:
             report.changed += 1
@@ -607,7 +712,8 @@ class SyncEngine:
             self.progress.file_done(storage.name, dest, target.size)
             return True
         if result.changed_locally:
-            rescan_paths(self.db, self.node_id, storage, [dest])
+            async with self.apply_lock:
+                rescan_paths(self.db, self.node_id, storage, [dest])
             report.changed += 1
         else:
             report.failed.append((f"{storage.name}:{dest}", result.reason or "failed"))
@@ -655,21 +761,25 @@ class SyncEngine:
         report: PullReport,
     ) -> bool:
         """Record a conflict copy whose content is elsewhere: pull it, as from any peer."""
-        existing = index.get_file(self.db, row.id, copy.path)
-        here = None if existing is None else _state(self.node_id, existing)
-        source = copy.sources[0] if copy.sources else link.peer_id
-        sub = reconcile(here, [copy.row_for(source)], self.node_id)
-        if sub.local_action is LocalAction.NOTHING:
-            return True
+        async with self.apply_lock:
+            existing = index.get_file(self.db, row.id, copy.path)
+            here = None if existing is None else _state(self.node_id, existing)
+            source = copy.sources[0] if copy.sources else link.peer_id
+            sub = reconcile(here, [copy.row_for(source)], self.node_id)
+            if sub.local_action is LocalAction.NOTHING:
+                return True
+            if sub.local_action is LocalAction.UPDATE_VERSION_ONLY:
+                with self.db.atomic():
+                    index.adopt_version(
+                        self.db, row.id, copy.path, version=sub.target.version.to_json(),
+                        modified_by=sub.target.modified_by,
+                    )  # fmt: skip
+                return True
+            expected = index.known_stat(self.db, row.id, copy.path)
         if sub.local_action is LocalAction.PULL and link.peer_id in copy.sources:
-            return await self._pull(link, storage, row, sub.target, copy.path, report)
-        if sub.local_action is LocalAction.UPDATE_VERSION_ONLY:
-            with self.db.atomic():
-                index.adopt_version(
-                    self.db, row.id, copy.path, version=sub.target.version.to_json(),
-                    modified_by=sub.target.modified_by,
-                )  # fmt: skip
-            return True
+            return await self._pull(
+                link, storage, row, sub.target, copy.path, report, existing, expected
+            )
         # The copy's content is on a node we are not talking to: keep ours, decide later.
         return False
 
@@ -700,6 +810,29 @@ def _peer_state(row: peers.PeerFileRow) -> FileState:
         deleted=row.deleted,
         modified_by=row.modified_by,
     )
+
+
+def _same_row(now: index.FileRow | None, then: index.FileRow | None) -> bool:
+    """Is the index row of a path still the one a decision saw?"""
+    if now is None or then is None:
+        return now is None and then is None
+    return (now.sequence, now.version, now.hash, now.deleted) == (
+        then.sequence, then.version, then.hash, then.deleted,
+    )  # fmt: skip
+
+
+_T = TypeVar("_T")
+
+
+async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking call in a thread. A cancellation waits for the call to end (the lock it
+    runs under is held until then), then propagates."""
+    task = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 def _disk_matches(full: os.PathLike[str] | str, stat: Stat) -> bool:

@@ -17,33 +17,39 @@ than record every file as deleted (and delete them on every peer).
 
 from __future__ import annotations
 
+import functools
+import itertools
+import json
 import logging
 import os
 import stat as stat_mod
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ironsync.chunking import Content
+from ironsync.chunking import ChunkInfo, Content
 from ironsync.config import Storage
 from ironsync.ignore import STATE_DIR, IgnoreRules
-from ironsync.reconcile import VersionVector, merge
 from ironsync.scan import (
+    SPOOL_FILE_BYTES,
+    UNTRUSTED_MODE,
+    ChunkSpool,
     Gone,
     Observed,
     Stat,
     Unreadable,
     hash_files,
-    is_trusted,
-    plan_scan,
+    plan_scan_rows,
 )
 from ironsync.store import Database, index
 from ironsync.store import events as ev
+from ironsync.store.batch import IndexBatch
 
 log = logging.getLogger(__name__)
 
-BATCH = 500  # changes per write transaction: short locks, few commits
+BATCH = 2000  # changes per write transaction (~50 ms of writes): short locks, few commits
+BATCH_CHUNKS = 20_000  # ... and chunks read but not yet written (~3 MB of chunk rows)
 _warned_symlinks: set[tuple[str, str]] = set()
 
 
@@ -126,8 +132,8 @@ def scan_storage(
     progress = progress or NoProgress()
     row = prepare_storage(db, storage)
     rules = IgnoreRules.load(storage.root)
-    known = index.known_stats(db, row.id)
-    plan = plan_scan(storage.root, known, rules, clock())
+    known = index.known_rows(db, row.id)
+    plan = plan_scan_rows(storage.root, known, rules)
     report = ScanReport(
         storage.name,
         unchanged=plan.unchanged,
@@ -137,16 +143,18 @@ def scan_storage(
     )
     _warn_symlinks(storage.name, plan.symlinks)
 
+    vanished_rows = index.get_files(db, row.id, plan.vanished)
     vanished_by_hash: dict[bytes, list[str]] = {}
     vanished_by_inode: dict[tuple[int, int, int], str] = {}
     for path in plan.vanished:
-        old = index.get_file(db, row.id, path)
+        old = vanished_rows.get(path)
         if old is not None and old.hash is not None and old.size > 0:
             vanished_by_hash.setdefault(old.hash, []).append(path)
-            st = known[path].stat
-            vanished_by_inode[(st.inode, st.size, st.mtime_ns)] = path
+            _, size, mtime_ns, _, inode, _ = known[path]
+            vanished_by_inode[(inode, size, mtime_ns)] = path
     moved_away: set[str] = set()
     pending: list[Observed | Gone] = []
+    pending_chunks = 0
 
     # A rename keeps the inode, size and mtime: recognise it without reading the file again
     # (a renamed 1 GiB file costs no hashing). A racy entry is read anyway.
@@ -155,25 +163,31 @@ def scan_storage(
         old_path = (
             None if path in known else vanished_by_inode.pop((st.inode, st.size, st.mtime_ns), None)
         )
-        old_known = known[old_path] if old_path else None
-        if old_path is None or old_known is None or not is_trusted(old_known):
+        trusted = old_path is not None and known[old_path][5] != UNTRUSTED_MODE
+        old_known = index.known_stat(db, row.id, old_path) if trusted else None
+        if old_path is None or old_known is None:
             to_hash.append((path, st))
             continue
-        old = index.get_file(db, row.id, old_path)
-        assert old is not None and old.hash is not None
-        content = Content(old.hash, old.size, tuple(index.chunks_of(db, old.id)))
+        old = vanished_rows[old_path]
+        assert old.hash is not None
+        content = Content(old.hash, old.size, _chunks_of(db, old))
         pending.append(Observed(path, st, content, old_known.indexed_at_ns))
 
     progress.begin(storage.name, len(to_hash), sum(st.size for _, st in to_hash))
 
     def flush() -> None:
+        if not pending:
+            return
         with db.atomic():
+            batch = IndexBatch(db, row)
+            batch.prefetch(item.path for item in pending)
             for item in pending:
-                change = _record_scanned(db, node_id, row, item, vanished_by_hash, moved_away)
+                change = _record_scanned(batch, node_id, item, vanished_by_hash, moved_away)
                 if change is not None:
                     report.changes.append(change)
                 elif isinstance(item, Observed):
                     report.unchanged += 1  # read again (racy or touched), same content
+            batch.write()
         pending.clear()
 
     for result in hash_files(storage.root, to_hash, progress.advance, clock):
@@ -182,18 +196,24 @@ def scan_storage(
             continue
         if isinstance(result, Observed):
             report.bytes_hashed += result.content.size
+            pending_chunks += len(result.content.chunks)
         pending.append(result)
-        if len(pending) >= BATCH:
+        if len(pending) >= BATCH or pending_chunks >= BATCH_CHUNKS:
             flush()
+            pending_chunks = 0
     flush()
     progress.end()
 
     with db.atomic():
-        for path in plan.vanished:
-            if path not in moved_away:
-                change = record_vanished(db, node_id, row, path)
+        vanished = [path for path in plan.vanished if path not in moved_away]
+        for start in range(0, len(vanished), BATCH):
+            batch = IndexBatch(db, row)
+            batch.prefetch(vanished[start : start + BATCH])
+            for path in vanished[start : start + BATCH]:
+                change = _record_vanished(batch, node_id, path)
                 if change is not None:
                     report.changes.append(change)
+            batch.write()
         for path, reason in report.unreadable:
             ev.append_event(
                 db, "skipped", storage=storage.name, path=path, status="warning",
@@ -205,24 +225,33 @@ def scan_storage(
     return report
 
 
+def _chunks_of(db: Database, row: index.FileRow) -> Sequence[ChunkInfo]:
+    """The indexed chunks of a file, kept for a rename (spooled if there are many)."""
+    if row.size <= SPOOL_FILE_BYTES:
+        return tuple(index.iter_chunks(db, row.id))
+    spool = ChunkSpool()
+    for chunk in index.iter_chunks(db, row.id):
+        spool.append(chunk)
+    return spool
+
+
 def _record_scanned(
-    db: Database,
+    batch: IndexBatch,
     node_id: str,
-    storage: index.StorageRow,
     item: Observed | Gone,
     vanished_by_hash: dict[bytes, list[str]],
     moved_away: set[str],
 ) -> Change | None:
     if isinstance(item, Gone):
-        return record_vanished(db, node_id, storage, item.path)
-    current = index.get_file(db, storage.id, item.path)
+        return _record_vanished(batch, node_id, item.path)
+    current = batch.get_file(item.path)
     is_new = current is None or current.deleted
     candidates = vanished_by_hash.get(item.content.hash) if is_new else None
     if candidates:
         old_path = candidates.pop(0)
         moved_away.add(old_path)
-        return record_moved(db, node_id, storage, old_path, item)
-    return record_observed(db, node_id, storage, item)
+        return _record_moved(batch, node_id, old_path, item)
+    return _record_observed(batch, node_id, item, current)
 
 
 def record_observed(
@@ -230,25 +259,10 @@ def record_observed(
 ) -> Change | None:
     """A file as read from disk: created, modified, or only its stat refreshed."""
     with db.atomic():
-        current = index.get_file(db, storage.id, seen.path)
-        if current is not None and not current.deleted:
-            same = (
-                current.hash == seen.content.hash
-                and current.size == seen.stat.size
-                and current.mtime_ns == seen.stat.mtime_ns
-                and current.mode == seen.stat.mode
-            )
-            if same:
-                index.refresh_stat(db, current.id, seen.stat, seen.indexed_at_ns)
-                return None
-        kind = "created" if current is None or current.deleted else "modified"
-        base = VersionVector.from_json(current.version) if current else VersionVector()
-        _put(db, node_id, storage, seen, base.bump(node_id))
-        detail = {"size": seen.stat.size, "hash": seen.content.hash.hex()}
-        if current is not None and not current.deleted and current.hash == seen.content.hash:
-            detail["content_changed"] = False
-        ev.append_event(db, kind, storage=storage.name, path=seen.path, detail=detail)
-        return Change(kind, seen.path)
+        batch = IndexBatch(db, storage)
+        change = _record_observed(batch, node_id, seen, batch.get_file(seen.path))
+        batch.write()
+    return change
 
 
 def record_vanished(
@@ -256,57 +270,107 @@ def record_vanished(
 ) -> Change | None:
     """A known file is not on disk any more: tombstone it."""
     with db.atomic():
-        current = index.get_file(db, storage.id, path)
-        if current is None or current.deleted:
-            return None
-        version = VersionVector.from_json(current.version).bump(node_id)
-        index.put_tombstone(db, storage.id, path, version=version.to_json(), modified_by=node_id)
-        ev.append_event(db, "deleted", storage=storage.name, path=path)
-        return Change("deleted", path)
+        batch = IndexBatch(db, storage)
+        change = _record_vanished(batch, node_id, path)
+        batch.write()
+    return change
 
 
 def record_moved(
     db: Database, node_id: str, storage: index.StorageRow, old_path: str, seen: Observed
 ) -> Change:
-    """`old_path` is now `seen.path`: the new path keeps (and bumps) the version history."""
+    """`old_path` is now `seen.path`: a new version at the new path, a tombstone at the old."""
     with db.atomic():
-        old = index.get_file(db, storage.id, old_path)
-        target = index.get_file(db, storage.id, seen.path)
-        old_version = VersionVector.from_json(old.version) if old else VersionVector()
-        base = old_version
-        if target is not None:  # a tombstone at the new path: dominate it too
-            base = merge(base, VersionVector.from_json(target.version))
-        _put(db, node_id, storage, seen, base.bump(node_id))
-        if old is not None and not old.deleted:
-            index.put_tombstone(
-                db, storage.id, old_path, version=old_version.bump(node_id).to_json(),
-                modified_by=node_id,
-            )  # fmt: skip
-        ev.append_event(
-            db, "moved", storage=storage.name, path=seen.path,
-            detail={"from": old_path, "size": seen.stat.size, "hash": seen.content.hash.hex()},
-        )  # fmt: skip
-        return Change("moved", seen.path, old_path)
+        batch = IndexBatch(db, storage)
+        change = _record_moved(batch, node_id, old_path, seen)
+        batch.write()
+    return change
 
 
-def _put(
-    db: Database,
-    node_id: str,
-    storage: index.StorageRow,
-    seen: Observed,
-    version: VersionVector,
-) -> None:
-    index.put_live_file(
-        db,
-        storage.id,
+# The index update itself, into a batch (`record_*` above write a batch of one).
+
+
+def _record_observed(
+    batch: IndexBatch, node_id: str, seen: Observed, current: index.FileRow | None
+) -> Change | None:
+    if current is not None and not current.deleted:
+        same = (
+            current.hash == seen.content.hash
+            and current.size == seen.stat.size
+            and current.mtime_ns == seen.stat.mtime_ns
+            and current.mode == seen.stat.mode
+        )
+        if same:
+            batch.refresh_stat(current.id, seen.stat, seen.indexed_at_ns)
+            return None
+    kind = "created" if current is None or current.deleted else "modified"
+    _put(batch, node_id, seen, _bumped(current.version if current else None, node_id))
+    same_content = current is not None and not current.deleted and current.hash == seen.content.hash
+    batch.append_event(kind, seen.path, _content_detail(seen, same_content))
+    return Change(kind, seen.path)
+
+
+def _record_vanished(batch: IndexBatch, node_id: str, path: str) -> Change | None:
+    current = batch.get_file(path)
+    if current is None or current.deleted:
+        return None
+    batch.put_tombstone(path, version=_bumped(current.version, node_id), modified_by=node_id)
+    batch.append_event("deleted", path)
+    return Change("deleted", path)
+
+
+def _record_moved(batch: IndexBatch, node_id: str, old_path: str, seen: Observed) -> Change:
+    from ironsync.reconcile import VersionVector  # only when something changed
+
+    old = batch.get_file(old_path)
+    target = batch.get_file(seen.path)
+    old_version = VersionVector.from_json(old.version) if old else VersionVector()
+    # Version counters belong to one path: the new path's version starts from what that path
+    # had (a tombstone, or nothing), never from the old path's. Carried over, they would make
+    # the moved file dominate a file another node created at that name meanwhile, which would
+    # then be replaced without a conflict (found by bin/soak, seed 1101). The move itself is in
+    # the `moved` event and `ironsync history`.
+    base = VersionVector.from_json(target.version) if target is not None else VersionVector()
+    _put(batch, node_id, seen, base.bump(node_id).to_json())
+    if old is not None and not old.deleted:
+        batch.put_tombstone(
+            old_path, version=old_version.bump(node_id).to_json(), modified_by=node_id
+        )
+    detail = {"from": old_path, "size": seen.stat.size, "hash": seen.content.hash.hex()}
+    batch.append_event(
+        "moved", seen.path, json.dumps(detail, sort_keys=True, separators=(",", ":"))
+    )
+    return Change("moved", seen.path, old_path)
+
+
+def _put(batch: IndexBatch, node_id: str, seen: Observed, version: str) -> None:
+    batch.put_live_file(
         seen.path,
         seen.stat,
         seen.content.hash,
         seen.content.chunks,
-        version=version.to_json(),
+        version=version,
         modified_by=node_id,
         indexed_at_ns=seen.indexed_at_ns,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _bumped(version: str | None, node_id: str) -> str:
+    """The version (JSON) of a local change to a row at `version` (None: no row yet).
+
+    Cached: the files of a storage share a handful of versions, and parsing is most of it."""
+    from ironsync.reconcile import VersionVector  # only when something changed
+
+    base = VersionVector() if version is None else VersionVector.from_json(version)
+    return base.bump(node_id).to_json()
+
+
+def _content_detail(seen: Observed, same_content: bool) -> str:
+    """The detail of a created/modified event: what `events.append_event` makes of
+    {"size": ..., "hash": ...} (+ "content_changed": false), written directly (per file)."""
+    head = '{"content_changed":false,' if same_content else "{"
+    return f'{head}"hash":"{seen.content.hash.hex()}","size":{seen.stat.size:d}}}'
 
 
 def _summary(report: ScanReport) -> dict[str, object]:
@@ -362,17 +426,34 @@ def rescan_paths(
         else:
             gone.append(path)  # a folder or a symlink now: the file is gone
     changes: list[Change] = []
-    for result in hash_files(storage.root, to_hash, None, clock):
-        if isinstance(result, Observed):
-            change = record_observed(db, node_id, row, result)
-        elif isinstance(result, Gone):
-            change = record_vanished(db, node_id, row, result.path)
-        else:
+    pending: list[Observed | Gone] = []
+    pending_chunks = 0
+
+    def flush() -> None:
+        if not pending:
+            return
+        with db.atomic():
+            batch = IndexBatch(db, row)
+            batch.prefetch(item.path for item in pending)
+            for item in pending:
+                if isinstance(item, Observed):
+                    change = _record_observed(batch, node_id, item, batch.get_file(item.path))
+                else:
+                    change = _record_vanished(batch, node_id, item.path)
+                if change is not None:
+                    changes.append(change)
+            batch.write()
+        pending.clear()
+
+    results = hash_files(storage.root, to_hash, None, clock)
+    for result in itertools.chain(results, (Gone(path) for path in gone)):
+        if isinstance(result, Unreadable):
             continue
-        if change is not None:
-            changes.append(change)
-    for path in gone:
-        change = record_vanished(db, node_id, row, path)
-        if change is not None:
-            changes.append(change)
+        if isinstance(result, Observed):
+            pending_chunks += len(result.content.chunks)
+        pending.append(result)
+        if len(pending) >= BATCH or pending_chunks >= BATCH_CHUNKS:
+            flush()
+            pending_chunks = 0
+    flush()
     return changes

@@ -108,9 +108,13 @@ def resolve_inside(root: Path, rel: str) -> Path:
     return base.joinpath(*parts)
 
 
-def open_folder(root: Path, rel_folder: str, *, create: bool = False) -> int:
+def open_folder(
+    root: Path, rel_folder: str, *, create: bool = False, created: list[str] | None = None
+) -> int:
     """A descriptor of the folder `rel_folder` ('' = the root), walked without following any
-    symlink below the root. With `create`, missing folders are made (and made durable)."""
+    symlink below the root. With `create`, missing folders are made (and made durable), and
+    the ones made are appended to `created` (outermost first), so a caller that fails can
+    remove them again (`remove_empty_folders`)."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     if not rel_folder:
         return fd
@@ -118,7 +122,7 @@ def open_folder(root: Path, rel_folder: str, *, create: bool = False) -> int:
     parts = rel_folder.split("/")
     try:
         for depth, part in enumerate(parts, start=1):
-            below = _open_component(fd, part, rel_folder, parts[:depth], create)
+            below = _open_component(fd, part, rel_folder, parts[:depth], create, created)
             os.close(fd)
             fd = below
     except BaseException:
@@ -127,11 +131,29 @@ def open_folder(root: Path, rel_folder: str, *, create: bool = False) -> int:
     return fd
 
 
-def open_parent_folder(root: Path, rel: str, *, create: bool = False) -> tuple[int, str]:
+def open_parent_folder(
+    root: Path, rel: str, *, create: bool = False, created: list[str] | None = None
+) -> tuple[int, str]:
     """(descriptor of the folder that holds `rel`, its final name), checked as `open_folder`."""
     check_peer_path(rel)
     folder, _, name = rel.rpartition("/")
-    return open_folder(root, folder, create=create), name
+    return open_folder(root, folder, create=create, created=created), name
+
+
+def remove_empty_folders(root: Path, rel_folders: list[str]) -> None:
+    """Remove the folders `rel_folders` (as `open_folder` lists those it made), innermost
+    first, as long as they are empty; stop at the first that is not (or is gone)."""
+    for rel in reversed(rel_folders):
+        try:
+            fd, name = open_parent_folder(root, rel)
+        except (OSError, UnsafePath):
+            return
+        try:
+            os.rmdir(name, dir_fd=fd)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
 
 
 def open_inside(root: Path, rel: str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
@@ -148,7 +170,9 @@ def open_inside(root: Path, rel: str, flags: int = os.O_RDONLY, mode: int = 0o60
         os.close(folder_fd)
 
 
-def _open_component(fd: int, part: str, rel: str, walked: list[str], create: bool) -> int:
+def _open_component(
+    fd: int, part: str, rel: str, walked: list[str], create: bool, created: list[str] | None
+) -> int:
     for _ in range(2):  # a folder made by someone else between our open and mkdir: open again
         try:
             return os.open(part, _DIR_FLAGS, dir_fd=fd)
@@ -165,5 +189,7 @@ def _open_component(fd: int, part: str, rel: str, walked: list[str], create: boo
             os.mkdir(part, dir_fd=fd)
         except FileExistsError:
             continue
+        if created is not None:
+            created.append("/".join(walked))
         os.fsync(fd)  # the new folder's entry must survive a crash with the file renamed in it
     return os.open(part, _DIR_FLAGS, dir_fd=fd)

@@ -1,16 +1,30 @@
 """What this node answers when a peer asks: storage hashes, index pages, chunks, sync requests.
 
 The one `RequestHandler` of a node (see link.py); ironsync.net calls it for every request.
-Asked for its storage hashes by a peer starting a full sync (`GetStorageHashes.rescan`, and the
-first request of every session), a node first brings its own index up to date (a scan), unless
-its file watcher is running and healthy: a change made while nothing watched is never missed.
+
+Storage hashes: asked by a peer starting a full sync (`GetStorageHashes.rescan`, and the first
+request of every session), a node first brings its own index up to date (a scan), unless its
+file watcher is running and healthy: a change made before the request is never missed. The
+scan runs in a thread (with its own database connection), never on the event loop, and scans
+are coalesced (`SyncEngine.scan_fresh`): at most one runs at a time; a request that arrives
+while one runs waits for the next one, which starts after the request (so the promise holds),
+and every request arriving during the same scan shares that next one. A peer asking in a loop
+keeps at most one scan busy and delays nobody else's answers; each asker waits for at most
+two scans.
+
+Paths: a peer that names an unsafe path, in its index (`SyncRequest`, checked by the sync
+engine) or in a request for chunks (`GetChunkList`, `GetChunks`), breaks the rules no honest
+node breaks: it gets an Error "violation", a `peer_refused` event records why, and
+`on_violation` disconnects it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import Callable
+from typing import NoReturn
 
 from ironsync.config import Config
 from ironsync.protocol import (
@@ -33,6 +47,7 @@ from ironsync.store import Database, index
 from ironsync.store import events as ev
 from ironsync.sync.fullsync import PeerViolation, SyncEngine
 from ironsync.sync.link import PeerError, PeerLink, Responder
+from ironsync.sync.paths import UnsafePath, check_peer_path
 from ironsync.sync.transfer import serve_chunk_list, serve_chunks
 
 log = logging.getLogger(__name__)
@@ -63,13 +78,15 @@ class SyncService:
 
     async def handle(self, link: PeerLink, request: Request, respond: Responder) -> None:
         if isinstance(request, GetStorageHashes):
-            await respond.send(self.storage_hashes(link, request))
+            await respond.send(await self.storage_hashes(link, request))
         elif isinstance(request, GetIndex):
             await self.index_pages(link, request, respond)
         elif isinstance(request, GetChunkList):
+            self._check_path(link, request.path)
             row = self._storage(link, request.storage)
             await serve_chunk_list(self.db, row, request, respond, peer=link.peer_id)
         elif isinstance(request, GetChunks):
+            self._check_path(link, request.path)
             row = self._storage(link, request.storage)
             await serve_chunks(self.db, row, request, respond, peer=link.peer_id)
         elif isinstance(request, SyncRequest):
@@ -81,14 +98,13 @@ class SyncService:
         if self.on_notice is not None:
             self.on_notice(link, message)
 
-    def storage_hashes(self, link: PeerLink, request: GetStorageHashes) -> StorageHashes:
+    async def storage_hashes(self, link: PeerLink, request: GetStorageHashes) -> StorageHashes:
         # A peer starting a full sync asks us to rescan first; the first request of a session
-        # does too, whatever it says. (Scans run on the event loop for now: issue 6 moves them
-        # to a thread, coalesced, so a peer asking in a loop cannot starve the others.)
+        # does too, whatever it says (see the module docstring).
         first = link not in self._seen
         self._seen.add(link)
         if (request.rescan or first) and not self.watcher_healthy():
-            self.engine.scan()
+            await self.engine.scan_fresh()
         names = [s.name for s in self.config.storages]
         return StorageHashes(self.engine.our_hashes(names), request_id=request.request_id)
 
@@ -116,6 +132,7 @@ class SyncService:
             if not more:
                 return
             since = last
+            await asyncio.sleep(0)  # a long index must not keep the loop from everyone else
 
     async def sync_request(self, link: PeerLink, request: SyncRequest) -> SyncResult:
         """The peer asks us to pull from it what we lack (the "push" half of a full sync)."""
@@ -123,15 +140,25 @@ class SyncService:
         try:
             report = await self.engine.pull_from(link, names)
         except PeerViolation as exc:
-            with self.db.atomic():
-                ev.append_event(
-                    self.db, "peer_refused", peer=link.peer_id, status="error",
-                    detail={"reason": exc.reason},
-                )  # fmt: skip
-            if self.on_violation is not None:
-                self.on_violation(link, exc.reason)
-            raise PeerError(link.peer_id, "violation", exc.reason) from None
+            self._refuse(link, exc.reason)
         return SyncResult(not report.failed, report.to_json(), request_id=request.request_id)
+
+    def _check_path(self, link: PeerLink, path: str) -> None:
+        try:
+            check_peer_path(path)
+        except UnsafePath as exc:
+            self._refuse(link, f"asked for unsafe path {exc.path!r}: {exc.reason}")
+
+    def _refuse(self, link: PeerLink, reason: str) -> NoReturn:
+        """The peer broke a rule no honest node breaks: log it, disconnect it, tell it why."""
+        with self.db.atomic():
+            ev.append_event(
+                self.db, "peer_refused", peer=link.peer_id, status="error",
+                detail={"reason": reason},
+            )  # fmt: skip
+        if self.on_violation is not None:
+            self.on_violation(link, reason)
+        raise PeerError(link.peer_id, "violation", reason)
 
     def _storage(self, link: PeerLink, name: str) -> index.StorageRow:
         if not any(s.name == name for s in self.config.storages):

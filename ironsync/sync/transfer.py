@@ -11,7 +11,9 @@ of the storage with the asked hash serves.
 Pulling (the receiver) follows shared/DESIGN.md, "Rules that keep data safe":
 
 1. a `write_started` event;
-2. the chunk list, which must cover [0, size) exactly, in order;
+2. the chunk list, which must cover [0, size) exactly, in order (checked as it arrives, so a
+   list that never ends is refused early: at most size / MIN_AVERAGE_CHUNK + 1 chunks, and
+   the file must fit in the free space of the storage's file system to be asked for at all);
 3. every chunk this node already holds (in any file of any storage, `store.chunks`) is copied
    locally, and a chunk that appears twice in the file is fetched once: moves, copies,
    duplicates and unchanged regions cost nothing on the wire;
@@ -23,10 +25,13 @@ Pulling (the receiver) follows shared/DESIGN.md, "Rules that keep data safe":
    `expected`, or a file appeared or vanished), the pull is abandoned: an edit the scanner has
    not seen is never overwritten;
 6. rename over the target, fsync the folder, then the index row and `write_finished` in one
-   transaction;
+   transaction; steps 5 and 6 hold `switch_lock` when one is given (the caller's lock on
+   local changes, which is not held while the peer answers), and with `still_valid` the pull
+   is abandoned as in 5 when it says the decision no longer holds;
 7. on any failure (peer error, I/O error such as ENOSPC, bad data, cancellation) the temp file
-   is removed and `write_failed` says why; the old file is untouched. A crash at any point
-   leaves the old file or the new one (`remove_stale_temp_files` cleans up at start).
+   is removed, and so are the folders the pull made for it, and `write_failed` says why; the
+   old file is untouched. A crash at any point leaves the old file or the new one
+   (`remove_stale_temp_files` cleans up at start).
 
 Flow: missing chunks are asked for in file order, in GetChunks of at most BATCH_MAX_REFS refs
 and BATCH_MAX_BYTES, with REQUESTS_IN_FLIGHT requests outstanding; so at most
@@ -40,21 +45,23 @@ Requests are built with request_id=1: the PeerLink gives each the connection's n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import secrets
+import signal
 import stat as stat_mod
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import xxhash
 
-from ironsync.chunking import ChunkInfo, content_hash
+from ironsync.chunking import MIN_CHUNK, ChunkInfo, content_hash
 from ironsync.ignore import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name
 from ironsync.protocol import (
     ChunkData,
@@ -73,7 +80,13 @@ from ironsync.store import Database, index
 from ironsync.store import events as ev
 from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.link import PeerError, PeerLink, Responder
-from ironsync.sync.paths import UnsafePath, check_peer_path, open_inside, open_parent_folder
+from ironsync.sync.paths import (
+    UnsafePath,
+    check_peer_path,
+    open_inside,
+    open_parent_folder,
+    remove_empty_folders,
+)
 from ironsync.sync.versions import keep_version
 
 log = logging.getLogger(__name__)
@@ -102,10 +115,22 @@ _MAX_IOV = 512  # buffers per writev, under every system's IOV_MAX (1024 on Linu
 PROGRESS_STEP = 1 * MiB
 """`progress` is called each time this many more bytes are written, and at the end."""
 
+MIN_AVERAGE_CHUNK = MIN_CHUNK
+"""A chunk list with more than size / MIN_AVERAGE_CHUNK + 1 chunks is refused: the chunker,
+whose cut points are part of the contract between peers, never cuts a chunk shorter than
+MIN_CHUNK but the last. So a peer's chunk list costs us (~150 bytes a chunk while pulling) at
+most what an honest file of the size it announced would, and that size must fit on our
+disk."""
+
 FILE_MODE_BITS = 0o777
 """Mode bits a pulled file gets from the peer: never setuid, setgid or sticky."""
 
 _REQUEST_ID = 1  # replaced by the PeerLink (module docstring)
+
+# Folders that pulls made and that hold no pulled file yet, as (root, relative path). A pull
+# that fails removes the empty ones on its way, whichever pull made them: pulls running at
+# once may share a new folder, and the one that made it may not be the last to fail.
+_MADE_FOR_PULLS: set[tuple[str, str]] = set()
 
 # TransferResult.code of failures found on this side; a peer's Error keeps its own code
 # ("not_found", "changed", "too_large", "disconnected", ...).
@@ -275,6 +300,8 @@ async def pull_file(
     now_ns: Callable[[], int] = time.time_ns,
     progress: Callable[[int, int], None] | None = None,
     keep_versions: bool = False,
+    switch_lock: asyncio.Lock | None = None,
+    still_valid: Callable[[], bool] | None = None,
 ) -> TransferResult:
     """Fetch `target`'s content from the peer behind `link` into `dest_path` (default: the
     target's path), verified, atomically, without overwriting a local change.
@@ -295,6 +322,8 @@ async def pull_file(
         ev.append_event(db, "write_started", detail=about, **where)
     pull = _Pull(db, link, storage_row, target, path, progress)
     pull.keep_versions = keep_versions
+    pull.switch_lock = switch_lock
+    pull.still_valid = still_valid
     try:
         await pull.run(expected, now_ns)
     except BaseException as exc:
@@ -371,6 +400,10 @@ class _Pull:
         self.bytes_reused = 0
         self.replaced = False  # the new file has been renamed over the target
         self.keep_versions = False
+        self.switch_lock: asyncio.Lock | None = None
+        self.still_valid: Callable[[], bool] | None = None
+        self._created: list[str] = []  # folders made for the temp file
+        self._refs: list[ChunkRef] = []
         self._folder_fd: int | None = None
         self._name = ""
         self._temp: str | None = None
@@ -387,8 +420,13 @@ class _Pull:
         target = self.target
         assert target.hash is not None
         check_peer_path(self.path)
-        refs = await self._chunk_list()
-        self._folder_fd, self._name = open_parent_folder(self.storage.root, self.path, create=True)
+        self._check_free_space()
+        refs = self._refs = await self._chunk_list()
+        self._folder_fd, self._name = open_parent_folder(
+            self.storage.root, self.path, create=True, created=self._created
+        )
+        _MADE_FOR_PULLS.update((str(self.storage.root), folder) for folder in self._created)
+        _crash_point("before_temp")
         self._open_temp()
         await self._assemble(refs)
         if self._written != target.size or self._hasher.digest() != target.hash:
@@ -396,10 +434,24 @@ class _Pull:
                 CORRUPT, f"the assembled file does not have the hash {target.hash.hex()}"
             )
         assert self._fd is not None
+        _crash_point("after_verify")
         os.fchmod(self._fd, target.mode & FILE_MODE_BITS)
         os.utime(self._fd, ns=(target.mtime_ns, target.mtime_ns))
         await _in_thread(os.fsync, self._fd)
+        lock: AbstractAsyncContextManager[Any] = (
+            contextlib.nullcontext() if self.switch_lock is None else self.switch_lock
+        )
+        async with lock:
+            if self.still_valid is not None and not self.still_valid():
+                raise TransferFailed(CHANGED_LOCALLY, REASON_CHANGED_LOCALLY, "warning")
+            await self._switch(expected, now_ns)
+
+    async def _switch(self, expected: KnownStat | None, now_ns: Callable[[], int]) -> None:
+        target = self.target
+        assert target.hash is not None and self._fd is not None
+        _crash_point("before_rename")
         self._replace_target(expected)
+        _crash_point("after_rename")
         await _in_thread(os.fsync, self._folder_fd)
         indexed_at_ns = now_ns()
         new_stat = Stat.of(os.fstat(self._fd))
@@ -410,11 +462,12 @@ class _Pull:
                 self.path,
                 new_stat,
                 target.hash,
-                [ChunkInfo(ref.offset, ref.length, ref.hash) for ref in refs],
+                [ChunkInfo(ref.offset, ref.length, ref.hash) for ref in self._refs],
                 version=target.version.to_json(),
                 modified_by=target.modified_by,
                 indexed_at_ns=indexed_at_ns,
             )
+            _crash_point("mid_transaction")
             detail: dict[str, Any] = {
                 "size": target.size,
                 "hash": target.hash.hex(),
@@ -434,11 +487,26 @@ class _Pull:
 
     # --- step 2: the chunk list ----------------------------------------------------------------
 
+    def _check_free_space(self) -> None:
+        try:
+            fs = os.statvfs(self.storage.root)
+        except OSError:
+            return  # the pull itself will say what is wrong
+        free = fs.f_bavail * fs.f_frsize
+        if fs.f_blocks and self.target.size > free:
+            raise TransferFailed(
+                IO_ERROR,
+                f"ENOSPC: the file needs {self.target.size} bytes, the storage's file system "
+                f"has {free} free",
+            )
+
     async def _chunk_list(self) -> list[ChunkRef]:
         target = self.target
         assert target.hash is not None
         request = GetChunkList(self.storage.name, target.path, target.hash, request_id=_REQUEST_ID)
         refs: list[ChunkRef] = []
+        most = target.size // MIN_AVERAGE_CHUNK + 1
+        covered = 0
         async with _replies(self.link, request) as replies:
             async for reply in replies:
                 if not isinstance(reply, ChunkList):
@@ -447,10 +515,17 @@ class _Pull:
                     )
                 if reply.file_hash != target.hash or reply.path != target.path:
                     raise TransferFailed(BAD_CHUNK_LIST, "the peer sent another file's chunks")
+                if len(refs) + len(reply.chunks) > most:
+                    raise TransferFailed(
+                        BAD_CHUNK_LIST, f"more chunks than a file of {target.size} bytes has"
+                    )
+                covered = _check_coverage(reply.chunks, target.size, covered)
                 refs.extend(reply.chunks)
-                if len(refs) > max(target.size, 1):
-                    raise TransferFailed(BAD_CHUNK_LIST, "more chunks than the file has bytes")
-        _check_coverage(refs, target.size)
+        if covered != target.size:
+            raise TransferFailed(
+                BAD_CHUNK_LIST,
+                f"the chunk list covers {covered} bytes of a {target.size}-byte file",
+            )
         return refs
 
     # --- steps 3 and 4: assembly ---------------------------------------------------------------
@@ -522,6 +597,7 @@ class _Pull:
         pending = self._pending
         while pending:
             done = os.writev(self._fd, pending)
+            _crash_point("mid_chunk")
             # A short write (rare on regular files) leaves the rest for the next round.
             while pending and done >= len(pending[0]):
                 done -= len(pending.pop(0))
@@ -603,11 +679,15 @@ class _Pull:
             os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
         self._temp = None
         self.replaced = True
+        root = str(self.storage.root)
+        for folder in _folders_of(self.path):  # they hold a file now: never removed
+            _MADE_FOR_PULLS.discard((root, folder))
 
     # --- step 7: cleanup -----------------------------------------------------------------------
 
     def discard(self) -> None:
-        """Remove the temp file (if it still exists); the target is untouched."""
+        """Remove the temp file (if it still exists) and the folders made for it, if empty;
+        the target is untouched."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -619,6 +699,14 @@ class _Pull:
             except OSError as exc:
                 log.warning("could not remove %s beside %s: %s", self._temp, self.path, exc)
             self._temp = None
+        if not self.replaced:
+            root = str(self.storage.root)
+            made = [f for f in _folders_of(self.path) if (root, f) in _MADE_FOR_PULLS]
+            remove_empty_folders(self.storage.root, made)
+            for folder in made:
+                if not os.path.lexists(os.path.join(root, folder)):
+                    _MADE_FOR_PULLS.discard((root, folder))
+        self._created = []
 
     def close(self) -> None:
         if self._fd is not None:
@@ -633,8 +721,15 @@ class _Pull:
         self._sources.clear()
 
 
-def _check_coverage(refs: Sequence[ChunkRef], size: int) -> None:
-    offset = 0
+def _folders_of(path: str) -> list[str]:
+    """The folders on the way to `path`, outermost first: "a/b/c" -> ["a", "a/b"]."""
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def _check_coverage(refs: Sequence[ChunkRef], size: int, offset: int = 0) -> int:
+    """Check that `refs` continue a chunk list at `offset` without gap, overlap, empty chunk
+    or going past `size`; return the offset they reach."""
     for ref in refs:
         if ref.offset != offset:
             raise TransferFailed(
@@ -643,10 +738,11 @@ def _check_coverage(refs: Sequence[ChunkRef], size: int) -> None:
         if ref.length == 0:
             raise TransferFailed(BAD_CHUNK_LIST, f"empty chunk at offset {offset}")
         offset += ref.length
-    if offset != size:
-        raise TransferFailed(
-            BAD_CHUNK_LIST, f"the chunk list covers {offset} bytes of a {size}-byte file"
-        )
+        if offset > size:
+            raise TransferFailed(
+                BAD_CHUNK_LIST, f"the chunk list covers more than the {size}-byte file"
+            )
+    return offset
 
 
 def _plan(
@@ -807,6 +903,18 @@ async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
+
+
+# --- crash tests --------------------------------------------------------------------------------
+
+_CRASH_AT = os.environ.get("IRONSYNC_TEST_CRASH_AT")
+"""Tests only (tests/histories.py): the named point of a pull where this process kills itself
+with SIGKILL, to check that a crash there leaves the old file or the new one. Unset: nothing."""
+
+
+def _crash_point(name: str) -> None:
+    if name == _CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- crash leftovers ---------------------------------------------------------------------------
