@@ -164,7 +164,7 @@ def test_shell_completion_scripts(shell: str) -> None:
         [*IRONSYNC],
         capture_output=True, text=True,
         env={**os.environ, "_IRONSYNC_COMPLETE": f"{shell}_complete", "COMP_WORDS": "ironsync st",
-             "COMP_CWORD": "1", "_TYPER_COMPLETE_ARGS": "ironsync st"},
+             "COMP_CWORD": "1"},
     )  # fmt: skip
     if shell == "bash":
         assert "status" in completed.stdout

@@ -22,12 +22,8 @@ from ironsync.chunking import ChunkInfo
 from ironsync.scan import Stat
 from ironsync.store import index
 from ironsync.store.database import Database
-from ironsync.store.events import KINDS, iso_now
+from ironsync.store.events import KINDS, append_local_events, iso_now
 
-_EVENT_INSERT = (
-    "INSERT INTO events (at, storage, path, kind, status, peer, detail)"
-    " VALUES (?, ?, ?, ?, 'ok', NULL, ?)"
-)
 _NOT_READ = object()
 
 
@@ -182,11 +178,7 @@ class IndexBatch:
                 if gone:
                     conn.executemany(index.CHUNKS_DELETE, gone)
         if self._events:
-            at, storage = iso_now(), self.storage.name
-            conn.executemany(
-                _EVENT_INSERT,
-                [(at, storage, path, kind, detail) for kind, path, detail in self._events],
-            )
+            append_local_events(self.db, self.storage.name, self._events, iso_now())
         for path in self._paths:
             self._rows.pop(path, None)
         self._paths.clear()

@@ -38,6 +38,10 @@ KINDS = frozenset(
     }
 )
 STATUSES = ("ok", "warning", "error")
+_INSERT = (
+    "INSERT INTO events (at, storage, path, kind, status, peer, detail)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,17 @@ def append_event(
     text = json.dumps(dict(detail), sort_keys=True, separators=(",", ":")) if detail else None
     return int(
         db.scalar(
-            "INSERT INTO events (at, storage, path, kind, status, peer, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-            (at or iso_now(), storage, path, kind, status, peer, text),
+            _INSERT + " RETURNING seq", (at or iso_now(), storage, path, kind, status, peer, text)
         )
+    )
+
+
+def append_local_events(
+    db: Database, storage: str, events: list[tuple[str, str, str | None]], at: str
+) -> None:
+    """Append many local changes at once: (kind, path, detail JSON text), one timestamp."""
+    db.conn.executemany(
+        _INSERT, [(at, storage, path, kind, "ok", None, detail) for kind, path, detail in events]
     )
 
 

@@ -784,7 +784,8 @@ class SyncEngine:
         return False
 
 
-def _state(node: str, row: index.FileRow) -> FileState:
+def _state(node: str, row: index.FileRow | peers.PeerFileRow) -> FileState:
+    """A row of ours (`node` = this node) or a peer's, as reconcile takes it."""
     return FileState(
         node=node,
         path=row.path,
@@ -799,17 +800,7 @@ def _state(node: str, row: index.FileRow) -> FileState:
 
 
 def _peer_state(row: peers.PeerFileRow) -> FileState:
-    return FileState(
-        node=row.peer,
-        path=row.path,
-        version=VersionVector.from_json(row.version),
-        hash=row.hash,
-        size=row.size,
-        mtime_ns=row.mtime_ns,
-        mode=row.mode,
-        deleted=row.deleted,
-        modified_by=row.modified_by,
-    )
+    return _state(row.peer, row)
 
 
 def _same_row(now: index.FileRow | None, then: index.FileRow | None) -> bool:
