@@ -21,15 +21,18 @@ from ironsync.protocol import (
     ChunkData,
     ChunkList,
     ChunkRef,
+    ChunkRefs,
     GetChunkList,
     GetChunks,
     Reply,
     Request,
 )
+from ironsync.protocol.messages import CHUNK_REF_RECORD
 from ironsync.reconcile import ResolvedFile, VersionVector
 from ironsync.store import Database, index, open_database
 from ironsync.store import events as ev
 from ironsync.store.chunks import find_local_chunk
+from ironsync.sync import transfer
 from ironsync.sync.link import PeerError
 from ironsync.sync.local import scan_storage
 from ironsync.sync.transfer import (
@@ -390,6 +393,73 @@ def test_chunk_list_with_more_chunks_than_the_file_can_have_is_refused_as_it_arr
     assert_failed_cleanly(beta, result, "bad_chunk_list")
     assert "more chunks than a file of 102400 bytes has" in str(result.reason)
     assert len(replies) == 1 and not (beta.root / "f.bin").exists()
+
+
+def test_a_file_of_many_windows_with_a_spooled_chunk_list_arrives_the_same(
+    alpha: Side, beta: Side, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiny windows, spool and memory of repeats: the windowed plan must give the same file,
+    # reuse local chunks and repeats across window boundaries, and index the same chunks.
+    monkeypatch.setattr(transfer, "WINDOW_REFS", 5)
+    monkeypatch.setattr(transfer, "SPOOL_MEMORY_BYTES", 7 * 28)
+    monkeypatch.setattr(transfer, "FIRST_SEEN_MAX", 3)
+    block = random_bytes(600 * KiB, seed=40)
+    old = random_bytes(3 * MiB, seed=41)
+    beta.write("old.bin", old)
+    beta.scan()
+    data = block + old[: 2 * MiB] + random_bytes(1 * MiB, seed=42) + block + old[2 * MiB :] + block
+    alpha.write("big.bin", data)
+    alpha.scan()
+    link = link_to(alpha)
+
+    result = pull(beta, link, alpha.target("big.bin"))
+
+    assert result.ok and beta.read("big.bin") == data
+    fetched = sum(len(r.chunks) for r in link.requests if isinstance(r, GetChunks))
+    chunks = index.chunks_of(alpha.db, alpha.target_row_id("big.bin"))
+    assert len(chunks) > 20  # several windows
+    # the new MiB and the first copy of the block, each within a chunk or two of its edges;
+    # the block's later repeats are copied from the temp file when remembered, else fetched
+    assert result.bytes_from_peer <= 1 * MiB + 3 * len(block) + 6 * MAX_CHUNK
+    assert result.bytes_reused >= len(old) - 4 * MAX_CHUNK
+    assert fetched < len(chunks)
+    assert index.chunks_of(beta.db, beta.target_row_id("big.bin")) == chunks
+
+
+def test_a_long_chunk_list_costs_the_receiver_bounded_memory(alpha: Side, beta: Side) -> None:
+    # A peer announces a 2 GiB file of 8 KiB chunks (the most a file that size can have):
+    # the list goes to a temp file and the pull plans one window at a time, so its memory
+    # does not follow the 262,144 refs (as objects they would take ~37 MB).
+    import tracemalloc
+
+    alpha.write("x.bin", b"payload")
+    alpha.scan()
+    size = 2 * 1024 * MiB
+    count = size // (8 * KiB)
+    packed = b"".join(
+        CHUNK_REF_RECORD.pack(n * 8 * KiB, 8 * KiB, n.to_bytes(16, "big")) for n in range(count)
+    )
+    refs = ChunkRefs(packed)
+    target = dataclasses.replace(alpha.target("x.bin"), size=size)
+
+    def announce(reply: Reply) -> Reply:
+        if isinstance(reply, ChunkList):
+            return ChunkList(reply.storage, reply.path, reply.file_hash, refs, more=False,
+                             request_id=reply.request_id)  # fmt: skip
+        return reply
+
+    link = link_to(alpha, tamper=announce)
+    tracemalloc.start()
+    try:
+        result = pull(beta, link, target)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert not result.ok and result.code == "changed"  # alpha has no such chunks
+    assert any(isinstance(r, GetChunks) for r in link.requests)
+    assert peak < 12 * MiB, peak
+    assert beta.temp_files() == []
 
 
 def test_file_larger_than_the_free_space_is_refused_before_asking_the_peer(

@@ -16,7 +16,9 @@ Pulling (the receiver) follows shared/DESIGN.md, "Rules that keep data safe":
    the file must fit in the free space of the storage's file system to be asked for at all);
 3. every chunk this node already holds (in any file of any storage, `store.chunks`) is copied
    locally, and a chunk that appears twice in the file is fetched once: moves, copies,
-   duplicates and unchanged regions cost nothing on the wire;
+   duplicates and unchanged regions cost nothing on the wire. The list is kept as packed
+   records (28 bytes a chunk; over SPOOL_MEMORY_BYTES in an anonymous temp file) and planned
+   WINDOW_REFS chunks at a time, so a pull's memory does not grow with the file's size;
 4. the file is assembled in order in `.ironsync-<random>.tmp` in the target's folder; every
    chunk is verified (a local source that no longer holds it is fetched from the peer
    instead), the whole-file hash is computed while writing and compared with the target's,
@@ -52,8 +54,10 @@ import os
 import secrets
 import signal
 import stat as stat_mod
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +71,14 @@ from ironsync.protocol import (
     ChunkData,
     ChunkList,
     ChunkRef,
+    ChunkRefs,
     ChunksDone,
     GetChunkList,
     GetChunks,
     Reply,
     Request,
 )
-from ironsync.protocol.limits import MAX_CHUNK_REFS
+from ironsync.protocol.limits import CHUNK_REF_SIZE, MAX_CHUNK_REFS
 from ironsync.reconcile import ResolvedFile
 from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index
@@ -112,14 +117,21 @@ WRITE_BUFFER_BYTES = 1 * MiB
 """Verified chunks are written to the temp file in one writev per this many bytes."""
 _MAX_IOV = 512  # buffers per writev, under every system's IOV_MAX (1024 on Linux)
 
+WINDOW_REFS = 4096
+"""Chunks planned at once (about 100 MB of file): a pull holds two windows of refs."""
+FIRST_SEEN_MAX = 32768
+"""Distinct chunk hashes of a file a pull remembers, to copy a repeat from the temp file."""
+SPOOL_MEMORY_BYTES = 1 * MiB
+"""A chunk list over this many bytes of records (~37,000 chunks) waits in a temp file."""
+
 PROGRESS_STEP = 1 * MiB
 """`progress` is called each time this many more bytes are written, and at the end."""
 
 MIN_AVERAGE_CHUNK = MIN_CHUNK
 """A chunk list with more than size / MIN_AVERAGE_CHUNK + 1 chunks is refused: the chunker,
 whose cut points are part of the contract between peers, never cuts a chunk shorter than
-MIN_CHUNK but the last. So a peer's chunk list costs us (~150 bytes a chunk while pulling) at
-most what an honest file of the size it announced would, and that size must fit on our
+MIN_CHUNK but the last. So a peer's chunk list costs us (28 bytes a chunk, in a temp file when
+long) at most what an honest file of the size it announced would, and that size must fit on our
 disk."""
 
 FILE_MODE_BITS = 0o777
@@ -403,7 +415,7 @@ class _Pull:
         self.switch_lock: asyncio.Lock | None = None
         self.still_valid: Callable[[], bool] | None = None
         self._created: list[str] = []  # folders made for the temp file
-        self._refs: list[ChunkRef] = []
+        self._chunks: _ChunkListSpool | None = None
         self._folder_fd: int | None = None
         self._name = ""
         self._temp: str | None = None
@@ -421,14 +433,14 @@ class _Pull:
         assert target.hash is not None
         check_peer_path(self.path)
         self._check_free_space()
-        refs = self._refs = await self._chunk_list()
+        chunks = self._chunks = await self._chunk_list()
         self._folder_fd, self._name = open_parent_folder(
             self.storage.root, self.path, create=True, created=self._created
         )
         _MADE_FOR_PULLS.update((str(self.storage.root), folder) for folder in self._created)
         _crash_point("before_temp")
         self._open_temp()
-        await self._assemble(refs)
+        await self._assemble(chunks)
         if self._written != target.size or self._hasher.digest() != target.hash:
             raise TransferFailed(
                 CORRUPT, f"the assembled file does not have the hash {target.hash.hex()}"
@@ -455,6 +467,7 @@ class _Pull:
         await _in_thread(os.fsync, self._folder_fd)
         indexed_at_ns = now_ns()
         new_stat = Stat.of(os.fstat(self._fd))
+        assert self._chunks is not None
         with self.db.atomic():
             index.put_live_file(
                 self.db,
@@ -462,7 +475,11 @@ class _Pull:
                 self.path,
                 new_stat,
                 target.hash,
-                [ChunkInfo(ref.offset, ref.length, ref.hash) for ref in self._refs],
+                (
+                    ChunkInfo(ref.offset, ref.length, ref.hash)
+                    for window in self._chunks.windows(WINDOW_REFS)
+                    for ref in window
+                ),
                 version=target.version.to_json(),
                 modified_by=target.modified_by,
                 indexed_at_ns=indexed_at_ns,
@@ -500,33 +517,37 @@ class _Pull:
                 f"has {free} free",
             )
 
-    async def _chunk_list(self) -> list[ChunkRef]:
+    async def _chunk_list(self) -> _ChunkListSpool:
         target = self.target
         assert target.hash is not None
         request = GetChunkList(self.storage.name, target.path, target.hash, request_id=_REQUEST_ID)
-        refs: list[ChunkRef] = []
+        chunks = _ChunkListSpool()
         most = target.size // MIN_AVERAGE_CHUNK + 1
         covered = 0
-        async with _replies(self.link, request) as replies:
-            async for reply in replies:
-                if not isinstance(reply, ChunkList):
-                    raise TransferFailed(
-                        BAD_CHUNK_LIST, f"GetChunkList answered by {type(reply).__name__}"
-                    )
-                if reply.file_hash != target.hash or reply.path != target.path:
-                    raise TransferFailed(BAD_CHUNK_LIST, "the peer sent another file's chunks")
-                if len(refs) + len(reply.chunks) > most:
-                    raise TransferFailed(
-                        BAD_CHUNK_LIST, f"more chunks than a file of {target.size} bytes has"
-                    )
-                covered = _check_coverage(reply.chunks, target.size, covered)
-                refs.extend(reply.chunks)
-        if covered != target.size:
-            raise TransferFailed(
-                BAD_CHUNK_LIST,
-                f"the chunk list covers {covered} bytes of a {target.size}-byte file",
-            )
-        return refs
+        try:
+            async with _replies(self.link, request) as replies:
+                async for reply in replies:
+                    if not isinstance(reply, ChunkList):
+                        raise TransferFailed(
+                            BAD_CHUNK_LIST, f"GetChunkList answered by {type(reply).__name__}"
+                        )
+                    if reply.file_hash != target.hash or reply.path != target.path:
+                        raise TransferFailed(BAD_CHUNK_LIST, "the peer sent another file's chunks")
+                    if len(chunks) + len(reply.chunks) > most:
+                        raise TransferFailed(
+                            BAD_CHUNK_LIST, f"more chunks than a file of {target.size} bytes has"
+                        )
+                    covered = _check_coverage(reply.chunks, target.size, covered)
+                    chunks.extend(reply.chunks)
+            if covered != target.size:
+                raise TransferFailed(
+                    BAD_CHUNK_LIST,
+                    f"the chunk list covers {covered} bytes of a {target.size}-byte file",
+                )
+        except BaseException:
+            chunks.close()
+            raise
+        return chunks
 
     # --- steps 3 and 4: assembly ---------------------------------------------------------------
 
@@ -542,44 +563,54 @@ class _Pull:
             return
         raise TransferFailed(IO_ERROR, "no free temporary file name")
 
-    async def _assemble(self, refs: list[ChunkRef]) -> None:
-        local = find_local_chunks(self.db, (ref.hash for ref in refs))
-        kinds, batches = _plan(refs, local)
+    async def _assemble(self, chunks: _ChunkListSpool) -> None:
+        """Write the file in order, WINDOW_REFS chunks at a time: each window is planned (local
+        lookups, batches to fetch) while the one before it is written, so the fetches run on
+        across windows and a pull holds two windows of chunk refs whatever the file's size."""
         target = self.target
         assert target.hash is not None
         fetcher = _Fetcher(self, (self.storage.name, target.path, target.hash))
-        fetcher.start(batches)
-        first_at: dict[bytes, int] = {}  # chunk hash -> offset where it is in the temp file
-        received: dict[int, bytes | memoryview] = {}  # offset -> data, of the current batch
-        fallback: dict[int, bytes | memoryview] = {}  # offset -> data, fetched for bad sources
-        next_batch = 0
+        planner = _Planner(self.db)
+        windows = chunks.windows(WINDOW_REFS)
         try:
-            for i, ref in enumerate(refs):
-                kind = kinds[i]
-                if kind is _PEER:
-                    if ref.offset not in received:
-                        received = await fetcher.take(next_batch)
-                        next_batch += 1
-                    self._write(received.pop(ref.offset), reused=False)
-                elif kind is _COPY:
-                    self._write(self._read_back(first_at[ref.hash], ref), reused=True)
-                else:
-                    data = fallback.pop(ref.offset, None)
-                    reused = data is None
-                    if data is None:
-                        data = self._read_local(local[ref.hash], ref)
-                    if data is None:
-                        fallback = await fetcher.fetch(_refetch_run(refs, kinds, local, i, self))
-                        data, reused = fallback.pop(ref.offset), False
-                    self._write(data, reused=reused)
-                first_at.setdefault(ref.hash, ref.offset)
-                if self._written - self._reported >= PROGRESS_STEP:
-                    self._report()
-                    await asyncio.sleep(0)  # let the fetches and the rest of the daemon run
+            ahead = planner.plan(list(next(windows, ())))
+            fetcher.add(ahead.batches)
+            while ahead is not None:
+                window = ahead
+                following = next(windows, None)
+                ahead = None if following is None else planner.plan(list(following))
+                if ahead is not None:
+                    fetcher.add(ahead.batches)
+                await self._write_window(window, fetcher)
             self._flush()
         finally:
             await fetcher.close()
         self._report()
+
+    async def _write_window(self, plan: _WindowPlan, fetcher: _Fetcher) -> None:
+        refs, kinds, local = plan.refs, plan.kinds, plan.local
+        received: dict[int, bytes | memoryview] = {}  # offset -> data, of the current batch
+        fallback: dict[int, bytes | memoryview] = {}  # offset -> data, fetched for bad sources
+        for i, ref in enumerate(refs):
+            kind = kinds[i]
+            if kind is _PEER:
+                if ref.offset not in received:
+                    received = await fetcher.take()
+                self._write(received.pop(ref.offset), reused=False)
+            elif kind is _COPY:
+                self._write(self._read_back(plan.copy_from[i], ref), reused=True)
+            else:
+                data = fallback.pop(ref.offset, None)
+                reused = data is None
+                if data is None:
+                    data = self._read_local(local[ref.hash], ref)
+                if data is None:
+                    fallback = await fetcher.fetch(_refetch_run(refs, kinds, local, i, self))
+                    data, reused = fallback.pop(ref.offset), False
+                self._write(data, reused=reused)
+            if self._written - self._reported >= PROGRESS_STEP:
+                self._report()
+                await asyncio.sleep(0)  # let the fetches and the rest of the daemon run
 
     def _write(self, data: bytes | memoryview, *, reused: bool) -> None:
         """Append a verified chunk (buffered: written by `_flush` in one writev)."""
@@ -719,6 +750,9 @@ class _Pull:
             if fd is not None:
                 os.close(fd)
         self._sources.clear()
+        if self._chunks is not None:
+            self._chunks.close()
+            self._chunks = None
 
 
 def _folders_of(path: str) -> list[str]:
@@ -745,36 +779,104 @@ def _check_coverage(refs: Sequence[ChunkRef], size: int, offset: int = 0) -> int
     return offset
 
 
-def _plan(
-    refs: Sequence[ChunkRef], local: dict[bytes, LocalChunk]
-) -> tuple[list[str], list[list[ChunkRef]]]:
-    """How each chunk is obtained, and the GetChunks batches of those fetched, in file order.
+@dataclass
+class _WindowPlan:
+    """How each chunk of one window of the file is obtained, decided before it is written."""
 
-    A hash seen earlier in the file is copied from the temp file; else a chunk held locally is
-    read locally; else it is fetched.
-    """
-    kinds: list[str] = []
-    batches: list[list[ChunkRef]] = []
-    seen: set[bytes] = set()
-    batch: list[ChunkRef] = []
-    batch_bytes = 0
-    for ref in refs:
-        if ref.hash in seen:
-            kinds.append(_COPY)
-            continue
-        seen.add(ref.hash)
-        if ref.hash in local:
-            kinds.append(_LOCAL)
-            continue
-        kinds.append(_PEER)
-        if batch and (len(batch) >= BATCH_MAX_REFS or batch_bytes + ref.length > BATCH_MAX_BYTES):
+    refs: list[ChunkRef]
+    kinds: list[str]
+    local: dict[bytes, LocalChunk]  # hash -> where this node holds it
+    copy_from: dict[int, int]  # index of a _COPY chunk -> offset of its first occurrence
+    batches: list[list[ChunkRef]]  # the GetChunks of the _PEER chunks, in file order
+
+
+class _Planner:
+    """Plans the windows of one file in order.
+
+    A hash seen earlier in the file is copied from the temp file (the first FIRST_SEEN_MAX
+    distinct hashes are remembered; a repeat of a later one is read or fetched again); else a
+    chunk held locally is read locally; else it is fetched."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._first_at: dict[bytes, int] = {}  # chunk hash -> offset of its first occurrence
+
+    def plan(self, refs: list[ChunkRef]) -> _WindowPlan:
+        first_at = self._first_at
+        local = find_local_chunks(self._db, (ref.hash for ref in refs if ref.hash not in first_at))
+        plan = _WindowPlan(refs, [], local, {}, [])
+        kinds, batches = plan.kinds, plan.batches
+        batch: list[ChunkRef] = []
+        batch_bytes = 0
+        for i, ref in enumerate(refs):
+            first = first_at.get(ref.hash)
+            if first is not None:
+                kinds.append(_COPY)
+                plan.copy_from[i] = first
+                continue
+            if len(first_at) < FIRST_SEEN_MAX:
+                first_at[ref.hash] = ref.offset
+            if ref.hash in local:
+                kinds.append(_LOCAL)
+                continue
+            kinds.append(_PEER)
+            if batch and (
+                len(batch) >= BATCH_MAX_REFS or batch_bytes + ref.length > BATCH_MAX_BYTES
+            ):
+                batches.append(batch)
+                batch, batch_bytes = [], 0
+            batch.append(ref)
+            batch_bytes += ref.length
+        if batch:
             batches.append(batch)
-            batch, batch_bytes = [], 0
-        batch.append(ref)
-        batch_bytes += ref.length
-    if batch:
-        batches.append(batch)
-    return kinds, batches
+        return plan
+
+
+class _ChunkListSpool:
+    """A pull's chunk list as packed wire records (28 bytes a chunk): in memory up to
+    SPOOL_MEMORY_BYTES, then in an anonymous temporary file. Read back in windows."""
+
+    def __init__(self) -> None:
+        self._memory = bytearray()
+        self._file: Any = None
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def extend(self, refs: Sequence[ChunkRef]) -> None:
+        packed = ChunkRefs.of(refs).packed
+        self._count += len(refs)
+        if self._file is None and len(self._memory) + len(packed) <= SPOOL_MEMORY_BYTES:
+            self._memory += packed
+            return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
+            self._file.write(self._memory)
+            self._memory = bytearray()
+        self._file.write(packed)
+
+    def windows(self, count: int) -> Iterator[ChunkRefs]:
+        """The refs in order, `count` at a time (positional reads: iterations are independent)."""
+        size = CHUNK_REF_SIZE
+        end = self._count * size
+        if self._file is not None:
+            self._file.flush()
+        for start in range(0, end, count * size):
+            length = min(count * size, end - start)
+            if self._file is None:
+                yield ChunkRefs(self._memory[start : start + length])
+            else:
+                data = os.pread(self._file.fileno(), length, start)
+                if len(data) != length:
+                    raise TransferFailed(IO_ERROR, "the chunk list's temporary file is short")
+                yield ChunkRefs(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._memory = bytearray()
 
 
 def _refetch_run(
@@ -817,24 +919,22 @@ class _Fetcher:
     def __init__(self, pull: _Pull, about: tuple[str, str, bytes]) -> None:
         self._pull = pull
         self._about = about
-        self._batches: list[list[ChunkRef]] = []
-        self._tasks: dict[int, asyncio.Task[dict[int, bytes | memoryview]]] = {}
-        self._started = 0
+        self._batches: deque[list[ChunkRef]] = deque()  # planned, not yet asked for
+        self._tasks: deque[asyncio.Task[dict[int, bytes | memoryview]]] = deque()
 
-    def start(self, batches: list[list[ChunkRef]]) -> None:
-        self._batches = batches
-        self._start_until(REQUESTS_IN_FLIGHT)
+    def add(self, batches: list[list[ChunkRef]]) -> None:
+        """Queue the next batches of the file, in file order."""
+        self._batches.extend(batches)
+        self._start()
 
-    def _start_until(self, end: int) -> None:
-        while self._started < min(end, len(self._batches)):
-            batch = self._batches[self._started]
-            self._tasks[self._started] = asyncio.create_task(self.fetch(batch))
-            self._started += 1
+    def _start(self) -> None:
+        while len(self._tasks) < REQUESTS_IN_FLIGHT and self._batches:
+            self._tasks.append(asyncio.create_task(self.fetch(self._batches.popleft())))
 
-    async def take(self, number: int) -> dict[int, bytes | memoryview]:
-        """The data of batch `number` (offset -> verified bytes); starts the next ones."""
-        self._start_until(number + REQUESTS_IN_FLIGHT)
-        return await self._tasks.pop(number)
+    async def take(self) -> dict[int, bytes | memoryview]:
+        """The data of the next batch (offset -> verified bytes); starts the ones after it."""
+        self._start()
+        return await self._tasks.popleft()
 
     async def fetch(self, refs: list[ChunkRef]) -> dict[int, bytes | memoryview]:
         """Ask for `refs`; every ChunkData is checked against the ref asked at its offset."""
@@ -871,8 +971,9 @@ class _Fetcher:
         return got
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = list(self._tasks)
         self._tasks.clear()
+        self._batches.clear()
         for task in tasks:
             task.cancel()
         if tasks:
