@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import stat as stat_mod
@@ -31,6 +32,7 @@ from ironsync.net.discovery import Discovery, DiscoveryError, PeerAddress, run_d
 from ironsync.net.session import (
     PeerSession,
     SelfConnection,
+    backoff_delay,
     connect,
     connect_with_backoff,
     serve,
@@ -56,6 +58,19 @@ EXIT_FAILED = 1
 EXIT_NO_PEER = 3
 CONNECT_TIMEOUT_S = 10.0
 UNHEALTHY_RESCAN_S = 60.0
+
+MAX_SESSIONS_PER_PEER = 4
+"""Open sessions with one node id (its daemon's, a `sync`, a reconnect racing the old one);
+a newer one closes the oldest, so a peer cannot pile sessions up."""
+MAX_SESSIONS = 128
+"""Open sessions in all: an incoming one beyond this is closed at once."""
+REDIAL_AFTER_FAULT_S = 5.0
+REDIAL_AFTER_FAULT_MAX_S = 600.0
+"""After a session with a peer we dial ends by its fault (a protocol violation or error, a
+reply timeout, a fatal error it sent), we wait before dialing it again: from 5 s, doubling
+with each such session in a row, up to 10 minutes. A session that ends otherwise resets it."""
+FAULT_REASONS = ("protocol violation", "protocol error", "no reply to", "peer sent error")
+"""How the closed_reason of a session that ended by the peer's fault begins."""
 
 
 class LockHeld(Exception):
@@ -144,7 +159,8 @@ class Node:
     progress: SyncProgress | None = None
     engine: SyncEngine = field(init=False)
     service: SyncService = field(init=False)
-    sessions: dict[str, PeerSession] = field(default_factory=dict)
+    sessions: dict[str, PeerSession] = field(default_factory=dict)  # the newest per peer
+    open_sessions: dict[str, list[PeerSession]] = field(default_factory=dict)  # oldest first
     addresses: dict[str, str] = field(default_factory=dict)  # static address -> peer id
     _pull_wanted: dict[str, set[str]] = field(default_factory=dict)
     _pull_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -219,20 +235,44 @@ class Node:
         log.warning("refused connection from %s: %s", address, reason)
         self.record("peer_refused", None, "warning", address=address, reason=reason)
 
-    def connected(self, session: PeerSession, address: str | None) -> None:
-        self.sessions[session.peer_id] = session
+    def connected(self, session: PeerSession, address: str | None) -> bool:
+        """Count a new session in; False when it is one too many (MAX_SESSIONS; it is being
+        closed). A peer's sessions beyond MAX_SESSIONS_PER_PEER close the oldest."""
+        peer_id = session.peer_id
+        if address is None and sum(map(len, self.open_sessions.values())) >= MAX_SESSIONS:
+            reason = f"more than {MAX_SESSIONS} sessions are open"
+            log.warning("refused session from %s: %s", peer_id, reason)
+            self.record("peer_refused", peer_id, "warning", reason=reason)
+            asyncio.get_running_loop().create_task(session.close(reason))
+            return False
+        mine = self.open_sessions.setdefault(peer_id, [])
+        mine.append(session)
+        if len(mine) > MAX_SESSIONS_PER_PEER:
+            oldest = mine.pop(0)
+            reason = f"more than {MAX_SESSIONS_PER_PEER} sessions with {peer_id}: oldest closed"
+            log.info("%s", reason)
+            asyncio.get_running_loop().create_task(oldest.close(reason))
+        self.sessions[peer_id] = session
         if address is not None:
-            self.addresses[address] = session.peer_id
+            self.addresses[address] = peer_id
         with self.db.atomic():
-            peer_store.touch_peer(self.db, session.peer_id, address)
+            peer_store.touch_peer(self.db, peer_id, address)
             ev.append_event(
-                self.db, "peer_connected", peer=session.peer_id,
+                self.db, "peer_connected", peer=peer_id,
                 detail={"address": address} if address else None,
             )  # fmt: skip
+        return True
 
     def disconnected(self, session: PeerSession) -> None:
+        mine = self.open_sessions.get(session.peer_id, [])
+        if session in mine:
+            mine.remove(session)
+        if not mine:
+            self.open_sessions.pop(session.peer_id, None)
         if self.sessions.get(session.peer_id) is session:
             del self.sessions[session.peer_id]
+            if mine:
+                self.sessions[session.peer_id] = mine[-1]
         with self.db.atomic():
             peer_store.add_peer_traffic(
                 self.db, session.peer_id, session.bytes_in, session.bytes_out
@@ -359,6 +399,8 @@ class Daemon:
         self.discovered: dict[str, PeerAddress] = {}
         self._discovery_tasks: dict[str, asyncio.Task[Any]] = {}
         self._dialing: set[str] = set()
+        self._faults: dict[str, int] = {}  # peer address or id -> sessions ended by its fault
+        self._rng = random.Random()
 
     async def run(self) -> int:
         self.lock.acquire()
@@ -412,9 +454,10 @@ class Daemon:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             if self.node is not None:
-                for session in list(self.node.sessions.values()):
-                    with contextlib.suppress(Exception):
-                        await session.close("daemon stopping")
+                for sessions in list(self.node.open_sessions.values()):
+                    for session in list(sessions):
+                        with contextlib.suppress(Exception):
+                            await session.close("daemon stopping")
             for srv in (server, control):
                 if srv is not None:
                     srv.close()
@@ -480,7 +523,8 @@ class Daemon:
 
     async def _incoming(self, session: PeerSession) -> None:
         assert self.node is not None
-        self.node.connected(session, None)
+        if not self.node.connected(session, None):
+            return
         try:
             await session.wait_closed()
         finally:
@@ -509,6 +553,7 @@ class Daemon:
                 await session.wait_closed()
             finally:
                 node.disconnected(session)
+            await self._pause_after_fault(address, session)
 
     # --- discovered peers (mDNS) ----------------------------------------------------------------
 
@@ -562,6 +607,19 @@ class Daemon:
                 await session.wait_closed()
             finally:
                 node.disconnected(session)
+            await self._pause_after_fault(node_id, session)
+
+    async def _pause_after_fault(self, key: str, session: PeerSession) -> None:
+        """Before redialing a peer whose session ended by its fault, wait (FAULT_REASONS)."""
+        reason = session.closed_reason or ""
+        if not reason.startswith(FAULT_REASONS):
+            self._faults.pop(key, None)
+            return
+        faults = self._faults[key] = self._faults.get(key, 0) + 1
+        delay = backoff_delay(faults, REDIAL_AFTER_FAULT_S, REDIAL_AFTER_FAULT_MAX_S, self._rng)
+        log.warning("session with %s ended: %s; dialing it again in %.0f s", key, reason, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), delay)
 
     async def _start_control(self) -> asyncio.AbstractServer:
         path = control_socket_path(self.config)

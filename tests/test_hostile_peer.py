@@ -4,6 +4,7 @@ nothing outside its storage root, disconnect it, and log why."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ironsync.chunking import chunk_bytes
+from ironsync.daemon import MAX_SESSIONS_PER_PEER
 from ironsync.net.session import PeerSession, connect, serve
 from ironsync.net.tls import load_or_create_identity
 from ironsync.protocol import (
@@ -221,3 +223,65 @@ def test_a_peer_the_daemon_dials_that_offers_an_escaping_path_is_refused_and_log
     refused = node.events("peer_refused")
     assert refused and refused[-1]["peer"] == "mallory"
     assert "escaped.txt" in refused[-1]["detail"]["reason"]
+
+
+def test_a_member_opening_many_sessions_gets_its_oldest_ones_closed(
+    victim: SyncNode, tmp_path: Path
+) -> None:
+    async def main() -> list[str | None]:
+        identity = load_or_create_identity(tmp_path / "mallory", "mallory", victim.group, SECRET)
+        hello = Hello(PROTOCOL_VERSION, "mallory", victim.group, ("docs",))
+        sessions = []
+        for _ in range(MAX_SESSIONS_PER_PEER + 2):
+            sessions.append(await connect("127.0.0.1", victim.port, identity, hello, Silent()))
+            await asyncio.sleep(0.05)
+        for session in sessions[:2]:
+            await asyncio.wait_for(session.wait_closed(), 10)
+        await asyncio.sleep(0.3)
+        reasons = [session.closed_reason for session in sessions]
+        answer = await sessions[-1].request(GetStorageHashes(request_id=1))
+        assert isinstance(answer, StorageHashes)  # the newest ones are served
+        for session in sessions[2:]:
+            await session.close()
+        return reasons
+
+    reasons = asyncio.run(main())
+
+    said = f"more than {MAX_SESSIONS_PER_PEER} sessions with mallory: oldest closed"
+    assert reasons == [f"peer said goodbye: {said}"] * 2 + [None] * MAX_SESSIONS_PER_PEER
+
+
+def test_a_dialed_peer_that_keeps_violating_is_dialed_again_only_after_a_growing_pause(
+    tmp_path: Path,
+) -> None:
+    async def main() -> tuple[SyncNode, list[float]]:
+        identity = load_or_create_identity(tmp_path / "mallory", "mallory", "test-group", SECRET)
+        hello = Hello(PROTOCOL_VERSION, "mallory", "test-group", ("docs",))
+        opened: list[float] = []
+
+        async def on_session(session: PeerSession) -> None:
+            opened.append(time.monotonic())
+
+        server = await serve("127.0.0.1", 0, identity, hello, Mallory(["../escaped.txt"]),
+                             on_session)  # fmt: skip
+        port = server.sockets[0].getsockname()[1]
+        node = SyncNode(tmp_path, "victim")
+        node.peers = [f"127.0.0.1:{port}"]
+        node.write_config()
+        await asyncio.to_thread(node.start)
+        try:
+            await asyncio.sleep(9)
+        finally:
+            server.close()
+            await asyncio.to_thread(node.stop)
+        return node, opened
+
+    node, opened = asyncio.run(main())
+
+    # 5 s (jittered down to 2.5 s at least) after the first violation, then 10 s: without
+    # the pause it was redialed at once, dozens of times in these 9 s
+    assert 1 <= len(opened) <= 3, opened
+    gaps = [b - a for a, b in itertools.pairwise(opened)]
+    assert all(gap >= 2.5 for gap in gaps), gaps
+    refused = node.events("peer_refused")
+    assert len(refused) == len(opened) and not (tmp_path / "escaped.txt").exists()

@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from ironsync.net import session as session_module
 from ironsync.net.session import (
     MAX_HANDLERS,
+    MAX_HANDSHAKES_PER_HOST,
     MAX_WAITING_REQUESTS,
     STREAM_BUFFER_HIGH,
     WRITE_BUFFER_HIGH,
@@ -110,6 +112,10 @@ class Handler:
             for index, ref in enumerate(request.chunks):
                 if request.path == "fails-midway" and index == 2:
                     raise PeerError(link.peer_id, "unreadable", "disk on fire")
+                if request.path == "stalls-midway" and index == 2:
+                    await asyncio.Event().wait()  # forever
+                if request.path == "trickles":
+                    await asyncio.sleep(0.15)
                 data = payload(ref.offset, ref.length)
                 await respond.send(ChunkData(ref.offset, ref.hash, data, request_id=rid))
             await respond.send(ChunksDone(request_id=rid))
@@ -119,6 +125,8 @@ class Handler:
                 raise RuntimeError("bug in the handler")
             if request.storage == "silent":
                 return
+            if request.storage == "stall":
+                await asyncio.Event().wait()  # forever
             raise PeerError(link.peer_id, "unknown_storage", f"no storage {request.storage!r}")
         elif isinstance(request, SyncRequest):
             await self.release.wait()
@@ -704,6 +712,131 @@ def test_slow_stream_consumer_stops_the_reading_and_bounds_what_is_buffered(
             assert peak <= STREAM_BUFFER_HIGH + 1024 * 1024
             assert client.buffered_bytes == 0
             assert client.is_reading
+
+    run(body())
+
+
+def test_connections_beyond_the_handshake_bound_per_address_are_closed_at_once(
+    ids: dict[str, NodeIdentity],
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener:
+            # TCP connections that never start TLS: each holds a handshake slot until its timeout
+            idle = [
+                await asyncio.open_connection("127.0.0.1", listener.port)
+                for _ in range(MAX_HANDSHAKES_PER_HOST + 2)
+            ]
+            ends = [
+                await asyncio.wait_for(reader.read(1), 0.5) if n >= MAX_HANDSHAKES_PER_HOST
+                else None
+                for n, (reader, _) in enumerate(idle)
+            ]  # fmt: skip
+            assert ends[MAX_HANDSHAKES_PER_HOST:] == [b"", b""]  # closed, not a byte sent
+            address, reason = await listener.next_refusal()
+            assert address.startswith("127.0.0.1:") and "too many connections" in reason
+            for n, (reader, _) in enumerate(idle[:MAX_HANDSHAKES_PER_HOST]):
+                with pytest.raises(TimeoutError):  # still waiting for their handshake
+                    await asyncio.wait_for(reader.read(1), 0.05 if n else 0.3)
+
+            for _, writer in idle:
+                writer.close()
+            await asyncio.sleep(0.3)  # the server sees them go and frees their slots
+            async with dialing(listener, ids["beta"]) as client:
+                assert isinstance(
+                    await client.request(GetStorageHashes(request_id=1)), StorageHashes
+                )
+
+    run(body())
+
+
+# --- reply timeouts -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "REPLY_TIMEOUT", 0.4)
+    monkeypatch.setattr(session_module, "SLOW_REPLY_TIMEOUT", 1.0)
+
+
+def test_a_peer_that_never_answers_is_disconnected_after_the_reply_timeout(
+    ids: dict[str, NodeIdentity], short_timeouts: None
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            server_side = await listener.next_session()
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(PeerError) as failed:
+                await client.request(GetIndex("stall", 0, 100, request_id=1))
+            waited = asyncio.get_running_loop().time() - started
+
+            assert failed.value.code == "disconnected"
+            assert failed.value.message == "no reply to GetIndex in 0.4 s"
+            assert 0.4 <= waited < 2.0
+            await server_side.wait_closed()  # it was told why
+            assert server_side.closed_reason == (
+                "peer sent error timeout: no reply to GetIndex in 0.4 s"
+            )
+
+    run(body())
+
+
+def test_a_stream_that_stops_midway_is_cut_after_the_reply_timeout(
+    ids: dict[str, NodeIdentity], short_timeouts: None
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            request = GetChunks("docs", "stalls-midway", HASH, chunk_refs(5, 1024), request_id=1)
+            got = []
+            with pytest.raises(PeerError) as failed:
+                async for reply in client.stream(request):
+                    got.append(reply)
+            assert len(got) == 2 and failed.value.message == "no reply to GetChunks in 0.4 s"
+            assert client.is_closed
+
+    run(body())
+
+
+def test_slow_but_steady_replies_and_a_slow_consumer_are_not_timeouts(
+    ids: dict[str, NodeIdentity], short_timeouts: None
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            # 12 replies 0.15 s apart: 1.8 s in all, never 0.4 s without one
+            trickle = GetChunks("docs", "trickles", HASH, chunk_refs(11, 1024), request_id=1)
+            replies = [reply async for reply in client.stream(trickle)]
+            assert len(replies) == 12 and isinstance(replies[-1], ChunksDone)
+
+            # a consumer that stops taking replies stops our reading: the peer is not blamed
+            big = GetChunks("docs", "big", HASH, chunk_refs(200, 128 * 1024), request_id=1)
+            taken = 0
+            async for _reply in client.stream(big):
+                if taken == 0:
+                    await asyncio.sleep(1.2)
+                    assert not client.is_reading
+                taken += 1
+            assert taken == 201 and not client.is_closed
+
+    run(body())
+
+
+def test_sync_request_waits_while_the_peer_pulls_and_times_out_when_it_goes_quiet(
+    ids: dict[str, NodeIdentity], short_timeouts: None
+) -> None:
+    async def body() -> None:
+        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+            server_side = await listener.next_session()
+            answer = asyncio.ensure_future(client.request(SyncRequest(("docs",), request_id=1)))
+            for _ in range(8):  # 2 s of the peer pulling from us: its requests are progress
+                await asyncio.sleep(0.25)
+                await server_side.request(GetStorageHashes(request_id=1))
+            assert not answer.done()
+            listener.handler.release.set()
+            assert isinstance(await answer, SyncResult)
+
+            listener.handler.release.clear()
+            with pytest.raises(PeerError) as failed:
+                await client.request(SyncRequest(("docs",), request_id=1))
+            assert failed.value.message == "no reply to SyncRequest in 1 s"
 
     run(body())
 

@@ -48,6 +48,12 @@ Flow control, both ways (uvicorn keeps the same two small mechanisms):
 Reading does not stop just because requests wait for a slot: a handler may itself wait for a
 reply from the same peer (a SyncRequest makes us pull from it), and that reply must get in.
 
+Reply timeouts: a request of ours that gets no reply (or, for a stream, no next reply) within
+REPLY_TIMEOUT seconds while we read (SLOW_REPLY_TIMEOUT for GetStorageHashes and SyncRequest,
+whose answers may take long) means the peer is stalling it: the session is closed with a
+fatal Error "timeout", every pending request fails with "disconnected", and the reason says
+which request timed out. Time spent not reading (our flow control) does not count.
+
 The price of one TCP stream without per-request windows: while reading is stopped, nothing
 else arrives either. A stream consumer must keep taking its replies; one that stops to wait
 for another reply from the same peer can wait forever once the buffer is full.
@@ -83,6 +89,7 @@ from ironsync.protocol import (
     Connection,
     Error,
     GetChunks,
+    GetStorageHashes,
     Goodbye,
     Hello,
     IndexPage,
@@ -102,6 +109,12 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds from dialing (or accepting) to an open session: TCP, TLS and both Hellos."""
+
+MAX_HANDSHAKES = 64
+"""Accepted connections in their handshake at once; more are closed at once (no byte sent)."""
+
+MAX_HANDSHAKES_PER_HOST = 8
+"""... from one IP address."""
 
 CLOSE_TIMEOUT = 5.0
 """Seconds a closing session may spend flushing and saying goodbye before it is aborted."""
@@ -129,6 +142,16 @@ MAX_WAITING_BYTES = 8 * MiB
 
 MAX_PENDING_NOTICES = 1024
 """Storages with an undelivered ChangeNotice; notices for more storages are dropped."""
+
+REPLY_TIMEOUT = 60.0
+"""Seconds a request for data (GetIndex, GetChunkList, GetChunks) may wait for its first reply
+or for the next one of its stream, while we read: then the peer is stalling and the session
+is closed (a reply never takes long to make: it is read from the index or the disk)."""
+
+SLOW_REPLY_TIMEOUT = 900.0
+"""... the same for requests whose answer may take a long while: GetStorageHashes (the peer
+may rescan first) and SyncRequest (the peer pulls from us first; any message from it counts
+as progress)."""
 
 
 class HandshakeError(ConnectionError):
@@ -183,6 +206,7 @@ class PeerSession(asyncio.BufferedProtocol):
         self._handler = handler
         self._on_connected = on_connected
         self.address = "?"
+        self.host = "?"
         self._phase = "TCP connect"
         self._transport: asyncio.Transport | None = None
         self._tls = False
@@ -215,6 +239,9 @@ class PeerSession(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._notices: dict[str, ChangeNotice] = {}
         self._notice_task: asyncio.Task[None] | None = None
+        # Reply timeouts: one timer while requests of ours wait (see _check_replies).
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._last_message_at = self._loop.time()
 
     def __repr__(self) -> str:
         peer = self.peer_id or "?"
@@ -299,7 +326,9 @@ class PeerSession(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()  # nothing is read before TLS starts
         self._transport = transport
-        self.address = _format_address(transport.get_extra_info("peername"))
+        peername = transport.get_extra_info("peername")
+        self.address = _format_address(peername)
+        self.host = str(peername[0]) if isinstance(peername, tuple) and peername else self.address
         if self._on_connected is not None:
             self._on_connected(self)
 
@@ -425,6 +454,7 @@ class PeerSession(asyncio.BufferedProtocol):
                 self._shutdown("peer closed the connection")
                 return
             assert isinstance(event, Message)
+            self._last_message_at = self._loop.time()
             if self._open:
                 self._dispatch(event)
             else:
@@ -490,6 +520,9 @@ class PeerSession(asyncio.BufferedProtocol):
         self._reading = wanted
         assert self._transport is not None
         if wanted:
+            now = self._loop.time()  # no reply could arrive while we did not read
+            for sink in self._pending.values():
+                sink.progress_at = now
             self._transport.resume_reading()
         else:
             self._transport.pause_reading()
@@ -612,7 +645,30 @@ class PeerSession(asyncio.BufferedProtocol):
             raise self._disconnected()
         message = dataclasses.replace(message, request_id=self._conn.next_request_id())
         self._write(message)
+        sink.watch(message, self._loop.time())
         self._pending[message.request_id] = sink
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(REPLY_TIMEOUT / 4, self._check_replies)
+
+    def _check_replies(self) -> None:
+        """Close the session if a request of ours got no reply (or no next reply of its
+        stream) within its timeout while we were reading: the peer is stalling it."""
+        self._watchdog = None
+        if self._closed or not self._pending:
+            return
+        if self._reading:
+            now = self._loop.time()
+            for sink in self._pending.values():
+                last = sink.progress_at
+                if sink.any_message_counts:
+                    last = max(last, self._last_message_at)
+                if now - last > sink.timeout:
+                    reason = f"no reply to {sink.what} in {sink.timeout:g} s"
+                    log.warning("%s: %s; closing the session", self._who(), reason)
+                    self._write_fatal("timeout", reason)
+                    self._shutdown(reason)
+                    return
+        self._watchdog = self._loop.call_later(REPLY_TIMEOUT / 4, self._check_replies)
 
     def _write_fatal(self, code: str, reason: str) -> None:
         if not self._tls or self._closed:
@@ -651,6 +707,9 @@ class PeerSession(asyncio.BufferedProtocol):
         self._waiting_requests.clear()
         self._waiting_bytes = 0
         self._notices.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -683,7 +742,21 @@ class _Responder:
         await self._session._send(reply)
 
 
-class _ReplyWaiter:
+class _Watched:
+    """What the reply timeout knows of a request of ours: what it is, its timeout, when it
+    last made progress (sent, or a reply arrived)."""
+
+    __slots__ = ("any_message_counts", "progress_at", "timeout", "what")
+
+    def watch(self, request: Request, now: float) -> None:
+        self.what = type(request).__name__
+        slow = isinstance(request, GetStorageHashes | SyncRequest)
+        self.timeout = SLOW_REPLY_TIMEOUT if slow else REPLY_TIMEOUT
+        self.any_message_counts = isinstance(request, SyncRequest)
+        self.progress_at = now
+
+
+class _ReplyWaiter(_Watched):
     """Where the single reply of `PeerSession.request` goes."""
 
     __slots__ = ("future",)
@@ -708,7 +781,7 @@ class _ReplyWaiter:
             self.future.set_exception(error)
 
 
-class _ReplyQueue:
+class _ReplyQueue(_Watched):
     """Where the replies of `PeerSession.stream` wait for their consumer, in order."""
 
     def __init__(self, session: PeerSession) -> None:
@@ -722,6 +795,7 @@ class _ReplyQueue:
     # The session's side.
 
     def deliver(self, reply: Reply) -> None:
+        self.progress_at = self.session._loop.time()
         if self.done:
             return  # abandoned by the consumer
         size = _held_size(reply)
@@ -880,12 +954,24 @@ async def serve(
 
     `on_refused(address, reason)` is called for every connection that does not become a
     session (TLS handshake failure, a bad or refused Hello, a protocol error, a timeout).
+    At most MAX_HANDSHAKES_PER_HOST connections from one address, and MAX_HANDSHAKES in all,
+    are in their handshake at once; more are closed at once (reported once per 10 s).
     Closing the returned server stops listening; open sessions are the caller's to close."""
     loop = asyncio.get_running_loop()
     context = server_context(identity)
     tasks: set[asyncio.Task[None]] = set()
+    handshaking: dict[str, int] = {}  # host -> connections in their handshake
+    crowded = {"refused": 0, "reported_at": -1e9}
 
-    async def accept(session: PeerSession) -> None:
+    async def accept(session: PeerSession, host: str) -> None:
+        try:
+            await handshake(session)
+        finally:
+            handshaking[host] -= 1
+            if not handshaking[host]:
+                del handshaking[host]
+
+    async def handshake(session: PeerSession) -> None:
         try:
             async with asyncio.timeout(timeout):
                 await session._start_tls(context, server_side=True)
@@ -921,7 +1007,24 @@ async def serve(
                 log.exception("on_refused failed")
 
     def connected(session: PeerSession) -> None:
-        task = loop.create_task(accept(session))
+        host = session.host
+        if (
+            sum(handshaking.values()) >= MAX_HANDSHAKES
+            or handshaking.get(host, 0) >= MAX_HANDSHAKES_PER_HOST
+        ):
+            session._shutdown("too many connections in their handshake")
+            crowded["refused"] += 1
+            if loop.time() - crowded["reported_at"] >= 10:  # one report per 10 s of a flood
+                crowded["reported_at"] = loop.time()
+                _refused(
+                    session.address,
+                    f"too many connections in their handshake ({crowded['refused']} closed "
+                    f"at once so far; at most {MAX_HANDSHAKES_PER_HOST} per address, "
+                    f"{MAX_HANDSHAKES} in all)",
+                )
+            return
+        handshaking[host] = handshaking.get(host, 0) + 1
+        task = loop.create_task(accept(session, host))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
