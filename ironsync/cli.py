@@ -793,7 +793,7 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
 
     Through the running daemon when one answers, otherwise standalone. Exit 0: every reachable
     peer converged; 1: a sync failed or did not converge; 2: usage or config error; 3: no peer
-    reachable."""
+    reachable; 4: converged, but files that cannot be read here were left out (listed)."""
     import asyncio
 
     from ironsync.daemon import LockHeld, ask_daemon, standalone_sync
@@ -802,8 +802,12 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
     storages = tuple(s.name for s in _select_storages(config, names)) if names else None
     tty = sys.stderr.isatty() and not as_json
     results: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
 
     def report(item: dict[str, Any]) -> None:
+        if "skipped" in item:
+            skipped.extend(item["skipped"])
+            return
         results.append(item)
         if tty:
             click.echo("", err=True)
@@ -833,14 +837,18 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
                 raise click.ClickException(
                     f"{exc}, and no daemon answers on its control socket"
                 ) from None
-    _print_sync_results(results, code, as_json)
+    _print_sync_results(results, skipped, code, as_json)
     sys.exit(code)
 
 
-def _print_sync_results(results: list[dict[str, Any]], code: int, as_json: bool) -> None:
+def _print_sync_results(
+    results: list[dict[str, Any]], skipped: list[dict[str, str]], code: int, as_json: bool
+) -> None:
     if as_json:
-        click.echo(json.dumps({"exit": code, "results": results}, indent=2))
+        click.echo(json.dumps({"exit": code, "results": results, "skipped": skipped}, indent=2))
         return
+    for item in skipped:
+        click.echo(f"{item['storage']}: skipped {item['path']} ({item['reason']}): not synced")
     peers = [r for r in results if "peer" in r]
     unreachable = [r for r in results if "unreachable" in r]
     for r in peers:

@@ -21,7 +21,7 @@ import random
 import signal
 import socket
 import stat as stat_mod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_NO_PEER = 3
+EXIT_PARTIAL = 4
 CONNECT_TIMEOUT_S = 10.0
 UNHEALTHY_RESCAN_S = 60.0
 
@@ -142,12 +143,17 @@ def outcome_json(outcome: SyncOutcome) -> dict[str, Any]:
     }
 
 
-def exit_code(results: list[dict[str, Any]], unreachable: list[str]) -> int:
+def exit_code(
+    results: list[dict[str, Any]], unreachable: list[str], skipped: Sequence[dict[str, str]] = ()
+) -> int:
+    """0 every reachable peer converged and no file was left out; 4 converged, but files
+    that could not be read here were left out (`skipped`); 1 a sync failed or did not
+    converge; 3 no peer was reachable."""
     if not results:
         return EXIT_NO_PEER
-    if all(r["converged"] for r in results):
-        return EXIT_OK
-    return EXIT_FAILED
+    if not all(r["converged"] for r in results):
+        return EXIT_FAILED
+    return EXIT_PARTIAL if skipped else EXIT_OK
 
 
 @dataclass
@@ -306,6 +312,15 @@ class Node:
                     await self.announce(storage.name, skip=session.peer_id)
         return outcome
 
+    def skipped(self, storages: tuple[str, ...] | None) -> list[dict[str, str]]:
+        """The files of `storages` (all by default) that the last scan could not read."""
+        return [
+            {"storage": name, "path": path, "reason": reason}
+            for name, files in sorted(self.engine.unreadable.items())
+            if storages is None or name in storages
+            for path, reason in files
+        ]
+
     async def sync_static_peers(
         self, storages: tuple[str, ...] | None, report: Callable[[dict[str, Any]], None]
     ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -358,7 +373,10 @@ async def standalone_sync(
             remove_stale_temp_files(storage.root)
         node = Node(config, db, progress)
         results, unreachable = await node.sync_static_peers(storages, report)
-        return exit_code(results, unreachable)
+        skipped = node.skipped(storages)
+        if skipped:
+            report({"skipped": skipped})
+        return exit_code(results, unreachable, skipped)
     finally:
         lock.release()
 
@@ -689,7 +707,10 @@ class Daemon:
                 results, unreachable = await self.node.sync_static_peers(storages, report)
             finally:
                 engine.progress = previous
-            code = exit_code(results, unreachable)
+            skipped = self.node.skipped(storages)
+            if skipped:
+                report({"skipped": skipped})
+            code = exit_code(results, unreachable, skipped)
             writer.write(json.dumps({"exit": code, "results": results}).encode() + b"\n")
             await writer.drain()
         except (ValueError, ConnectionError) as exc:

@@ -193,8 +193,12 @@ def test_unreadable_files_and_folders_are_reported_skipped_and_never_deleted_on_
         os.chmod(a.root / path, 0)
     try:
         scan = a.run("scan", check=False)
-        a.sync()  # the indexes agree: what could not be read is not part of them yet
+        # the indexes agree (what could not be read is not part of them yet), and `sync`
+        # says what it left out: exit 4, not 0
+        result = a.sync(expect=4)
         reported = {e["path"] for e in a.events("skipped")}
+        said = a.run("sync", check=False)  # and in words
+        assert said.returncode == 4
     finally:
         os.chmod(a.root / "secret.txt", 0o644)
         os.chmod(a.root / "new-secret.txt", 0o644)
@@ -203,6 +207,12 @@ def test_unreadable_files_and_folders_are_reported_skipped_and_never_deleted_on_
     for path in ("secret.txt", "new-secret.txt", "locked"):
         assert path in scan.stdout + scan.stderr, scan.stdout
         assert path in reported
+        assert f"docs: skipped {path} (" in said.stdout, said.stdout
+    assert {item["path"] for item in result["skipped"]} == {
+        "secret.txt", "new-secret.txt", "locked",
+    }  # fmt: skip
+    assert all(item["storage"] == "docs" and item["reason"] for item in result["skipped"])
+    assert [r["converged"] for r in result["results"]] == [True]
     # skipped, not deleted: the peer keeps the files, no tombstone anywhere
     assert not deletions(a, "secret.txt", "locked/inner.txt")
     assert not deletions(b, "secret.txt", "locked/inner.txt")
@@ -213,7 +223,7 @@ def test_unreadable_files_and_folders_are_reported_skipped_and_never_deleted_on_
     assert "new-secret.txt" not in after
 
     # readable again: retried, and everything converges
-    a.sync()
+    assert a.sync()["skipped"] == []
     assert tree(a.root) == tree(b.root)
     assert tree(b.root)["new-secret.txt"] == b"never read yet"
 

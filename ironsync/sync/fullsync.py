@@ -169,6 +169,9 @@ class SyncEngine:
     ) -> None:
         self.db = db
         self.config = config
+        # storage -> (path, reason) of the files its last full scan could not read: not
+        # synced, and not deletions either (a sync reports them and exits 4)
+        self.unreadable: dict[str, list[tuple[str, str]]] = {}
         self.node_id = config.node_id
         self.progress = progress or SyncProgress()
         self.clock = clock
@@ -190,7 +193,8 @@ class SyncEngine:
         unavailable = []
         for storage in self.storages_for(names):
             try:
-                scan_storage(db, self.node_id, storage, clock=self.clock)
+                report = scan_storage(db, self.node_id, storage, clock=self.clock)
+                self.unreadable[storage.name] = list(report.unreadable)
             except StorageUnavailable as exc:
                 unavailable.append(storage.name)
                 with db.atomic():
