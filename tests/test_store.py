@@ -135,6 +135,45 @@ def test_storage_hash_changes_when_and_only_when_path_size_mtime_or_deletion_cha
         assert index.storage_hash(db, sid) not in (one, empty, tomb)
 
 
+def uncached_hash(db, storage_id: int) -> bytes:
+    return bytes(
+        db.scalar(
+            "SELECT storage_hash(path, size, mtime_ns, deleted ORDER BY path)"
+            " FROM files WHERE storage_id = ?",
+            (storage_id,),
+        )
+    )
+
+
+def test_the_remembered_storage_hash_follows_every_committed_change_and_no_rolled_back_one(
+    tmp_path: Path,
+) -> None:
+    with (
+        open_database(tmp_path / "s.db", "alpha") as db,
+        open_database(tmp_path / "s.db", "alpha") as other,
+    ):
+        sid = index.ensure_storage(db, "docs", tmp_path).id
+        put(db, sid, "a.txt", b"hello")
+        first = index.storage_hash(db, sid)
+        assert db.storage_hashes[sid] == (index.get_storage(db, "docs").sequence, first)
+        assert index.storage_hash(db, sid) == first == uncached_hash(db, sid)
+
+        put(other, sid, "b.txt", b"from another connection")  # a scan thread, another process
+        assert index.storage_hash(db, sid) == uncached_hash(db, sid) != first
+
+        with pytest.raises(RuntimeError), db.atomic():  # seen inside, then rolled back
+            index.put_tombstone(db, sid, "a.txt", version='{"alpha":2}', modified_by="alpha")
+            inside = index.storage_hash(db, sid)
+            raise RuntimeError("rollback")
+        assert index.storage_hash(db, sid) == uncached_hash(db, sid) != inside
+        put(db, sid, "c.txt", b"takes the same sequence the rolled back change took")
+        assert index.storage_hash(db, sid) == uncached_hash(db, sid) != inside
+
+        with db.atomic():  # a stat refresh takes no sequence and changes no hashed column
+            index.refresh_stat(db, index.get_file(db, sid, "c.txt").id, Stat(1, 2, 3, 4, 5), 9)
+        assert index.storage_hash(db, sid) == uncached_hash(db, sid)
+
+
 def test_storage_hash_is_the_same_whatever_the_insertion_order(tmp_path: Path) -> None:
     hashes = []
     for n, order in enumerate((["a", "b", "c/d"], ["c/d", "a", "b"])):

@@ -59,6 +59,8 @@ class Database:
     def __init__(self, path: Path, conn: apsw.Connection) -> None:
         self.path = path
         self.conn = conn
+        # storage id -> (sequence, storage hash): see index.storage_hash
+        self.storage_hashes: dict[int, tuple[int, bytes]] = {}
 
     @contextmanager
     def atomic(self) -> Iterator[None]:

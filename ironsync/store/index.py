@@ -110,13 +110,31 @@ def next_sequence(db: Database, storage_id: int) -> int:
 
 
 def storage_hash(db: Database, storage_id: int) -> bytes:
-    """The storage hash over (path, size, mtime, deleted) of every row, in path order."""
-    value = db.scalar(
-        "SELECT storage_hash(path, size, mtime_ns, deleted ORDER BY path) "
-        "FROM files WHERE storage_id = ?",
-        (storage_id,),
+    """The storage hash over (path, size, mtime, deleted) of every row, in path order.
+
+    Every change of those columns takes a new sequence number in the same transaction, so
+    the hash is remembered by the storage's sequence (per connection, outside transactions):
+    a storage that did not change since costs one lookup instead of a pass over every row
+    (0.3 s at 100,000 files)."""
+    cached = not db.conn.in_transaction  # inside one, what we see may yet be rolled back
+    sequence = _sequence(db, storage_id)
+    known = db.storage_hashes.get(storage_id)
+    if cached and known is not None and known[0] == sequence:
+        return known[1]
+    value = bytes(
+        db.scalar(
+            "SELECT storage_hash(path, size, mtime_ns, deleted ORDER BY path) "
+            "FROM files WHERE storage_id = ?",
+            (storage_id,),
+        )
     )
-    return bytes(value)
+    if cached and _sequence(db, storage_id) == sequence:  # nothing committed meanwhile
+        db.storage_hashes[storage_id] = (sequence, value)
+    return value
+
+
+def _sequence(db: Database, storage_id: int) -> int:
+    return int(db.scalar("SELECT sequence FROM storages WHERE id = ?", (storage_id,)) or 0)
 
 
 def live_count(db: Database, storage_id: int) -> int:

@@ -38,13 +38,14 @@ for the next, which starts after the request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -55,6 +56,7 @@ from ironsync.protocol import (
     GetIndex,
     GetStorageHashes,
     IndexPage,
+    Reply,
     StorageHashes,
     SyncRequest,
     SyncResult,
@@ -80,7 +82,16 @@ from ironsync.sync.versions import keep_version
 log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 6
-PULL_CONCURRENCY = 6  # files in flight during one pull pass
+PULL_CONCURRENCY = 16
+"""Files in flight at most during one pull pass: small files are latency-bound (two round
+trips, a write, two fsyncs and a transaction each), so many overlap."""
+PULL_BUDGET_BYTES = 48 * 1024 * 1024
+"""... and the bytes those files may hold in flight (see PULL_CHARGE_MAX)."""
+PULL_CHARGE_MAX = 16 * 1024 * 1024
+"""A pull holds at most this much received data at once (transfer.REQUESTS_IN_FLIGHT x
+transfer.BATCH_MAX_BYTES); a smaller file, its size."""
+PULL_CHARGE_MIN = 64 * 1024
+"""What any pull counts besides its data (buffers, the chunk list window, the temp file)."""
 PLACEHOLDER_ID = 1  # the session stamps the real request id
 
 
@@ -147,6 +158,28 @@ class SyncOutcome:
     divergent: list[str] = field(default_factory=list)  # storages still differing
     error: str | None = None
     violation: str | None = None  # what the peer sent that no honest node does
+
+
+class _Budget:
+    """Bytes shared by tasks: `taken(n)` waits until n are free (at most all of them)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def taken(self, amount: int) -> AsyncIterator[None]:
+        amount = min(amount, self.total)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.free >= amount)
+            self.free -= amount
+        try:
+            yield
+        finally:
+            self.free += amount
+            async with self._changed:
+                self._changed.notify_all()
 
 
 class SyncProgress:
@@ -243,12 +276,24 @@ class SyncEngine:
         outcome = SyncOutcome(peer, converged=False, rounds=0, pulled=PullReport())
         with self.db.atomic():
             ev.append_event(self.db, "sync_started", peer=peer, detail={"storages": wanted})
-        unavailable = [n for n in await self.scan_fresh() if n in wanted] if scan else []
+        # The peer's rescan (asked for with the first storage hashes) runs while we scan.
+        first = asyncio.ensure_future(
+            link.request(GetStorageHashes(rescan=True, request_id=PLACEHOLDER_ID))
+        )
+        try:
+            unavailable = [n for n in await self.scan_fresh() if n in wanted] if scan else []
+        except BaseException:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            raise
         wanted = [n for n in wanted if n not in unavailable]
         try:
             for round_no in range(1, MAX_ROUNDS + 1):
                 outcome.rounds = round_no
-                divergent = await self.divergent_storages(link, wanted, rescan=round_no == 1)
+                if round_no == 1:
+                    divergent = self._divergent(wanted, await first)
+                else:
+                    divergent = await self.divergent_storages(link, wanted)
                 outcome.divergent = divergent
                 if not divergent:
                     outcome.converged = not unavailable
@@ -310,6 +355,10 @@ class SyncEngine:
         self, link: PeerLink, wanted: list[str], *, rescan: bool = False
     ) -> list[str]:
         reply = await link.request(GetStorageHashes(rescan=rescan, request_id=PLACEHOLDER_ID))
+        return self._divergent(wanted, reply)
+
+    def _divergent(self, wanted: list[str], reply: Reply) -> list[str]:
+        """The storages of `wanted` whose hash in the peer's StorageHashes differs from ours."""
         assert isinstance(reply, StorageHashes)
         ours = self.our_hashes(wanted)
         return [
@@ -431,21 +480,26 @@ class SyncEngine:
         pulls: list[PendingPull],
         report: PullReport,
     ) -> None:
-        """Pull several files at once (PULL_CONCURRENCY): round trips and fsyncs overlap."""
-        gate = asyncio.Semaphore(PULL_CONCURRENCY)
+        """Pull several files at once: round trips, writes and fsyncs overlap. At most
+        PULL_CONCURRENCY files are in flight, and PULL_BUDGET_BYTES of what they may hold
+        (a file counts its size, at most PULL_CHARGE_MAX: what a pull keeps in flight)."""
+        budget = _Budget(PULL_BUDGET_BYTES)
+        queue = iter(pulls)  # shared by the workers: each takes the next file
 
-        async def one(pull: PendingPull) -> None:
-            async with gate:
-                try:
-                    await self._pull(
-                        link, storage, row, pull.target, pull.path, report, pull.decided,
-                        pull.expected,
-                    )  # fmt: skip
-                except (UnsafePath, OSError) as exc:
-                    reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
-                    report.failed.append((f"{storage.name}:{pull.path}", reason))
+        async def worker() -> None:
+            for pull in queue:
+                charge = min(pull.target.size, PULL_CHARGE_MAX) + PULL_CHARGE_MIN
+                async with budget.taken(charge):
+                    try:
+                        await self._pull(
+                            link, storage, row, pull.target, pull.path, report, pull.decided,
+                            pull.expected,
+                        )  # fmt: skip
+                    except (UnsafePath, OSError) as exc:
+                        reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
+                        report.failed.append((f"{storage.name}:{pull.path}", reason))
 
-        tasks = [asyncio.create_task(one(pull)) for pull in pulls]
+        tasks = [asyncio.create_task(worker()) for _ in range(min(PULL_CONCURRENCY, len(pulls)))]
         try:
             await asyncio.gather(*tasks)
         except BaseException:

@@ -582,7 +582,8 @@ class _Pull:
                 if ahead is not None:
                     fetcher.add(ahead.batches)
                 await self._write_window(window, fetcher)
-            self._flush()
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            await _in_thread(self._writev_all, pending)
         finally:
             await fetcher.close()
         self._report()
@@ -596,9 +597,9 @@ class _Pull:
             if kind is _PEER:
                 if ref.offset not in received:
                     received = await fetcher.take()
-                self._write(received.pop(ref.offset), reused=False)
+                full = self._write(received.pop(ref.offset), reused=False)
             elif kind is _COPY:
-                self._write(self._read_back(plan.copy_from[i], ref), reused=True)
+                full = self._write(self._read_back(plan.copy_from[i], ref), reused=True)
             else:
                 data = fallback.pop(ref.offset, None)
                 reused = data is None
@@ -607,25 +608,32 @@ class _Pull:
                 if data is None:
                     fallback = await fetcher.fetch(_refetch_run(refs, kinds, local, i, self))
                     data, reused = fallback.pop(ref.offset), False
-                self._write(data, reused=reused)
+                full = self._write(data, reused=reused)
+            if full:  # written in a thread: the event loop goes on receiving meanwhile
+                pending, self._pending, self._pending_bytes = self._pending, [], 0
+                await _in_thread(self._writev_all, pending)
             if self._written - self._reported >= PROGRESS_STEP:
                 self._report()
                 await asyncio.sleep(0)  # let the fetches and the rest of the daemon run
 
-    def _write(self, data: bytes | memoryview, *, reused: bool) -> None:
-        """Append a verified chunk (buffered: written by `_flush` in one writev)."""
+    def _write(self, data: bytes | memoryview, *, reused: bool) -> bool:
+        """Append a verified chunk to the write buffer; True when the buffer is full (then
+        the caller writes it, in one writev)."""
         self._pending.append(data)
         self._pending_bytes += len(data)
         self._hasher.update(data)
         self._written += len(data)
         if reused:
             self.bytes_reused += len(data)
-        if self._pending_bytes >= WRITE_BUFFER_BYTES or len(self._pending) >= _MAX_IOV:
-            self._flush()
+        return self._pending_bytes >= WRITE_BUFFER_BYTES or len(self._pending) >= _MAX_IOV
 
     def _flush(self) -> None:
+        """Write what the buffer holds, here and now."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        self._writev_all(pending)
+
+    def _writev_all(self, pending: list[bytes | memoryview]) -> None:
         assert self._fd is not None
-        pending = self._pending
         while pending:
             done = os.writev(self._fd, pending)
             _crash_point("mid_chunk")
@@ -634,7 +642,6 @@ class _Pull:
                 done -= len(pending.pop(0))
             if done:
                 pending[0] = memoryview(pending[0])[done:]
-        self._pending_bytes = 0
 
     def _read_back(self, offset: int, ref: ChunkRef) -> bytes:
         assert self._fd is not None
