@@ -39,6 +39,8 @@ from ironsync.sync.local import ScanReport, StorageUnavailable, scan_storage
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+DAEMON_START_WAIT_S = 15.0
+"""`sync` finding the node's lock held and no daemon answering waits this long for one."""
 
 
 class UsageFailure(click.ClickException):
@@ -570,7 +572,7 @@ def _ask_daemon_status(config: Config) -> dict[str, Any] | None:
     """The running daemon's live view (connected peers, watcher), or None."""
     import asyncio
 
-    from ironsync.daemon import ask_daemon
+    from ironsync.control import ask_daemon
 
     async def ask() -> dict[str, Any] | None:
         try:
@@ -736,7 +738,8 @@ def log_compact(app: AppContext, days: int) -> None:
 def daemon(app: AppContext) -> None:
     """Serve peers, full sync at start, then keep peers current. Stays in the foreground;
     SIGTERM or SIGINT stop it cleanly."""
-    from ironsync.daemon import LockHeld, run_daemon
+    from ironsync.control import LockHeld
+    from ironsync.daemon import run_daemon
 
     config = app.config()
     _setup_log_file(config)
@@ -796,7 +799,7 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
     reachable; 4: converged, but files that cannot be read here were left out (listed)."""
     import asyncio
 
-    from ironsync.daemon import LockHeld, ask_daemon, standalone_sync
+    from ironsync.control import LockHeld, ask_daemon
 
     config = app.config()
     storages = tuple(s.name for s in _select_storages(config, names)) if names else None
@@ -828,15 +831,21 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
             return None
         raise click.ClickException("the daemon closed the control socket without a result")
 
-    code = asyncio.run(via_daemon())
-    if code is None:
+    # A daemon that is starting holds the lock before its socket answers: ask again a while.
+    deadline = time.monotonic() + DAEMON_START_WAIT_S
+    while (code := asyncio.run(via_daemon())) is None:
+        from ironsync.daemon import standalone_sync  # only now: TLS, the engine, discovery
+
         with app.database(config) as db:
             try:
                 code = asyncio.run(standalone_sync(config, db, storages, report, shown))
+                break
             except LockHeld as exc:
-                raise click.ClickException(
-                    f"{exc}, and no daemon answers on its control socket"
-                ) from None
+                if time.monotonic() >= deadline:
+                    raise click.ClickException(
+                        f"{exc}, and no daemon answers on its control socket"
+                    ) from None
+        time.sleep(0.2)
     _print_sync_results(results, skipped, code, as_json)
     sys.exit(code)
 

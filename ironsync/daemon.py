@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -21,13 +20,13 @@ import random
 import signal
 import socket
 import stat as stat_mod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from ironsync.config import Config, Storage
+from ironsync.control import NodeLock, control_socket_path, lock_path
 from ironsync.net.discovery import Discovery, DiscoveryError, PeerAddress, run_discovery
 from ironsync.net.session import (
     PeerSession,
@@ -72,44 +71,6 @@ reply timeout, a fatal error it sent), we wait before dialing it again: from 5 s
 with each such session in a row, up to 10 minutes. A session that ends otherwise resets it."""
 FAULT_REASONS = ("protocol violation", "protocol error", "no reply to", "peer sent error")
 """How the closed_reason of a session that ended by the peer's fault begins."""
-
-
-class LockHeld(Exception):
-    """Another ironsync process holds this node's database."""
-
-
-def lock_path(config: Config) -> Path:
-    return config.database.with_name(config.database.name + ".lock")
-
-
-def control_socket_path(config: Config) -> Path:
-    return config.database.with_name(config.database.name + ".sock")
-
-
-class NodeLock:
-    """An exclusive `flock` on `<database>.lock`: one writer process per node."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockHeld(f"{self.path} is held by another ironsync process") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 def parse_peer(address: str) -> tuple[str, int]:
@@ -382,22 +343,6 @@ async def standalone_sync(
 
 
 # --- control socket -------------------------------------------------------------------------
-
-
-async def ask_daemon(config: Config, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """Send one request to the running daemon; yield its JSON replies. Raises OSError when no
-    daemon answers."""
-    path = control_socket_path(config)
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
-    try:
-        writer.write(json.dumps(request).encode() + b"\n")
-        await writer.drain()
-        while line := await reader.readline():
-            yield json.loads(line)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
 
 
 # --- the daemon -----------------------------------------------------------------------------

@@ -253,3 +253,40 @@ def test_sync_on_a_tty_shows_files_bytes_and_rate(
     # without a terminal: no progress, one summary line per peer
     plain = a.run("sync")
     assert plain.stderr == "" and plain.stdout.count("\n") == 1
+
+
+def test_sync_while_the_daemon_is_starting_waits_for_it_instead_of_failing(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    import fcntl
+
+    a, _ = pair  # no peers: the sync itself has nothing to do
+    for n in range(4000):  # a start-up scan long enough to run `sync` inside it
+        write(a.root, f"d{n % 40}/f{n}.txt", f"file {n}")
+    lock = a.db_path.with_name(a.db_path.name + ".lock")
+    sock = a.db_path.with_name(a.db_path.name + ".sock")
+    a.proc = subprocess.Popen(
+        [*IRONSYNC, "daemon"], env=a.env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def lock_held() -> bool:
+        if not lock.exists():
+            return False
+        with lock.open("rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    wait_for(lock_held, timeout=30)
+    assert not sock.exists()  # the daemon is starting: lock held, no socket yet
+
+    # used to exit 1 at once: "... is held by another ironsync process"; now the daemon
+    # answers once it is up (exit 3: no peer to sync with)
+    result = a.sync(expect=3)
+
+    assert result == {"exit": 3, "results": [], "skipped": []}
+    assert sock.exists()
