@@ -135,6 +135,49 @@ def test_move_is_found_by_content_when_the_file_was_copied_and_deleted(node: Nod
         assert scan(node, db) == {"moved": ["a.bin->b.bin"]}
 
 
+def rescan(node: Node, db: Database, *paths: str) -> dict[str, list[str]]:
+    """`rescan_paths` (the watcher's entry point) for a few paths; changes by kind."""
+    config = node.config()
+    out: dict[str, list[str]] = {}
+    for change in local.rescan_paths(db, config.node_id, config.storages[0], list(paths)):
+        label = f"{change.from_path}->{change.path}" if change.from_path else change.path
+        out.setdefault(change.kind, []).append(label)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_the_watchers_rescan_of_a_renamed_or_recopied_file_records_a_move(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = os.urandom(300_000)
+    write(node.root, "a.bin", big)
+    write(node.root, "c.bin", b"c" * 5000)
+    write(node.root, "e.txt", b"e")
+    hashed: list[str] = []
+    real_hash_files = local.hash_files
+
+    def spy(root, files, *args):  # type: ignore[no-untyped-def]
+        hashed.extend(path for path, _ in files)
+        return real_hash_files(root, files, *args)
+
+    monkeypatch.setattr(local, "hash_files", spy)
+    with node.db() as db:
+        scan(node, db)
+        (node.root / "sub").mkdir()
+        (node.root / "a.bin").rename(node.root / "sub" / "b.bin")
+        hashed.clear()
+        assert rescan(node, db, "a.bin", "sub/b.bin") == {"moved": ["a.bin->sub/b.bin"]}
+        assert hashed == []  # same inode, size and mtime: not read again
+        (node.root / "c.bin").unlink()
+        write(node.root, "d.bin", b"c" * 5000)  # another inode: found by content
+        assert rescan(node, db, "d.bin", "c.bin") == {"moved": ["c.bin->d.bin"]}
+        (node.root / "e.txt").unlink()  # its new name is not among the paths: a deletion
+        assert rescan(node, db, "e.txt") == {"deleted": ["e.txt"]}
+        kinds = [(e.kind, e.path) for e in ev.last_events(db, 20) if e.path]
+        assert ("moved", "sub/b.bin") in kinds and ("moved", "d.bin") in kinds
+        assert ("deleted", "a.bin") not in kinds and ("created", "sub/b.bin") not in kinds
+        assert row(db, "sub/b.bin").hash == content_hash(big) and row(db, "a.bin").deleted
+
+
 def test_same_size_edit_within_the_same_mtime_is_detected(node: Node) -> None:
     path = write(node.root, "a.txt", b"AAAA")
     with node.db() as db:

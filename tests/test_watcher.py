@@ -61,6 +61,10 @@ def test_create_modify_delete_and_rename_reach_the_peer(live: tuple[SyncNode, Sy
     # the rename is a rename on the peer: no content over the wire, nothing rebuilt
     moved = [e for e in b.events("moved") if e["path"] == "renamed.bin"]
     assert moved and moved[-1]["detail"]["from"] == "big.bin"
+    # ... and a move where it was made, not a deletion and a new file
+    moved_here = [e for e in a.events("moved") if e["path"] == "renamed.bin"]
+    assert moved_here and moved_here[-1]["detail"]["from"] == "big.bin"
+    assert not [e for e in a.events("deleted") if e["path"] == "big.bin"]
     assert not [e for e in b.events("write_started") if e["path"] == "renamed.bin"]
     # and changes flow the other way too
     write(b.root, "from-b.txt", "b")

@@ -18,13 +18,12 @@ than record every file as deleted (and delete them on every peer).
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
 import stat as stat_mod
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,10 +35,12 @@ from ironsync.scan import (
     UNTRUSTED_MODE,
     ChunkSpool,
     Gone,
+    KnownRow,
     Observed,
     Stat,
     Unreadable,
     hash_files,
+    known_row,
     plan_scan_rows,
 )
 from ironsync.store import Database, index
@@ -143,35 +144,11 @@ def scan_storage(
     )
     _warn_symlinks(storage.name, plan.symlinks)
 
-    vanished_rows = index.get_files(db, row.id, plan.vanished)
-    vanished_by_hash: dict[bytes, list[str]] = {}
-    vanished_by_inode: dict[tuple[int, int, int], str] = {}
-    for path in plan.vanished:
-        old = vanished_rows.get(path)
-        if old is not None and old.hash is not None and old.size > 0:
-            vanished_by_hash.setdefault(old.hash, []).append(path)
-            _, size, mtime_ns, _, inode, _ = known[path]
-            vanished_by_inode[(inode, size, mtime_ns)] = path
+    sources = _MoveSources(db, row, plan.vanished, known)
     moved_away: set[str] = set()
     pending: list[Observed | Gone] = []
     pending_chunks = 0
-
-    # A rename keeps the inode, size and mtime: recognise it without reading the file again
-    # (a renamed 1 GiB file costs no hashing). A racy entry is read anyway.
-    to_hash = []
-    for path, st in plan.to_hash:
-        old_path = (
-            None if path in known else vanished_by_inode.pop((st.inode, st.size, st.mtime_ns), None)
-        )
-        trusted = old_path is not None and known[old_path][5] != UNTRUSTED_MODE
-        old_known = index.known_stat(db, row.id, old_path) if trusted else None
-        if old_path is None or old_known is None:
-            to_hash.append((path, st))
-            continue
-        old = vanished_rows[old_path]
-        assert old.hash is not None
-        content = Content(old.hash, old.size, _chunks_of(db, old))
-        pending.append(Observed(path, st, content, old_known.indexed_at_ns))
+    to_hash = sources.renamed(plan.to_hash, known, pending)
 
     progress.begin(storage.name, len(to_hash), sum(st.size for _, st in to_hash))
 
@@ -182,7 +159,7 @@ def scan_storage(
             batch = IndexBatch(db, row)
             batch.prefetch(item.path for item in pending)
             for item in pending:
-                change = _record_scanned(batch, node_id, item, vanished_by_hash, moved_away)
+                change = _record_scanned(batch, node_id, item, sources.by_hash, moved_away)
                 if change is not None:
                     report.changes.append(change)
                 elif isinstance(item, Observed):
@@ -406,12 +383,13 @@ def rescan_paths(
 ) -> list[Change]:
     """Bring the index up to date for a few paths (the watcher's and a sync's entry point).
 
-    Same index update as a full scan; a path that is gone is a deletion, one that cannot be
-    read is left as the index has it."""
+    Same index update as a full scan: a path that is gone is a deletion, unless a new path
+    among `paths` holds its file (same inode, size and mtime) or its content, which makes it
+    a move; a path that cannot be read is left as the index has it."""
     row = prepare_storage(db, storage)
     rules = IgnoreRules.load(storage.root)
     wanted = sorted({p for p in paths if not rules.ignores_file(p)})
-    to_hash: list[tuple[str, Stat]] = []
+    planned: list[tuple[str, Stat]] = []
     gone: list[str] = []
     for path in wanted:
         try:
@@ -422,12 +400,21 @@ def rescan_paths(
         except OSError:
             continue
         if stat_mod.S_ISREG(st.st_mode):
-            to_hash.append((path, Stat.of(st)))
+            planned.append((path, Stat.of(st)))
         else:
             gone.append(path)  # a folder or a symlink now: the file is gone
+    known: dict[str, KnownRow] = {}
+    for path in wanted:
+        stat_known = index.known_stat(db, row.id, path)
+        if stat_known is not None:
+            known[path] = known_row(path, stat_known)
+    vanished = [path for path in gone if path in known]
+    sources = _MoveSources(db, row, vanished, known)
     changes: list[Change] = []
+    moved_away: set[str] = set()
     pending: list[Observed | Gone] = []
     pending_chunks = 0
+    to_hash = sources.renamed(planned, known, pending)
 
     def flush() -> None:
         if not pending:
@@ -436,17 +423,13 @@ def rescan_paths(
             batch = IndexBatch(db, row)
             batch.prefetch(item.path for item in pending)
             for item in pending:
-                if isinstance(item, Observed):
-                    change = _record_observed(batch, node_id, item, batch.get_file(item.path))
-                else:
-                    change = _record_vanished(batch, node_id, item.path)
+                change = _record_scanned(batch, node_id, item, sources.by_hash, moved_away)
                 if change is not None:
                     changes.append(change)
             batch.write()
         pending.clear()
 
-    results = hash_files(storage.root, to_hash, None, clock)
-    for result in itertools.chain(results, (Gone(path) for path in gone)):
+    for result in hash_files(storage.root, to_hash, None, clock):
         if isinstance(result, Unreadable):
             continue
         if isinstance(result, Observed):
@@ -455,5 +438,59 @@ def rescan_paths(
         if len(pending) >= BATCH or pending_chunks >= BATCH_CHUNKS:
             flush()
             pending_chunks = 0
+    flush()  # the moves first: what they moved away is no deletion
+    pending.extend(Gone(path) for path in gone if path not in moved_away)
     flush()
     return changes
+
+
+class _MoveSources:
+    """The vanished files of one scan, as sources of moves: by (inode, size, mtime), which a
+    rename keeps, and by content hash."""
+
+    def __init__(
+        self,
+        db: Database,
+        row: index.StorageRow,
+        vanished: Sequence[str],
+        known: Mapping[str, KnownRow],
+    ) -> None:
+        self._db = db
+        self._row = row
+        self._rows = index.get_files(db, row.id, vanished)
+        self.by_hash: dict[bytes, list[str]] = {}
+        self._by_inode: dict[tuple[int, int, int], str] = {}
+        for path in vanished:
+            old = self._rows.get(path)
+            if old is not None and old.hash is not None and old.size > 0:
+                self.by_hash.setdefault(old.hash, []).append(path)
+                _, size, mtime_ns, _, inode, _ = known[path]
+                self._by_inode[(inode, size, mtime_ns)] = path
+
+    def renamed(
+        self,
+        to_hash: Sequence[tuple[str, Stat]],
+        known: Mapping[str, KnownRow],
+        pending: list[Observed | Gone],
+    ) -> list[tuple[str, Stat]]:
+        """A rename keeps the inode, size and mtime: the new paths of `to_hash` that are a
+        vanished file renamed go to `pending` with its indexed content, without reading them
+        again (a renamed 1 GiB file costs no hashing; a racy entry is read anyway). Returns
+        the rest, to read."""
+        rest = []
+        for path, st in to_hash:
+            old_path = (
+                None
+                if path in known
+                else self._by_inode.pop((st.inode, st.size, st.mtime_ns), None)
+            )
+            trusted = old_path is not None and known[old_path][5] != UNTRUSTED_MODE
+            old_known = index.known_stat(self._db, self._row.id, old_path) if trusted else None
+            if old_path is None or old_known is None:
+                rest.append((path, st))
+                continue
+            old = self._rows[old_path]
+            assert old.hash is not None
+            content = Content(old.hash, old.size, _chunks_of(self._db, old))
+            pending.append(Observed(path, st, content, old_known.indexed_at_ns))
+        return rest
