@@ -10,9 +10,12 @@ Two passes, both reading only the filesystem:
    content-defined chunks. A file that changes while it is read is read again, and skipped
    (left for the next scan) if it will not hold still: it is never indexed with a wrong hash.
 
-A file whose mtime is within RACY_WINDOW_NS of the moment it was indexed is hashed again at the
-next scan even if its stat matches (git's "racy clean" problem: a same-size edit within the
-filesystem's timestamp granularity would otherwise go unseen).
+A file whose mtime and ctime are both within RACY_WINDOW_NS of the moment it was indexed is
+hashed again at the next scan even if its stat matches (git's "racy clean" problem: a same-size
+edit within the filesystem's timestamp granularity would otherwise go unseen). Both: an mtime
+set in the future (a peer's clock ahead, `touch -d`) does not keep a file "racy", read at every
+scan until the clock catches up, since its ctime (which only the kernel sets) is old; and a
+pulled file, whose mtime is the peer's, is not read again at the next scan.
 
 Symlinks are neither followed nor synced (reported once per scan); nor are sockets, FIFOs and
 devices, or names that are not valid UTF-8.
@@ -286,7 +289,8 @@ def _is_utf8(name: str) -> bool:
 def is_trusted(known: KnownStat) -> bool:
     """False when the file was modified so close to when it was indexed that a same-size edit
     in the same timestamp tick would look identical ("racy"): such a file is hashed again."""
-    return known.stat.mtime_ns < known.indexed_at_ns - RACY_WINDOW_NS
+    st = known.stat
+    return min(st.mtime_ns, st.ctime_ns) < known.indexed_at_ns - RACY_WINDOW_NS
 
 
 def hash_files(

@@ -186,7 +186,7 @@ def known_rows(db: Database, storage_id: int) -> dict[str, KnownRow]:
     """`known_stats` as plain tuples, the racy test made here: the scanner's fast form."""
     rows = db.conn.execute(
         "SELECT path, size, mtime_ns, ctime_ns, inode,"
-        " CASE WHEN mtime_ns < indexed_at_ns - ? THEN mode ELSE ? END"
+        " CASE WHEN min(mtime_ns, ctime_ns) < indexed_at_ns - ? THEN mode ELSE ? END"
         " FROM files WHERE storage_id = ? AND deleted = 0",
         (RACY_WINDOW_NS, UNTRUSTED_MODE, storage_id),
     ).fetchall()
