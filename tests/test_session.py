@@ -758,6 +758,24 @@ def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(session_module, "SLOW_REPLY_TIMEOUT", 1.0)
 
 
+def test_only_requests_that_may_make_the_peer_scan_or_pull_get_the_slow_timeout() -> None:
+    class Watched(session_module._Watched):
+        __slots__ = ()
+
+    def timeout(request: Request, first: bool = False) -> float:
+        watched = Watched()
+        watched.watch(request, 0.0, first=first)
+        return watched.timeout
+
+    slow, fast = session_module.SLOW_REPLY_TIMEOUT, session_module.REPLY_TIMEOUT
+    assert timeout(SyncRequest(("docs",), request_id=1)) == slow
+    assert timeout(GetStorageHashes(rescan=True, request_id=1)) == slow
+    assert timeout(GetStorageHashes(request_id=1), first=True) == slow  # it may rescan first
+    assert timeout(GetStorageHashes(request_id=1)) == fast
+    assert timeout(GetIndex("docs", 0, 10, request_id=1), first=True) == fast
+    assert timeout(GetChunks("docs", "f", HASH, chunk_refs(1, 10), request_id=1)) == fast
+
+
 def test_a_peer_that_never_answers_is_disconnected_after_the_reply_timeout(
     ids: dict[str, NodeIdentity], short_timeouts: None
 ) -> None:

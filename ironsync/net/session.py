@@ -49,10 +49,11 @@ Reading does not stop just because requests wait for a slot: a handler may itsel
 reply from the same peer (a SyncRequest makes us pull from it), and that reply must get in.
 
 Reply timeouts: a request of ours that gets no reply (or, for a stream, no next reply) within
-REPLY_TIMEOUT seconds while we read (SLOW_REPLY_TIMEOUT for GetStorageHashes and SyncRequest,
-whose answers may take long) means the peer is stalling it: the session is closed with a
-fatal Error "timeout", every pending request fails with "disconnected", and the reason says
-which request timed out. Time spent not reading (our flow control) does not count.
+REPLY_TIMEOUT seconds while we read (SLOW_REPLY_TIMEOUT for a GetStorageHashes that may make
+the peer rescan, and for SyncRequest: their answers may take long) means the peer is stalling
+it: the session is closed with a fatal Error "timeout", every pending request fails with
+"disconnected", and the reason says which request timed out. Time spent not reading (our flow
+control) does not count.
 
 The price of one TCP stream without per-request windows: while reading is stopped, nothing
 else arrives either. A stream consumer must keep taking its replies; one that stops to wait
@@ -144,14 +145,14 @@ MAX_PENDING_NOTICES = 1024
 """Storages with an undelivered ChangeNotice; notices for more storages are dropped."""
 
 REPLY_TIMEOUT = 60.0
-"""Seconds a request for data (GetIndex, GetChunkList, GetChunks) may wait for its first reply
-or for the next one of its stream, while we read: then the peer is stalling and the session
-is closed (a reply never takes long to make: it is read from the index or the disk)."""
+"""Seconds a request for data (GetStorageHashes, GetIndex, GetChunkList, GetChunks) may wait
+for its first reply or for the next one of its stream, while we read: then the peer is
+stalling and the session is closed (such a reply is read from the index or the disk)."""
 
 SLOW_REPLY_TIMEOUT = 900.0
-"""... the same for requests whose answer may take a long while: GetStorageHashes (the peer
-may rescan first) and SyncRequest (the peer pulls from us first; any message from it counts
-as progress)."""
+"""... the same for requests whose answer may take a long while: GetStorageHashes with
+`rescan` (the peer scans first) and SyncRequest (the peer pulls from us first; any message
+from it counts as progress)."""
 
 
 class HandshakeError(ConnectionError):
@@ -241,6 +242,7 @@ class PeerSession(asyncio.BufferedProtocol):
         self._notice_task: asyncio.Task[None] | None = None
         # Reply timeouts: one timer while requests of ours wait (see _check_replies).
         self._watchdog: asyncio.TimerHandle | None = None
+        self._requests_sent = 0
         self._last_message_at = self._loop.time()
 
     def __repr__(self) -> str:
@@ -645,7 +647,8 @@ class PeerSession(asyncio.BufferedProtocol):
             raise self._disconnected()
         message = dataclasses.replace(message, request_id=self._conn.next_request_id())
         self._write(message)
-        sink.watch(message, self._loop.time())
+        sink.watch(message, self._loop.time(), first=not self._requests_sent)
+        self._requests_sent += 1
         self._pending[message.request_id] = sink
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(REPLY_TIMEOUT / 4, self._check_replies)
@@ -748,9 +751,13 @@ class _Watched:
 
     __slots__ = ("any_message_counts", "progress_at", "timeout", "what")
 
-    def watch(self, request: Request, now: float) -> None:
+    def watch(self, request: Request, now: float, *, first: bool) -> None:
         self.what = type(request).__name__
-        slow = isinstance(request, GetStorageHashes | SyncRequest)
+        # a peer rescans before it answers GetStorageHashes with `rescan`, or the first of a
+        # session when its watcher is not healthy (ironsync.sync.service)
+        slow = isinstance(request, SyncRequest) or (
+            isinstance(request, GetStorageHashes) and (request.rescan or first)
+        )
         self.timeout = SLOW_REPLY_TIMEOUT if slow else REPLY_TIMEOUT
         self.any_message_counts = isinstance(request, SyncRequest)
         self.progress_at = now
