@@ -748,11 +748,75 @@ def test_cancelled_pull_removes_its_temp_file_then_propagates(alpha: Side, beta:
 
 
 class Collect:
-    def __init__(self) -> None:
+    """A Responder that keeps what it is sent, and can run something after each reply."""
+
+    def __init__(self, after: Callable[[int], None] | None = None) -> None:
         self.replies: list[Reply] = []
+        self.after = after
 
     async def send(self, reply: Reply) -> None:
         self.replies.append(reply)
+        if self.after is not None:
+            self.after(len(self.replies))
+
+
+def test_a_chunk_list_of_many_chunks_is_served_a_page_at_a_time(alpha: Side) -> None:
+    import tracemalloc
+
+    alpha.write("huge.bin", b"stand-in")
+    alpha.scan()
+    file_id = alpha.target_row_id("huge.bin")
+    count = 300_000  # as a 2.4+ GB file would have
+    with alpha.db.atomic():
+        alpha.db.conn.execute("DELETE FROM chunks WHERE file_id = ?", (file_id,))
+        alpha.db.conn.executemany(
+            "INSERT INTO chunks (file_id, idx, offset, length, hash) VALUES (?, ?, ?, ?, ?)",
+            ((file_id, n, n * 8192, 8192, n.to_bytes(16, "big")) for n in range(count)),
+        )
+    target = alpha.target("huge.bin")
+    request = GetChunkList("docs", "huge.bin", target.hash, request_id=5)
+    total = 0
+    last = None
+
+    class Count:  # keeps nothing: what the server holds is what is measured
+        async def send(self, reply: Reply) -> None:
+            nonlocal total, last
+            assert isinstance(reply, ChunkList)
+            total += len(reply.chunks)
+            last = reply
+
+    tracemalloc.start()
+    try:
+        asyncio.run(serve_chunk_list(alpha.db, alpha.row, request, Count(), peer="beta"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert total == count and last is not None and not last.more
+    assert last.chunks[-1] == ChunkRef((count - 1) * 8192, 8192, (count - 1).to_bytes(16, "big"))
+    assert peak < 8 * MiB, peak  # the whole list as objects: ~150 bytes a chunk, twice
+
+
+def test_a_file_indexed_anew_while_its_chunk_list_is_served_is_answered_changed(
+    alpha: Side,
+) -> None:
+    old = random_bytes(1 * MiB, seed=50)
+    alpha.write("f.bin", old)
+    alpha.scan()
+    target = alpha.target("f.bin")
+
+    def edit(replies: int) -> None:
+        if replies == 1:  # after the first page: the file changes and is indexed again
+            alpha.write("f.bin", random_bytes(1 * MiB, seed=51), mtime_ns=OLD_MTIME_NS + 1)
+            alpha.scan()
+
+    collect = Collect(edit)
+    request = GetChunkList("docs", "f.bin", target.hash, request_id=5)
+    with pytest.raises(PeerError) as failed:
+        asyncio.run(
+            serve_chunk_list(alpha.db, alpha.row, request, collect, peer="beta", refs_per_reply=4)
+        )
+    assert failed.value.code == "changed" and len(collect.replies) == 1
 
 
 def test_server_refuses_more_chunks_per_request_than_its_bound(alpha: Side) -> None:

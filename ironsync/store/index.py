@@ -299,6 +299,12 @@ def chunks_of(db: Database, file_id: int) -> list[ChunkInfo]:
     return list(iter_chunks(db, file_id))
 
 
+def file_sequence(db: Database, file_id: int) -> int | None:
+    """The sequence of a file row (a new one each time it is indexed anew), None if gone."""
+    value = db.scalar("SELECT sequence FROM files WHERE id = ?", (file_id,))
+    return None if value is None else int(value)
+
+
 def iter_chunks(db: Database, file_id: int) -> Iterator[ChunkInfo]:
     """`chunks_of` one at a time, for a file with too many to hold (finish before writing)."""
     for offset, length, chunk_hash in db.conn.execute(

@@ -1,10 +1,11 @@
 """Transfer of one file between two peers: serving its chunks, and pulling it.
 
 Serving (the peer that holds the content) answers two requests from its index and its disk.
-GetChunkList gets the chunk list the scanner recorded, in replies of at most MAX_CHUNK_REFS
-refs. GetChunks gets the bytes of each chunk asked for, read with pread and checked against
-the chunk's hash before they are sent: the file may have changed since it was indexed, and
-then the answer is the error "changed" (the peer must rescan before it can serve that file).
+GetChunkList gets the chunk list the scanner recorded, in replies of CHUNK_LIST_PAGE refs read
+from the index a page at a time. GetChunks gets the bytes of each chunk asked for, read with
+pread and checked against the chunk's hash before they are sent: the file may have changed
+since it was indexed, and then the answer is the error "changed" (the peer must rescan before
+it can serve that file).
 A conflict copy is fetched by its content: when the path holds other content, any live file
 of the storage with the asked hash serves.
 
@@ -78,7 +79,8 @@ from ironsync.protocol import (
     Reply,
     Request,
 )
-from ironsync.protocol.limits import CHUNK_REF_SIZE, MAX_CHUNK_REFS
+from ironsync.protocol.limits import CHUNK_REF_SIZE
+from ironsync.protocol.messages import CHUNK_REF_RECORD
 from ironsync.reconcile import ResolvedFile
 from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index
@@ -105,6 +107,10 @@ BATCH_MAX_REFS = 256
 """Chunks one GetChunks of ours asks for."""
 REQUESTS_IN_FLIGHT = 4
 """GetChunks of one pull outstanding at once: enough to keep a LAN link busy while we write."""
+
+CHUNK_LIST_PAGE = 16384
+"""Chunk refs per ChunkList reply we send (458 KiB of records), read from the index a page
+at a time."""
 
 SERVE_MAX_REFS = 1024
 """Most chunks we serve for one GetChunks; more is refused with "too_large"."""
@@ -194,24 +200,41 @@ async def serve_chunk_list(
     respond: Responder,
     *,
     peer: str,
-    refs_per_reply: int = MAX_CHUNK_REFS,
+    refs_per_reply: int = CHUNK_LIST_PAGE,
 ) -> None:
-    """Answer GetChunkList with the indexed chunks of the file that has `request.file_hash`."""
+    """Answer GetChunkList with the indexed chunks of the file that has `request.file_hash`,
+    read from the index a reply at a time (a short query each: no read transaction is held
+    while the peer reads), so a file of millions of chunks costs one page of memory. If the
+    file is indexed anew meanwhile, the answer is the error "changed"."""
     row = _source_file(db, storage_row, request.path, request.file_hash, peer)
-    refs = [ChunkRef(c.offset, c.length, c.hash) for c in index.chunks_of(db, row.id)]
-    starts = range(0, len(refs), refs_per_reply) if refs else range(1)
-    for start in starts:
-        last = start + refs_per_reply >= len(refs)
+    pack = CHUNK_REF_RECORD.pack
+    start = 0
+    while True:
+        page = db.conn.execute(
+            "SELECT idx, offset, length, hash FROM chunks WHERE file_id = ? AND idx >= ?"
+            " ORDER BY idx LIMIT ?",
+            (row.id, start, refs_per_reply + 1),
+        ).fetchall()
+        # a new index of the file takes a new sequence in the transaction that replaces its
+        # chunks: the same sequence after the read means the page is of the file we began
+        if index.file_sequence(db, row.id) != row.sequence:
+            raise PeerError(peer, "changed", f"{row.path!r} changed while its chunks were sent")
+        more = len(page) > refs_per_reply
+        page = page[:refs_per_reply]
+        refs = ChunkRefs(b"".join([pack(offset, length, h) for _, offset, length, h in page]))
         await respond.send(
             ChunkList(
                 request.storage,
                 request.path,
                 request.file_hash,
-                tuple(refs[start : start + refs_per_reply]),
-                more=not last,
+                refs,
+                more=more,
                 request_id=request.request_id,
             )
         )
+        if not more:
+            return
+        start = page[-1][0] + 1
 
 
 async def serve_chunks(
