@@ -325,10 +325,15 @@ class Plan:
 # --- conflict copies --------------------------------------------------------------------------
 
 
-def conflict_copy_path(path: str, mtime_ns: int, node_id: str) -> str:
-    """``NAME.sync-conflict-YYYYMMDD-HHMMSS-NODEID.EXT`` beside ``path`` (UTC of ``mtime_ns``)."""
+def conflict_copy_path(path: str, mtime_ns: int, node_id: str, content: bytes) -> str:
+    """``NAME.sync-conflict-YYYYMMDD-HHMMSS-NODEID-HASH.EXT`` beside ``path``: the UTC second
+    of ``mtime_ns``, and the first 8 hex digits of the copy's content hash, so that two
+    different contents never get one name (a node's two losing edits of one second, in two
+    conflicts, would otherwise: the second copy replaced the first)."""
     _check_node_id(node_id, "conflict copy node id")
-    return _conflict_copy_path(path, mtime_ns, node_id)
+    if len(content) < 4:
+        raise ValueError("a conflict copy's content hash has at least 4 bytes")
+    return _conflict_copy_path(path, mtime_ns, f"{node_id}-{content.hex()[:8]}")
 
 
 def _conflict_copy_path(path: str, mtime_ns: int, tag: str) -> str:
@@ -437,17 +442,10 @@ def _conflict_copies(
     path: str, losers: list[tuple[bytes | None, list[FileState]]], rows: list[FileState]
 ) -> tuple[ResolvedFile, ...]:
     copies: list[ResolvedFile] = []
-    taken: set[str] = set()
-    for content, group in losers:  # best ranked first, so the plain name goes to it
+    for content, group in losers:  # one group per content: the names differ by hash
         assert content is not None, "tombstones never lose to a live file as a copy"
         newest = _representative(group)
-        copy_path = _conflict_copy_path(path, newest.mtime_ns, newest.modified_by)
-        if copy_path in taken:
-            # Two losing contents of one node in one second: only a node that lost its
-            # database and reused its id can do that. Keep both, told apart by hash.
-            tag = f"{newest.modified_by}-{content.hex()[:8]}"
-            copy_path = _conflict_copy_path(path, newest.mtime_ns, tag)
-        taken.add(copy_path)
+        copy_path = conflict_copy_path(path, newest.mtime_ns, newest.modified_by, content)
         version = reduce(merge, (row.version for row in group))
         copies.append(_resolved(copy_path, content, group, rows, version))
     return tuple(sorted(copies, key=lambda copy: copy.path))

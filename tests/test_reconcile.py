@@ -227,27 +227,40 @@ def test_from_json_accepts_only_valid_vectors_and_fails_only_with_value_error(te
 # --- conflict naming --------------------------------------------------------------------------
 
 
+CONTENT = bytes.fromhex("0123abcd") + bytes(12)
+
+
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        ("report.txt", "report.sync-conflict-20261124-101500-beta.txt"),
-        ("a/report.final.txt", "a/report.final.sync-conflict-20261124-101500-beta.txt"),
-        ("Makefile", "Makefile.sync-conflict-20261124-101500-beta"),
-        (".bashrc", ".bashrc.sync-conflict-20261124-101500-beta"),
-        ("home/.config.json", "home/.config.sync-conflict-20261124-101500-beta.json"),
-        ("dir.v2/README", "dir.v2/README.sync-conflict-20261124-101500-beta"),
-        ("archive.tar.gz", "archive.tar.sync-conflict-20261124-101500-beta.gz"),
-        ("x/y/z.", "x/y/z.sync-conflict-20261124-101500-beta."),
+        ("report.txt", "report.sync-conflict-20261124-101500-beta-0123abcd.txt"),
+        ("a/report.final.txt", "a/report.final.sync-conflict-20261124-101500-beta-0123abcd.txt"),
+        ("Makefile", "Makefile.sync-conflict-20261124-101500-beta-0123abcd"),
+        (".bashrc", ".bashrc.sync-conflict-20261124-101500-beta-0123abcd"),
+        ("home/.config.json", "home/.config.sync-conflict-20261124-101500-beta-0123abcd.json"),
+        ("dir.v2/README", "dir.v2/README.sync-conflict-20261124-101500-beta-0123abcd"),
+        ("archive.tar.gz", "archive.tar.sync-conflict-20261124-101500-beta-0123abcd.gz"),
+        ("x/y/z.", "x/y/z.sync-conflict-20261124-101500-beta-0123abcd."),
     ],
 )
 def test_conflict_copy_name_is_pinned(path: str, expected: str) -> None:
-    assert conflict_copy_path(path, T0, "beta") == expected
+    assert conflict_copy_path(path, T0, "beta", CONTENT) == expected
 
 
 def test_conflict_copy_time_is_utc_seconds_of_the_losing_mtime() -> None:
-    assert conflict_copy_path("f", T0 + NS - 1, "n1") == "f.sync-conflict-20261124-101500-n1"
-    assert conflict_copy_path("f", 0, "n1") == "f.sync-conflict-19700101-000000-n1"
-    assert conflict_copy_path("f", -1, "n1") == "f.sync-conflict-19691231-235959-n1"
+    def name(mtime_ns: int) -> str:
+        return conflict_copy_path("f", mtime_ns, "n1", CONTENT)
+
+    assert name(T0 + NS - 1) == "f.sync-conflict-20261124-101500-n1-0123abcd"
+    assert name(0) == "f.sync-conflict-19700101-000000-n1-0123abcd"
+    assert name(-1) == "f.sync-conflict-19691231-235959-n1-0123abcd"
+
+
+def test_two_contents_of_one_node_in_one_second_never_share_a_copy_name() -> None:
+    # two conflicts, one after the other: each decided alone (issue 6, live seeds 6 and 33)
+    first = conflict_copy_path("f.txt", T0, "n0", bytes([1]) * 16)
+    second = conflict_copy_path("f.txt", T0 + NS // 2, "n0", bytes([2]) * 16)
+    assert first != second and first.startswith("f.sync-conflict-20261124-101500-n0-")
 
 
 @pytest.mark.parametrize(
@@ -258,7 +271,7 @@ def test_conflict_copy_name_rejects_what_cannot_be_named(
     path: str, mtime_ns: int, node: str
 ) -> None:
     with pytest.raises(ValueError):
-        conflict_copy_path(path, mtime_ns, node)
+        conflict_copy_path(path, mtime_ns, node, CONTENT)
 
 
 # --- the decision, case by case ---------------------------------------------------------------
@@ -365,10 +378,10 @@ def test_concurrent_edits_newer_mtime_keeps_the_name_older_is_kept_as_copy() -> 
     assert plan.target.hash == H2
     assert plan.target.version == vv(alpha=2, beta=2)  # merged, no extra bump
     assert plan.local_action is LocalAction.KEEP_LOCAL_THEN_PULL
-    assert plan.keep_local_as == "doc.sync-conflict-20261124-101500-alpha.txt"
+    assert plan.keep_local_as == "doc.sync-conflict-20261124-101500-alpha-11111111.txt"
     (copy,) = plan.conflict_copies
     assert copy == ResolvedFile(
-        path="doc.sync-conflict-20261124-101500-alpha.txt",
+        path="doc.sync-conflict-20261124-101500-alpha-11111111.txt",
         version=vv(alpha=2, beta=1),
         hash=H1,
         size=older.size,
@@ -408,7 +421,7 @@ def test_mtime_tie_is_broken_by_modified_by_then_by_hash() -> None:
     d = row("beta", vv(beta=1), H2, modified_by="zed")
     plan = reconcile(c, [d], "alpha")
     assert plan.target.hash == H2  # same node and second: the larger hash
-    assert plan.keep_local_as == "doc.sync-conflict-20261124-101500-zed.txt"
+    assert plan.keep_local_as == "doc.sync-conflict-20261124-101500-zed-11111111.txt"
 
 
 def test_three_way_conflict_keeps_every_losing_content() -> None:
@@ -422,10 +435,10 @@ def test_three_way_conflict_keeps_every_losing_content() -> None:
     assert plan.target.hash == H1
     assert plan.target.version == vv(alpha=1, beta=1, gamma=1, delta=1)
     assert [(c.path, c.hash) for c in plan.conflict_copies] == [
-        ("doc.sync-conflict-20261124-101500-gamma.txt", H3),
-        ("doc.sync-conflict-20261124-101501-beta.txt", H2),
+        ("doc.sync-conflict-20261124-101500-gamma-33333333.txt", H3),
+        ("doc.sync-conflict-20261124-101501-beta-22222222.txt", H2),
     ]
-    assert plan.keep_local_as == "doc.sync-conflict-20261124-101500-gamma.txt"
+    assert plan.keep_local_as == "doc.sync-conflict-20261124-101500-gamma-33333333.txt"
     assert dict(plan.remote_actions) == {
         "alpha": RemoteAction.UPDATE_THERE,
         "beta": RemoteAction.PUSH,
@@ -467,7 +480,7 @@ def test_losing_contents_with_the_same_name_get_distinct_copies() -> None:
     plan = plan_for("alpha", rows)
     assert [c.path for c in plan.conflict_copies] == [
         "doc.sync-conflict-20261124-101500-zed-11111111.txt",
-        "doc.sync-conflict-20261124-101500-zed.txt",
+        "doc.sync-conflict-20261124-101500-zed-22222222.txt",
     ]
     assert plan.keep_local_as == "doc.sync-conflict-20261124-101500-zed-11111111.txt"
 
@@ -478,7 +491,7 @@ def test_conflict_copy_keeps_the_folder_and_the_last_extension() -> None:
         row("beta", vv(beta=1), H2, path="a/report.final.txt", mtime_ns=T0 + NS),
     ]
     (copy,) = plan_for("beta", rows).conflict_copies
-    assert copy.path == "a/report.final.sync-conflict-20261124-101500-alpha.txt"
+    assert copy.path == "a/report.final.sync-conflict-20261124-101500-alpha-11111111.txt"
 
 
 @pytest.mark.parametrize(

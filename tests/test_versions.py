@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from ironsync.chunking import content_hash
 from ironsync.sync.versions import keep_version, list_versions, prune_versions, version_at
 from tests.daemons import SyncNode, stop_all, tree, write
+
+ALPHA_HASH = content_hash(b"alpha's edit").hex()[:8]
+ALPHA_COPY = f"shared.sync-conflict-20231114-221320-alpha-{ALPHA_HASH}.txt"
+"""alpha's side of the conflict these tests make: the second of its mtime, node, content."""
 
 MTIME = 1_700_000_000 * 10**9  # 2023-11-14T22:13:20Z
 
@@ -134,7 +139,7 @@ def test_conflicts_lists_both_sides_and_resolve_keep_theirs_settles_it_everywher
     assert c["path"] == "shared.txt"
     assert c["mine"]["node"] == "beta" and c["mine"]["size"] == len("beta's edit")
     assert c["theirs"]["node"] == "alpha" and c["theirs"]["size"] == len("alpha's edit")
-    assert c["theirs"]["path"] == "shared.sync-conflict-20231114-221320-alpha.txt"
+    assert c["theirs"]["path"] == ALPHA_COPY
     assert "theirs: alpha 2023-11-14T22:13:20Z" in a.run("conflicts").stdout
     out = a.run("resolve", "docs:shared.txt", "--keep", "theirs").stdout
     assert "resolved docs:shared.txt (kept theirs)" in out
@@ -149,7 +154,7 @@ def test_conflicts_lists_both_sides_and_resolve_keep_theirs_settles_it_everywher
 def test_resolve_keep_mine_drops_the_copy_into_versions(pair: tuple[SyncNode, SyncNode]) -> None:
     a, b = pair
     make_conflict(a, b)
-    copy = "shared.sync-conflict-20231114-221320-alpha.txt"
+    copy = ALPHA_COPY
     bad = b.run("resolve", "docs:shared.txt", "--keep", "nonsense.txt", check=False)
     assert bad.returncode == 2 and "is not a conflict copy" in bad.stderr
     b.stop()

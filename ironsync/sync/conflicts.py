@@ -1,7 +1,7 @@
 """Conflicts at a glance, and settling them.
 
-A conflict copy is a live file named `NAME.sync-conflict-YYYYMMDD-HHMMSS-NODEID.EXT` beside
-`NAME.EXT` (see reconcile.conflict_copy_path). `find_conflicts` lists each with both sides;
+A conflict copy is a live file named `NAME.sync-conflict-YYYYMMDD-HHMMSS-NODEID-HASH.EXT`
+beside `NAME.EXT` (see reconcile.conflict_copy_path). `find_conflicts` lists each with both sides;
 `resolve` keeps one side under the name and moves every other side into the versions folder
 (never into nothing), then records the outcome with the scanner's index update, so it syncs
 to every peer like any local change.
@@ -21,6 +21,7 @@ from ironsync.sync.local import Change, rescan_paths
 from ironsync.sync.versions import keep_version
 
 _COPY = re.compile(r"^(?P<stem>.+)\.sync-conflict-(?P<stamp>\d{8}-\d{6})-(?P<rest>.+)$")
+_HASH_TAG = re.compile(r"-[0-9a-f]{8}$")  # after the node id: the copy's content hash
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,9 @@ class Conflict:
 
 def original_candidates(copy_path: str) -> list[tuple[str, str, datetime]]:
     """(original path, node id, stamp) readings of a conflict copy's name. A node id may hold
-    dots, so `x.sync-conflict-...-a.b.txt` reads as node "a.b" of `x.txt` or node "a" of
-    `x.b.txt`; the caller keeps the reading whose original the index knows."""
+    dots, so `x.sync-conflict-...-a.b-HASH.txt` reads as node "a.b" of `x.txt` or node "a" of
+    `x.b.txt`; the caller keeps the reading whose original the index knows. The 8 hex digits
+    of the content hash after the node id are not part of it."""
     folder, _, name = copy_path.rpartition("/")
     match = _COPY.match(name)
     if match is None:
@@ -54,7 +56,11 @@ def original_candidates(copy_path: str) -> list[tuple[str, str, datetime]]:
         if char == ".":
             readings.append((stem + rest[i:], rest[:i]))
     prefix = f"{folder}/" if folder else ""
-    return [(prefix + original, node, stamp) for original, node in readings if node]
+    return [
+        (prefix + original, _HASH_TAG.sub("", node), stamp)
+        for original, node in readings
+        if _HASH_TAG.sub("", node)
+    ]
 
 
 def find_conflicts(db: Database, storage: Storage) -> list[Conflict]:
