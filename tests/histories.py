@@ -50,7 +50,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -544,6 +544,20 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def _old_or_new(
+    path: Path, old: bytes, new: bytes, fresh: bool, fail: Callable[[str], None], whose: str
+) -> str:
+    """ "new" or "old" (absent counts as old for a file the pull creates); else a failure."""
+    now = _read(path)
+    if now == new:
+        return "new"
+    if now == old or (fresh and now is None):
+        return "old"
+    got = None if now is None else len(now)
+    fail(f"after the kill, {whose}{path.name} is neither old nor new ({got} bytes)")
+    return "mixed"
+
+
 def _versions(root: Path) -> set[str]:
     found = set()
     for d, _, files in os.walk(root / VERSIONS):
@@ -673,14 +687,7 @@ def crash_trial(seed: int, base: Path | None = None, *, small: bool = False) -> 
                 os.kill(proc.pid, signal.SIGKILL)
         code = proc.wait(timeout=120)
         result.killed = code == -signal.SIGKILL
-        now = _read(receiver.root / "big.bin")
-        if now == new:
-            result.state = "new"
-        elif now == old or (fresh_file and now is None):
-            result.state = "old"
-        else:
-            got = None if now is None else len(now)
-            fail(f"after the kill, big.bin is neither old nor new ({got} bytes)")
+        result.state = _old_or_new(receiver.root / "big.bin", old, new, fresh_file, fail, "")
         again = receiver.run("sync", "--json", check=False)
         if again.returncode != 0:
             fail(f"the sync after the crash exited {again.returncode}: {again.stdout[-1500:]}")
@@ -828,14 +835,9 @@ def sender_crash_trial(
         except ValueError:
             report = None
             fail(f"the receiving sync printed no JSON: {stdout_text[-500:]} {stderr_text[-1500:]}")
-        now = _read(receiver.root / "big.bin")
-        if now == new:
-            result.state = "new"
-        elif now == old or (fresh_file and now is None):
-            result.state = "old"
-        else:
-            got = None if now is None else len(now)
-            fail(f"after the kill, the receiver's big.bin is neither old nor new ({got} bytes)")
+        result.state = _old_or_new(
+            receiver.root / "big.bin", old, new, fresh_file, fail, "the receiver's "
+        )
         if code == 0 and result.state != "new":
             fail(f"the receiving sync exited 0 but big.bin is {result.state}: {report}")
         temps = [p.name for p in receiver.root.rglob(".ironsync-*.tmp")]

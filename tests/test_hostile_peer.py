@@ -7,7 +7,8 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -191,30 +192,40 @@ def test_a_member_that_never_answers_its_pull_holds_up_no_other_members_sync(
     assert elapsed < 20
 
 
+@asynccontextmanager
+async def dialed_by_a_victim(
+    tmp_path: Path, on_session: Callable[[PeerSession], Awaitable[None]]
+) -> AsyncIterator[SyncNode]:
+    """Mallory listening with an escaping path in its index, and a victim daemon that has her
+    as its static peer (so it dials her, and dials her again)."""
+    identity = load_or_create_identity(tmp_path / "mallory", "mallory", "test-group", SECRET)
+    hello = Hello(PROTOCOL_VERSION, "mallory", "test-group", ("docs",))
+    server = await serve("127.0.0.1", 0, identity, hello, Mallory(["../escaped.txt"]),
+                         on_session)  # fmt: skip
+    port = server.sockets[0].getsockname()[1]
+    node = SyncNode(tmp_path, "victim")
+    node.peers = [f"127.0.0.1:{port}"]
+    node.write_config()
+    await asyncio.to_thread(node.start)
+    try:
+        yield node
+    finally:
+        server.close()
+        await asyncio.to_thread(node.stop)
+
+
 def test_a_peer_the_daemon_dials_that_offers_an_escaping_path_is_refused_and_logged(
     tmp_path: Path,
 ) -> None:
     async def main() -> SyncNode:
-        identity = load_or_create_identity(tmp_path / "mallory", "mallory", "test-group", SECRET)
-        hello = Hello(PROTOCOL_VERSION, "mallory", "test-group", ("docs",))
         closed = asyncio.Event()
 
         async def on_session(session: PeerSession) -> None:
             await session.wait_closed()
             closed.set()
 
-        server = await serve("127.0.0.1", 0, identity, hello, Mallory(["../escaped.txt"]),
-                             on_session)  # fmt: skip
-        port = server.sockets[0].getsockname()[1]
-        node = SyncNode(tmp_path, "victim")
-        node.peers = [f"127.0.0.1:{port}"]
-        node.write_config()
-        await asyncio.to_thread(node.start)
-        try:
+        async with dialed_by_a_victim(tmp_path, on_session) as node:
             await asyncio.wait_for(closed.wait(), 20)  # the daemon hangs up on us
-        finally:
-            server.close()
-            await asyncio.to_thread(node.stop)
         return node
 
     node = asyncio.run(main())
@@ -255,25 +266,13 @@ def test_a_dialed_peer_that_keeps_violating_is_dialed_again_only_after_a_growing
     tmp_path: Path,
 ) -> None:
     async def main() -> tuple[SyncNode, list[float]]:
-        identity = load_or_create_identity(tmp_path / "mallory", "mallory", "test-group", SECRET)
-        hello = Hello(PROTOCOL_VERSION, "mallory", "test-group", ("docs",))
         opened: list[float] = []
 
         async def on_session(session: PeerSession) -> None:
             opened.append(time.monotonic())
 
-        server = await serve("127.0.0.1", 0, identity, hello, Mallory(["../escaped.txt"]),
-                             on_session)  # fmt: skip
-        port = server.sockets[0].getsockname()[1]
-        node = SyncNode(tmp_path, "victim")
-        node.peers = [f"127.0.0.1:{port}"]
-        node.write_config()
-        await asyncio.to_thread(node.start)
-        try:
+        async with dialed_by_a_victim(tmp_path, on_session) as node:
             await asyncio.sleep(9)
-        finally:
-            server.close()
-            await asyncio.to_thread(node.stop)
         return node, opened
 
     node, opened = asyncio.run(main())
