@@ -115,7 +115,7 @@ class Handler:
                 if request.path == "stalls-midway" and index == 2:
                     await asyncio.Event().wait()  # forever
                 if request.path == "trickles":
-                    await asyncio.sleep(0.15)
+                    await asyncio.sleep(0.1)
                 data = payload(ref.offset, ref.length)
                 await respond.send(ChunkData(ref.offset, ref.hash, data, request_id=rid))
             await respond.send(ChunksDone(request_id=rid))
@@ -819,7 +819,7 @@ def test_slow_but_steady_replies_and_a_slow_consumer_are_not_timeouts(
 ) -> None:
     async def body() -> None:
         async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
-            # 12 replies 0.15 s apart: 1.8 s in all, never 0.4 s without one
+            # 12 replies 0.1 s apart: 1.2 s in all, never 0.4 s without one
             trickle = GetChunks("docs", "trickles", HASH, chunk_refs(11, 1024), request_id=1)
             replies = [reply async for reply in client.stream(trickle)]
             assert len(replies) == 12 and isinstance(replies[-1], ChunksDone)
