@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ironsync.chunking import MIN_CHUNK, content_hash
 from ironsync.config import Storage
 from ironsync.ignore import is_temp_name
 from ironsync.protocol import (
@@ -223,11 +224,31 @@ def test_new_file_arrives_whole_verified_with_mtime_mode_and_the_target_version(
     assert beta.scan().changes == []  # the index row matches the disk exactly
 
 
-def test_empty_file_arrives(alpha: Side, beta: Side) -> None:
+def test_empty_file_arrives_without_asking_the_peer_anything(alpha: Side, beta: Side) -> None:
     alpha.write("empty.txt", b"")
     alpha.scan()
-    result = pull(beta, link_to(alpha), alpha.target("empty.txt"))
+    link = link_to(alpha)
+    result = pull(beta, link, alpha.target("empty.txt"))
     assert result.ok and beta.read("empty.txt") == b""
+    assert link.requests == []
+
+
+def test_a_file_of_one_chunk_is_fetched_without_asking_for_its_chunk_list(
+    alpha: Side, beta: Side
+) -> None:
+    small = random_bytes(MIN_CHUNK, seed=60)  # the largest size that is always one chunk
+    alpha.write("small.bin", small)
+    alpha.write("larger.bin", small + b"!")
+    alpha.scan()
+    assert len(index.chunks_of(alpha.db, alpha.target_row_id("small.bin"))) == 1
+    link = link_to(alpha)
+
+    assert pull(beta, link, alpha.target("small.bin")).ok
+    assert [type(r) for r in link.requests] == [GetChunks]
+    assert link.requests[0].chunks == (ChunkRef(0, MIN_CHUNK, content_hash(small)),)
+    assert beta.read("small.bin") == small
+    assert pull(beta, link, alpha.target("larger.bin")).ok  # may be two chunks: asks
+    assert [type(r) for r in link.requests[1:]] == [GetChunkList, GetChunks]
 
 
 def test_long_chunk_list_arrives_in_several_replies(alpha: Side, beta: Side) -> None:
