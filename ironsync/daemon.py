@@ -506,17 +506,7 @@ class Daemon:
             except SelfConnection:
                 log.warning("peer %s is this node itself; not dialing it", address)
                 return
-            node.connected(session, address)
-            try:
-                outcome = await node.sync_with(session, None)
-                log.info(
-                    "full sync with %s: %s", session.peer_id,
-                    "converged" if outcome.converged else f"not converged ({outcome.error})",
-                )  # fmt: skip
-                await session.wait_closed()
-            finally:
-                node.disconnected(session)
-            await self._pause_after_fault(address, session)
+            await self._keep_dialed(session, address, address)
 
     # --- discovered peers (mDNS) ----------------------------------------------------------------
 
@@ -560,20 +550,23 @@ class Daemon:
                 return
             finally:
                 self._dialing.discard(node_id)
-            node.connected(session, peer.address)
-            try:
-                outcome = await node.sync_with(session, None)
-                log.info(
-                    "full sync with discovered %s: %s", session.peer_id,
-                    "converged" if outcome.converged else f"not converged ({outcome.error})",
-                )  # fmt: skip
-                await session.wait_closed()
-            finally:
-                node.disconnected(session)
-            await self._pause_after_fault(node_id, session)
+            await self._keep_dialed(session, peer.address, node_id)
 
-    async def _pause_after_fault(self, key: str, session: PeerSession) -> None:
-        """Before redialing a peer whose session ended by its fault, wait (FAULT_REASONS)."""
+    async def _keep_dialed(self, session: PeerSession, address: str, key: str) -> None:
+        """A session we dialed: full sync, then keep it until it ends; before the caller
+        dials `key` again, wait if the session ended by the peer's fault (FAULT_REASONS)."""
+        assert self.node is not None
+        node = self.node
+        node.connected(session, address)
+        try:
+            outcome = await node.sync_with(session, None)
+            log.info(
+                "full sync with %s at %s: %s", session.peer_id, address,
+                "converged" if outcome.converged else f"not converged ({outcome.error})",
+            )  # fmt: skip
+            await session.wait_closed()
+        finally:
+            node.disconnected(session)
         reason = session.closed_reason or ""
         if not reason.startswith(FAULT_REASONS):
             self._faults.pop(key, None)

@@ -463,12 +463,7 @@ class History:
             ]
             if temps:
                 fail(f"{name}: temporary files left: {temps}")
-            check = subprocess.run(
-                ["sqlite3", str(node.db_path), "PRAGMA integrity_check;"],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            if check.stdout.strip() != "ok":
-                fail(f"{name}: integrity_check: {check.stdout.strip()} {check.stderr.strip()}")
+            _check_integrity(node, fail)
         for name, node in self.nodes.items():
             live = {digest(data): rel for rel, data in trees[name].items()}
             kept = _versions(node.root)
@@ -699,12 +694,7 @@ def crash_trial(seed: int, base: Path | None = None, *, small: bool = False) -> 
         for node in (sender, receiver):
             if node is sender:
                 node.stop()
-            check = subprocess.run(
-                ["sqlite3", str(node.db_path), "PRAGMA integrity_check;"],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            if check.stdout.strip() != "ok":
-                fail(f"{node.node_id}: integrity_check: {check.stdout.strip()}")
+            _check_integrity(node, fail)
     except Exception as exc:
         fail(f"{exc!r}"[:3000])
     finally:
@@ -914,7 +904,8 @@ def _temp_size(folder: Path) -> int | None:
     return None
 
 
-def _check_integrity(node: SyncNode, fail: Any) -> None:
+def _check_integrity(node: SyncNode, fail: Callable[[str], None]) -> None:
+    """`PRAGMA integrity_check` on the node's database, with the stock sqlite3 shell."""
     check = subprocess.run(
         ["sqlite3", str(node.db_path), "PRAGMA integrity_check;"],
         capture_output=True, text=True, timeout=60,

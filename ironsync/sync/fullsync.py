@@ -47,7 +47,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple
 
 from ironsync.config import Config, Storage
 from ironsync.ignore import IgnoreRules
@@ -72,6 +72,7 @@ from ironsync.reconcile import (
 from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index, open_database, peers
 from ironsync.store import events as ev
+from ironsync.sync.blocking import in_thread
 from ironsync.sync.coalesce import Coalescer
 from ironsync.sync.link import PeerError, PeerLink
 from ironsync.sync.local import StorageUnavailable, rescan_paths, scan_storage
@@ -245,7 +246,7 @@ class SyncEngine:
 
     async def _scan_job(self) -> list[str]:
         async with self.apply_lock:
-            return await _in_thread(self._scan_with_own_connection)
+            return await in_thread(self._scan_with_own_connection)
 
     def _scan_with_own_connection(self) -> list[str]:
         # An apsw connection must not be shared between threads mid-transaction.
@@ -351,10 +352,9 @@ class SyncEngine:
             )
         return outcome
 
-    async def divergent_storages(
-        self, link: PeerLink, wanted: list[str], *, rescan: bool = False
-    ) -> list[str]:
-        reply = await link.request(GetStorageHashes(rescan=rescan, request_id=PLACEHOLDER_ID))
+    async def divergent_storages(self, link: PeerLink, wanted: list[str]) -> list[str]:
+        """The storages of `wanted` whose hash the peer says differs from ours, now."""
+        reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
         return self._divergent(wanted, reply)
 
     def _divergent(self, wanted: list[str], reply: Reply) -> list[str]:
@@ -868,20 +868,6 @@ def _same_row(now: index.FileRow | None, then: index.FileRow | None) -> bool:
     return (now.sequence, now.version, now.hash, now.deleted) == (
         then.sequence, then.version, then.hash, then.deleted,
     )  # fmt: skip
-
-
-_T = TypeVar("_T")
-
-
-async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
-    """Run a blocking call in a thread. A cancellation waits for the call to end (the lock it
-    runs under is held until then), then propagates."""
-    task = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
 
 
 def _disk_matches(full: os.PathLike[str] | str, stat: Stat) -> bool:

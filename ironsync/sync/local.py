@@ -23,7 +23,7 @@ import logging
 import os
 import stat as stat_mod
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -146,39 +146,11 @@ def scan_storage(
 
     sources = _MoveSources(db, row, plan.vanished, known)
     moved_away: set[str] = set()
-    pending: list[Observed | Gone] = []
-    pending_chunks = 0
-    to_hash = sources.renamed(plan.to_hash, known, pending)
-
+    renamed: list[Observed] = []
+    to_hash = sources.renamed(plan.to_hash, known, renamed)
     progress.begin(storage.name, len(to_hash), sum(st.size for _, st in to_hash))
-
-    def flush() -> None:
-        if not pending:
-            return
-        with db.atomic():
-            batch = IndexBatch(db, row)
-            batch.prefetch(item.path for item in pending)
-            for item in pending:
-                change = _record_scanned(batch, node_id, item, sources.by_hash, moved_away)
-                if change is not None:
-                    report.changes.append(change)
-                elif isinstance(item, Observed):
-                    report.unchanged += 1  # read again (racy or touched), same content
-            batch.write()
-        pending.clear()
-
-    for result in hash_files(storage.root, to_hash, progress.advance, clock):
-        if isinstance(result, Unreadable):
-            report.unreadable.append((result.path, result.reason))
-            continue
-        if isinstance(result, Observed):
-            report.bytes_hashed += result.content.size
-            pending_chunks += len(result.content.chunks)
-        pending.append(result)
-        if len(pending) >= BATCH or pending_chunks >= BATCH_CHUNKS:
-            flush()
-            pending_chunks = 0
-    flush()
+    read = hash_files(storage.root, to_hash, progress.advance, clock)
+    _record_batches(db, node_id, row, renamed, read, sources, moved_away, report)
     progress.end()
 
     with db.atomic():
@@ -410,11 +382,34 @@ def rescan_paths(
             known[path] = known_row(path, stat_known)
     vanished = [path for path in gone if path in known]
     sources = _MoveSources(db, row, vanished, known)
-    changes: list[Change] = []
+    report = ScanReport(storage.name)
     moved_away: set[str] = set()
-    pending: list[Observed | Gone] = []
+    renamed: list[Observed] = []
+    to_hash = sources.renamed(planned, known, renamed)
+    read = hash_files(storage.root, to_hash, None, clock)
+    _record_batches(db, node_id, row, renamed, read, sources, moved_away, report)
+    # after the moves: what they moved away is no deletion
+    gone_now = [Gone(path) for path in gone if path not in moved_away]
+    _record_batches(db, node_id, row, [], gone_now, sources, moved_away, report)
+    return report.changes
+
+
+def _record_batches(
+    db: Database,
+    node_id: str,
+    row: index.StorageRow,
+    renamed: Sequence[Observed],
+    read: Iterable[Observed | Gone | Unreadable],
+    sources: _MoveSources,
+    moved_away: set[str],
+    report: ScanReport,
+) -> None:
+    """Write what a scan found into the index, in transactions of at most BATCH changes and
+    BATCH_CHUNKS chunks: `renamed` (known without reading), then `read` as it comes. A new
+    path whose content vanished elsewhere is a move (`sources`; the old path goes into
+    `moved_away`). Changes, unchanged, unreadable files and bytes read go into `report`."""
+    pending: list[Observed | Gone] = list(renamed)
     pending_chunks = 0
-    to_hash = sources.renamed(planned, known, pending)
 
     def flush() -> None:
         if not pending:
@@ -425,23 +420,24 @@ def rescan_paths(
             for item in pending:
                 change = _record_scanned(batch, node_id, item, sources.by_hash, moved_away)
                 if change is not None:
-                    changes.append(change)
+                    report.changes.append(change)
+                elif isinstance(item, Observed):
+                    report.unchanged += 1  # read again (racy or touched), same content
             batch.write()
         pending.clear()
 
-    for result in hash_files(storage.root, to_hash, None, clock):
+    for result in read:
         if isinstance(result, Unreadable):
+            report.unreadable.append((result.path, result.reason))
             continue
         if isinstance(result, Observed):
+            report.bytes_hashed += result.content.size
             pending_chunks += len(result.content.chunks)
         pending.append(result)
         if len(pending) >= BATCH or pending_chunks >= BATCH_CHUNKS:
             flush()
             pending_chunks = 0
-    flush()  # the moves first: what they moved away is no deletion
-    pending.extend(Gone(path) for path in gone if path not in moved_away)
     flush()
-    return changes
 
 
 class _MoveSources:
@@ -471,10 +467,10 @@ class _MoveSources:
         self,
         to_hash: Sequence[tuple[str, Stat]],
         known: Mapping[str, KnownRow],
-        pending: list[Observed | Gone],
+        renamed: list[Observed],
     ) -> list[tuple[str, Stat]]:
         """A rename keeps the inode, size and mtime: the new paths of `to_hash` that are a
-        vanished file renamed go to `pending` with its indexed content, without reading them
+        vanished file renamed go to `renamed` with its indexed content, without reading them
         again (a renamed 1 GiB file costs no hashing; a racy entry is read anyway). Returns
         the rest, to read."""
         rest = []
@@ -492,5 +488,5 @@ class _MoveSources:
             old = self._rows[old_path]
             assert old.hash is not None
             content = Content(old.hash, old.size, _chunks_of(self._db, old))
-            pending.append(Observed(path, st, content, old_known.indexed_at_ns))
+            renamed.append(Observed(path, st, content, old_known.indexed_at_ns))
         return rest

@@ -63,7 +63,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import xxhash
 
@@ -87,6 +87,7 @@ from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index
 from ironsync.store import events as ev
 from ironsync.store.chunks import LocalChunk, find_local_chunks
+from ironsync.sync.blocking import in_thread
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import (
     UnsafePath,
@@ -463,7 +464,7 @@ class _Pull:
         )
         _MADE_FOR_PULLS.update((str(self.storage.root), folder) for folder in self._created)
         _crash_point("before_temp")
-        await _in_thread(self._open_temp)  # a create waits on the folder: not on the loop
+        await in_thread(self._open_temp)  # a create waits on the folder: not on the loop
         await self._assemble(chunks)
         if self._written != target.size or self._hasher.digest() != target.hash:
             raise TransferFailed(
@@ -473,7 +474,7 @@ class _Pull:
         _crash_point("after_verify")
         os.fchmod(self._fd, target.mode & FILE_MODE_BITS)
         os.utime(self._fd, ns=(target.mtime_ns, target.mtime_ns))
-        await _in_thread(os.fsync, self._fd)
+        await in_thread(os.fsync, self._fd)
         lock: AbstractAsyncContextManager[Any] = (
             contextlib.nullcontext() if self.switch_lock is None else self.switch_lock
         )
@@ -488,7 +489,7 @@ class _Pull:
         _crash_point("before_rename")
         self._replace_target(expected)
         _crash_point("after_rename")
-        await _in_thread(os.fsync, self._folder_fd)
+        await in_thread(os.fsync, self._folder_fd)
         indexed_at_ns = now_ns()
         new_stat = Stat.of(os.fstat(self._fd))
         assert self._chunks is not None
@@ -613,8 +614,7 @@ class _Pull:
                 if ahead is not None:
                     fetcher.add(ahead.batches)
                 await self._write_window(window, fetcher)
-            pending, self._pending, self._pending_bytes = self._pending, [], 0
-            await _in_thread(self._writev_all, pending)
+            await self._flush_in_thread()
         finally:
             await fetcher.close()
         self._report()
@@ -640,9 +640,8 @@ class _Pull:
                     fallback = await fetcher.fetch(_refetch_run(refs, kinds, local, i, self))
                     data, reused = fallback.pop(ref.offset), False
                 full = self._write(data, reused=reused)
-            if full:  # written in a thread: the event loop goes on receiving meanwhile
-                pending, self._pending, self._pending_bytes = self._pending, [], 0
-                await _in_thread(self._writev_all, pending)
+            if full:
+                await self._flush_in_thread()
             if self._written - self._reported >= PROGRESS_STEP:
                 self._report()
                 await asyncio.sleep(0)  # let the fetches and the rest of the daemon run
@@ -660,8 +659,15 @@ class _Pull:
 
     def _flush(self) -> None:
         """Write what the buffer holds, here and now."""
+        self._writev_all(self._take_pending())
+
+    async def _flush_in_thread(self) -> None:
+        """Write what the buffer holds in a thread: the event loop goes on receiving."""
+        await in_thread(self._writev_all, self._take_pending())
+
+    def _take_pending(self) -> list[bytes | memoryview]:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        self._writev_all(pending)
+        return pending
 
     def _writev_all(self, pending: list[bytes | memoryview]) -> None:
         assert self._fd is not None
@@ -1028,20 +1034,6 @@ async def _replies(link: PeerLink, request: Request) -> AsyncIterator[AsyncItera
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-_T = TypeVar("_T")
-
-
-async def _in_thread(function: Callable[..., _T], *args: Any) -> _T:
-    """Run a blocking call (fsync) in a thread. A cancellation waits for the call to end, so
-    the descriptor it uses is never closed under it, then propagates."""
-    task = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
 
 
 # --- crash tests --------------------------------------------------------------------------------
