@@ -560,9 +560,9 @@ class Daemon:
         node.connected(session, address)
         try:
             outcome = await node.sync_with(session, None)
-            log.info(
-                "full sync with %s at %s: %s", session.peer_id, address,
-                "converged" if outcome.converged else f"not converged ({outcome.error})",
+            log.info(  # tests/histories.py waits for this line
+                "full sync with %s: %s (%s)", session.peer_id,
+                "converged" if outcome.converged else f"not converged ({outcome.error})", address,
             )  # fmt: skip
             await session.wait_closed()
         finally:
