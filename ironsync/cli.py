@@ -531,8 +531,9 @@ def _show_status(app: AppContext, as_json: bool) -> None:
     click.echo(f"node {info['node_id']} (group {info['group']}), database {info['database']}")
     for s in info["storages"]:
         click.echo(
-            f"storage {s['name']}: {s['files']} files, {s['bytes']} bytes, "
-            f"{s['tombstones']} tombstones, {s['pending']} pending, {s['conflicts']} conflicts,"
+            f"storage {s['name']}: {s['files']} files, {s['folders']} folders, "
+            f"{s['symlinks']} symlinks, {s['bytes']} bytes, {s['tombstones']} tombstones,"
+            f" {s['pending']} pending, {s['conflicts']} conflicts,"
             f" hash {s['storage_hash']}"
         )
         click.echo(f"  root {s['root']}")
@@ -591,8 +592,11 @@ def collect_status(db: Database, config: Config) -> dict[str, Any]:
     for storage in config.storages:
         row = index.ensure_storage(db, storage.name, storage.root)
         counts = db.query_one(
-            "SELECT coalesce(sum(deleted = 0), 0), coalesce(sum(size), 0),"
-            " coalesce(sum(deleted = 1), 0) FROM files WHERE storage_id = ?",
+            "SELECT coalesce(sum(deleted = 0 AND type = 'file'), 0),"
+            " coalesce(sum(CASE WHEN type = 'file' THEN size END), 0),"
+            " coalesce(sum(deleted = 1), 0), coalesce(sum(deleted = 0 AND type = 'dir'), 0),"
+            " coalesce(sum(deleted = 0 AND type = 'symlink'), 0)"
+            " FROM files WHERE storage_id = ?",
             (row.id,),
         )
         assert counts is not None
@@ -601,6 +605,8 @@ def collect_status(db: Database, config: Config) -> dict[str, Any]:
                 "name": row.name,
                 "root": str(row.root),
                 "files": counts[0],
+                "folders": counts[3],
+                "symlinks": counts[4],
                 "bytes": counts[1],
                 "tombstones": counts[2],
                 "storage_hash": index.storage_hash(db, row.id).hex(),

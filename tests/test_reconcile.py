@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import ironsync.reconcile
+from ironsync.model import DIR_HASH, link_hash
 from ironsync.reconcile import (
     FileState,
     LocalAction,
@@ -833,3 +834,74 @@ def test_pairwise_syncs_in_any_order_settle_without_ping_pong(
     survivors = {r.hash for index in indexes.values() for r in index.values()}
     assert required <= survivors
     assert survivors - {None} <= {r.hash for r in rows}
+
+
+# --- kinds: folders, symlinks and files at one path (issue 11) --------------------------------
+
+
+def folder(node: str, version: VersionVector, **kw: object) -> FileState:
+    return replace(row(node, version, DIR_HASH, mode=0o755, **kw), kind="dir", size=0)  # type: ignore[arg-type]
+
+
+def symlink(node: str, version: VersionVector, target: str, **kw: object) -> FileState:
+    base = row(node, version, link_hash(target), mode=0, **kw)  # type: ignore[arg-type]
+    return replace(base, kind="symlink", target=target, size=len(target))
+
+
+def test_a_type_change_that_dominates_is_made_here() -> None:
+    # alpha had a file; beta, having seen it, made the path a folder
+    plan = plan_for("alpha", [row("alpha", vv(alpha=1), H1), folder("beta", vv(alpha=1, beta=1))])
+    assert plan.local_action is LocalAction.PULL and not plan.is_conflict
+    assert (plan.target.kind, plan.target.hash, plan.target.mode) == ("dir", DIR_HASH, 0o755)
+
+
+def test_a_folder_keeps_the_name_against_a_concurrent_file_even_an_older_one() -> None:
+    rows = [
+        folder("alpha", vv(alpha=2), mtime_ns=T0),  # older than beta's edit
+        row("beta", vv(alpha=1, beta=1), H2, mtime_ns=T0 + 50 * NS),
+    ]
+    for node in ("alpha", "beta"):
+        plan = plan_for(node, rows)
+        assert plan.target.kind == "dir"
+        [copy] = plan.conflict_copies
+        assert (copy.kind, copy.hash) == ("file", H2)
+    assert plan_for("beta", rows).local_action is LocalAction.KEEP_LOCAL_THEN_PULL
+    assert plan_for("alpha", rows).local_action is LocalAction.UPDATE_VERSION_ONLY
+
+
+def test_two_folders_never_conflict_and_the_newer_mode_wins() -> None:
+    a = replace(folder("alpha", vv(alpha=1), mtime_ns=T0), mode=0o700)
+    b = folder("beta", vv(beta=1), mtime_ns=T0 + NS)
+    plan = plan_for("alpha", [a, b])
+    assert not plan.is_conflict and plan.local_action is LocalAction.UPDATE_METADATA
+    assert plan.target.mode == 0o755
+
+
+def test_a_file_and_a_link_with_the_same_hash_are_different_contents() -> None:
+    link = replace(symlink("beta", vv(beta=1), "x"), hash=H1)
+    plan = plan_for("alpha", [row("alpha", vv(alpha=1), H1, mtime_ns=T0 + NS), link])
+    assert plan.is_conflict and plan.target.kind == "file"
+    assert plan.conflict_copies[0].kind == "symlink"
+    assert plan.conflict_copies[0].target == "x"
+
+
+def test_a_retargeted_link_is_a_new_content_and_carries_its_target() -> None:
+    old = symlink("alpha", vv(alpha=1), "v1")
+    new = symlink("beta", vv(alpha=1, beta=1), "v2")
+    plan = plan_for("alpha", [old, new])
+    assert plan.local_action is LocalAction.PULL and plan.target.target == "v2"
+    assert plan.target.row_for("alpha") == replace(new, node="alpha")
+
+
+def test_a_mode_only_change_is_metadata() -> None:
+    plan = plan_for(
+        "alpha", [row("alpha", vv(alpha=1), H1), row("beta", vv(alpha=1, beta=1), H1, mode=0o755)]
+    )
+    assert plan.local_action is LocalAction.UPDATE_METADATA and plan.target.mode == 0o755
+
+
+def test_what_a_tombstone_was_is_not_compared() -> None:
+    gone_dir = replace(row("alpha", vv(alpha=2), None, modified_by="alpha"), kind="dir")
+    gone_file = row("beta", vv(alpha=2), None, modified_by="alpha")
+    assert gone_dir.kind == "file" and gone_dir == replace(gone_file, node="alpha")
+    assert plan_for("alpha", [gone_dir, gone_file]).local_action is LocalAction.NOTHING
