@@ -280,3 +280,29 @@ def test_names_that_differ_only_by_case_are_never_one_over_the_other_on_a_case_i
         **{name: b"fine on ext4" for name in refused},
     }  # fmt: skip
     assert [e for e in a.events() if e["kind"] in ("deleted", "conflict")] == []
+
+
+def test_a_255_byte_name_is_changed_and_deleted_like_any_other(
+    disks: Disks, tmp_path: Path
+) -> None:
+    """Its old content is kept in the versions folder, whose `NAME~STAMP` would be too long."""
+    a = disks.node(tmp_path, "alpha")
+    b = disks.node(tmp_path, "beta")
+    longest = "\u00e9" * 127 + "x"  # 255 bytes
+    write(a.root, longest, "one")
+    write(a.root, "y" * 255, "one")
+    a.add_peers(b)
+    b.start()
+    a.sync()
+    write(a.root, longest, "two")
+    a.sync()
+    assert (b.root / longest).read_text() == "two"
+    (a.root / longest).unlink()
+    a.sync()
+    assert set(tree(b.root)) == {"y" * 255}
+    b.stop()
+    said = b.run("history", str(b.root / longest)).stdout
+    kept = [line for line in said.splitlines() if "kept version" in line]
+    assert len(kept) == 2, said  # "one", replaced; "two", deleted
+    restored = b.run("restore", str(b.root / longest))
+    assert (b.root / longest).read_text() == "two", restored.stdout
