@@ -306,3 +306,24 @@ def test_a_255_byte_name_is_changed_and_deleted_like_any_other(
     assert len(kept) == 2, said  # "one", replaced; "two", deleted
     restored = b.run("restore", str(b.root / longest))
     assert (b.root / longest).read_text() == "two", restored.stdout
+
+
+def test_a_conflict_whose_copy_name_would_be_too_long_keeps_both_sides_and_is_reported(
+    disks: Disks, tmp_path: Path
+) -> None:
+    a = disks.node(tmp_path, "alpha")
+    b = disks.node(tmp_path, "beta")
+    name = "z" * 240 + ".txt"  # NAME.sync-conflict-...-NODE-HASH.txt would be 289 bytes
+    write(a.root, name, "before")
+    a.add_peers(b)
+    b.start()
+    a.sync()
+    write(a.root, name, "alpha's edit")
+    write(b.root, name, "beta's edit")
+
+    result = a.sync(expect=4)
+    assert the_peer(result)["converged"]
+    (reason,) = skipped_paths(result).values()
+    assert "a name of 289 bytes is too long for this file system: zzz" in reason
+    assert tree(a.root) == {name: b"alpha's edit"}  # nothing lost, on either side
+    assert tree(b.root) == {name: b"beta's edit"}

@@ -208,3 +208,11 @@ def test_only_errors_about_the_name_make_a_path_not_storable(
         assert refused is None
     else:
         assert refused is not None and refused.path == "a/b:c" and reason in refused.reason
+
+
+def test_a_name_made_from_the_path_that_is_too_long_is_the_one_reported() -> None:
+    copy = "x" * 250 + ".sync-conflict-20231114-221320-alpha-0123abcd"
+    error = OSError(errno.ENAMETOOLONG, "File name too long", "/root/a/x", None, f"/root/a/{copy}")
+    refused = name_refused("a/" + "x" * 250, error)
+    assert refused is not None
+    assert refused.reason == f"a name of {len(copy)} bytes is too long for this file system: {copy}"

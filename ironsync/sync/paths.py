@@ -110,9 +110,13 @@ def name_refused(
     if code not in NAME_REFUSED_ERRNOS and code not in also:
         return None
     if code == errno.ENAMETOOLONG:
-        longest = max(path.split("/"), key=lambda part: len(part.encode("utf-8")))
-        size = len(longest.encode("utf-8"))
-        return NotStorable(path, f"a name of {size} bytes is too long for this file system")
+        # The name may be one the caller made from `path` (a conflict copy's): the error's.
+        named = [f for f in (exc.filename, exc.filename2) if isinstance(f, (str, bytes))]
+        names = path.split("/") + [os.path.basename(os.fsdecode(f)) for f in named]
+        longest = max(names, key=lambda name: len(name.encode("utf-8", "surrogateescape")))
+        size = len(longest.encode("utf-8", "surrogateescape"))
+        reason = f"a name of {size} bytes is too long for this file system"
+        return NotStorable(path, reason if longest in path.split("/") else f"{reason}: {longest}")
     return NotStorable(
         path, f"this file system does not allow the name ({errno.errorcode.get(code, code)})"
     )
