@@ -288,7 +288,8 @@ def _open_component(
                 raise
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise name_refused(rel, exc) or exc from None
+                refused = name_refused(rel, exc) if create else None  # else: as os.open says
+                raise refused or exc from None
             st = os.stat(part, dir_fd=fd, follow_symlinks=False)
             what = "symlink on the way" if stat.S_ISLNK(st.st_mode) else "not a folder"
             raise UnsafePath(rel, f"{what}: {'/'.join(walked)}") from None
