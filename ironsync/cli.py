@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -474,9 +475,12 @@ def _print_report(report: ScanReport) -> None:
         if change.kind == "moved":
             click.echo(f"{report.storage}: moved     {change.from_path} -> {change.path}")
         else:
-            click.echo(f"{report.storage}: {change.kind:<9} {change.path}")
-    for path, reason in report.unreadable:
-        click.echo(f"{report.storage}: skipped   {path} ({reason})")
+            shown = _shown(change.path) + ("/" if change.entry == DIR else "")
+            if change.entry == SYMLINK:
+                shown += " (symlink)"
+            click.echo(f"{report.storage}: {change.kind:<9} {shown}")
+    for path, reason in report.unreadable + report.bad_names:
+        click.echo(f"{report.storage}: skipped   {_shown(path)} ({reason})")
     parts = [f"{report.count(k)} {k}" for k in ("created", "modified", "deleted", "moved")]
     click.echo(f"{report.storage}: {', '.join(parts)}, {report.unchanged} unchanged")
 
@@ -491,6 +495,7 @@ def _report_json(report: ScanReport) -> dict[str, Any]:
         "unchanged": report.unchanged,
         "bytes_hashed": report.bytes_hashed,
         "unreadable": [{"path": p, "reason": r} for p, r in report.unreadable],
+        "bad_names": [{"path": p, "reason": r} for p, r in report.bad_names],
         "symlinks_skipped": len(report.symlinks),
     }
 
@@ -702,17 +707,27 @@ def log_tail(app: AppContext, count: int, follow: bool, as_json: bool) -> None:
             return
 
 
+def _shown(path: str) -> str:
+    """A path as it is printed for people: its control characters (legal in names, and
+    synced) as \\xNN, so that a name cannot move the cursor or forge a line of output."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _print_event(event: ev.Event) -> None:
     detail = dict(event.detail) if isinstance(event.detail, dict) else event.detail
     entry = detail.pop("type", None) if isinstance(detail, dict) else None
     path = event.path
     if path and entry == DIR:
         path += "/"  # a folder reads as one: "created docs:photos/"
-    where = f"{event.storage}:{path}" if path else (event.storage or "-")
+    where = f"{event.storage}:{_shown(path)}" if path else (event.storage or "-")
     what = event.kind if entry is None else f"{event.kind} {kind_label(entry)}"
     parts = [event.at, what, where]
     if isinstance(detail, dict) and entry == SYMLINK and "target" in detail:
-        parts.append(f"-> {detail.pop('target')}")
+        parts.append(f"-> {_shown(detail.pop('target'))}")
     if isinstance(detail, dict) and entry == DIR and "mode" in detail:
         parts.append(f"mode {detail.pop('mode')}")
     if event.status != "ok":
@@ -813,7 +828,8 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
 
     Through the running daemon when one answers, otherwise standalone. Exit 0: every reachable
     peer converged; 1: a sync failed or did not converge; 2: usage or config error; 3: no peer
-    reachable; 4: converged, but files that cannot be read here were left out (listed)."""
+    reachable; 4: converged, but files were left out (listed): files that cannot be read here,
+    names that are not valid UTF-8, names this node (or a peer) cannot store."""
     import asyncio
 
     from ironsync.control import LockHeld, ask_daemon
@@ -825,9 +841,11 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
     skipped: list[dict[str, str]] = []
 
     def report(item: dict[str, Any]) -> None:
-        if "skipped" in item:
+        if "peer" not in item and "skipped" in item:  # what this node's scan left out
             skipped.extend(item["skipped"])
             return
+        # names this node could not store, pulling from that peer (the same in each result)
+        skipped.extend(s for s in item.get("skipped", []) if s not in skipped)
         results.append(item)
         if tty:
             click.echo("", err=True)
@@ -874,7 +892,9 @@ def _print_sync_results(
         click.echo(json.dumps({"exit": code, "results": results, "skipped": skipped}, indent=2))
         return
     for item in skipped:
-        click.echo(f"{item['storage']}: skipped {item['path']} ({item['reason']}): not synced")
+        click.echo(
+            f"{item['storage']}: skipped {_shown(item['path'])} ({item['reason']}): not synced"
+        )
     peers = [r for r in results if "peer" in r]
     unreachable = [r for r in results if "unreachable" in r]
     for r in peers:
@@ -885,7 +905,12 @@ def _print_sync_results(
             f"{r['conflicts']} conflict(s), peer changed {r['peer_changed']}"
         )
         for failure in r.get("failed", []):
-            click.echo(f"  failed: {failure}")
+            click.echo(f"  failed: {_shown(failure)}")
+        if r.get("peer_skipped"):
+            click.echo(
+                f"  peer {r['peer']} skipped {r['peer_skipped']} name(s) it cannot store "
+                "(`ironsync log tail` there lists them): not synced there"
+            )
     for r in unreachable:
         click.echo(f"peer {r['unreachable']}: unreachable ({r['reason']})")
     if not peers:

@@ -97,7 +97,12 @@ def outcome_json(outcome: SyncOutcome) -> dict[str, Any]:
         "deleted": outcome.pulled.deleted,
         "conflicts": outcome.pulled.conflicts,
         "failed": [f"{p}: {r}" for p, r in outcome.pulled.failed],
+        "skipped": [
+            {"storage": storage, "path": path, "reason": reason}
+            for storage, path, reason in outcome.pulled.skipped
+        ],
         "peer_changed": outcome.peer_changed,
+        "peer_skipped": outcome.peer_skipped,
         "divergent": outcome.divergent,
         "error": outcome.error,
     }
@@ -107,13 +112,15 @@ def exit_code(
     results: list[dict[str, Any]], unreachable: list[str], skipped: Sequence[dict[str, str]] = ()
 ) -> int:
     """0 every reachable peer converged and no file was left out; 4 converged, but files
-    that could not be read here were left out (`skipped`); 1 a sync failed or did not
-    converge; 3 no peer was reachable."""
+    were left out: here, what could not be read or has a name that is not valid UTF-8
+    (`skipped`), or, in a result, names a node cannot store (its `skipped`, `peer_skipped`);
+    1 a sync failed or did not converge; 3 no peer was reachable."""
     if not results:
         return EXIT_NO_PEER
     if not all(r["converged"] for r in results):
         return EXIT_FAILED
-    return EXIT_PARTIAL if skipped else EXIT_OK
+    left_out = skipped or any(r.get("skipped") or r.get("peer_skipped") for r in results)
+    return EXIT_PARTIAL if left_out else EXIT_OK
 
 
 @dataclass
@@ -273,7 +280,8 @@ class Node:
         return outcome
 
     def skipped(self, storages: tuple[str, ...] | None) -> list[dict[str, str]]:
-        """The files of `storages` (all by default) that the last scan could not read."""
+        """The files of `storages` (all by default) that the last scan left out: unreadable,
+        or named with bytes that are not UTF-8."""
         return [
             {"storage": name, "path": path, "reason": reason}
             for name, files in sorted(self.engine.unreadable.items())

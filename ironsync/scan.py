@@ -276,7 +276,7 @@ def plan_scan_rows(
                 if not rules.ignores_file(rel):
                     plan.skipped.append((rel, "not a regular file, folder or symlink"))
             elif note == NOTE_BAD_NAME:
-                plan.skipped.append((rel, "name is not valid UTF-8"))
+                plan.skipped.append((rel, BAD_NAME_REASON))
             else:
                 plan.unreadable.append((rel, detail or note))
         notes.clear()
@@ -331,6 +331,15 @@ NOTE_DIR = "dir"
 NOTE_SYMLINK = "symlink"
 NOTE_OTHER = "other"  # a socket, FIFO or device
 NOTE_BAD_NAME = "bad name"  # not valid UTF-8
+BAD_NAME_REASON = "name is not valid UTF-8"
+
+
+def shown_name(path: str) -> str:
+    """`path` as text that can be printed and stored: the bytes of a name that is not valid
+    UTF-8 (surrogate-escaped by os.fsdecode) as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 NOTE_ERROR = "error"  # could not be stat'ed
 
 

@@ -75,17 +75,18 @@ def test_scan_prints_what_changed_then_nothing(node: Node) -> None:
     (node.root / "sub" / "b.txt").write_text("b")
     out = node.run("scan").stdout.splitlines()
     assert "docs: created   a.txt" in out and "docs: created   sub/b.txt" in out
-    assert out[-1] == "docs: 2 created, 0 modified, 0 deleted, 0 moved, 0 unchanged"
+    assert "docs: created   sub/" in out  # a folder is an entry too
+    assert out[-1] == "docs: 3 created, 0 modified, 0 deleted, 0 moved, 0 unchanged"
     (node.root / "sub" / "b.txt").rename(node.root / "c.txt")
     (node.root / "a.txt").unlink()
     out = node.run("scan").stdout.splitlines()
     assert out == [
         "docs: moved     sub/b.txt -> c.txt",
         "docs: deleted   a.txt",
-        "docs: 0 created, 0 modified, 1 deleted, 1 moved, 0 unchanged",
+        "docs: 0 created, 0 modified, 1 deleted, 1 moved, 1 unchanged",  # sub/
     ]
     data = json.loads(node.run("scan", "--json").stdout)
-    assert data[0]["changes"] == [] and data[0]["unchanged"] == 1
+    assert data[0]["changes"] == [] and data[0]["unchanged"] == 2  # c.txt and sub/
 
 
 def test_scan_of_an_unknown_storage_is_a_usage_error(node: Node) -> None:
@@ -103,7 +104,7 @@ def test_status_json_reports_storages_and_hashes(node: Node) -> None:
     assert storage["tombstones"] == 0 and len(storage["storage_hash"]) == 32
     assert storage["last_scan_at"].endswith("Z")
     text = node.run("status").stdout
-    assert "storage docs: 1 files, 5 bytes" in text
+    assert "storage docs: 1 files, 0 folders, 0 symlinks, 5 bytes" in text
 
 
 def test_log_tail_prints_events_oldest_first_and_as_json(node: Node) -> None:

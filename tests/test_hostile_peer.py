@@ -144,6 +144,34 @@ def test_path_escape_attempts_disconnect_the_peer_and_write_nothing(
     assert refused and refused[-1]["peer"] == "mallory"
 
 
+@pytest.mark.parametrize(
+    "path", ["a\\b.txt", "c:notes.txt", "new\nline", "-rf", "x" * 255, "caf\u00e9/\U0001f600"]
+)
+def test_an_odd_but_legal_name_is_synced_and_the_peer_is_not_refused(
+    victim: SyncNode, tmp_path: Path, path: str
+) -> None:
+    """Legal POSIX names are no attack (issue 11): the peer stays connected, the file comes."""
+    outcome, _ = asyncio.run(attack(victim, tmp_path, ["innocent.txt", path]))
+    assert outcome == "accepted"
+    assert tree(victim.root) == {"innocent.txt": PAYLOAD, path: PAYLOAD}
+    victim.stop()
+    assert victim.events("peer_refused") == []
+
+
+def test_a_name_too_long_for_the_disk_is_skipped_and_the_peer_is_not_refused(
+    victim: SyncNode, tmp_path: Path
+) -> None:
+    too_long = "\u6587" * 100  # 300 bytes: an exFAT or NTFS disk holds it, ext4 does not
+    outcome, _ = asyncio.run(attack(victim, tmp_path, ["innocent.txt", too_long]))
+    assert outcome == "accepted"
+    assert tree(victim.root) == {"innocent.txt": PAYLOAD}
+    victim.stop()
+    assert victim.events("peer_refused") == []
+    (skipped,) = [e for e in victim.events("skipped") if e["path"] == too_long]
+    assert skipped["status"] == "warning" and skipped["peer"] == "mallory"
+    assert "300 bytes is too long" in skipped["detail"]["reason"]
+
+
 def test_symlink_on_the_way_out_of_the_root_is_never_followed(
     victim: SyncNode, tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ def test_entry_content_hashes_are_pinned() -> None:
 
 
 def test_a_folder_or_a_link_never_has_a_files_content_hash() -> None:
-    assert DIR_HASH != content_hash(b"")
+    assert content_hash(b"") != DIR_HASH
     assert link_hash("abc") != content_hash(b"abc")
     assert link_hash("abc") != link_hash("abd")
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
 from ironsync.sync.paths import (
+    NotStorable,
     UnsafePath,
     check_peer_path,
+    check_storable,
+    name_refused,
     open_folder,
     open_inside,
     open_parent_folder,
@@ -25,19 +29,16 @@ REFUSED = {
     "dot_dot": ("..", "'..' component"),
     "dot_in_the_middle": ("a/./b", "'.' component"),
     "nul": ("a\x00b", "contains NUL"),
-    "newline": ("a\nb", "control character"),
-    "c1_control": ("a\x85b", "control character"),
     "ignore_file": (".ignore", "the .ignore file"),
     "state_folder": (".ironsync", "inside .ironsync/"),
     "inside_state_folder": (".ironsync/versions/x", "inside .ironsync/"),
     "temp_file": ("x/.ironsync-1.tmp", "temporary file name"),
     "temp_folder": (".ironsync-1.tmp/x", "temporary file name"),
     "drive_letter": ("C:/x", "drive letter"),
-    "backslash": ("a\\b", "backslash"),
+    "drive_root": ("c:", "drive letter"),
     "empty": ("", "empty path"),
     "trailing_slash": ("a/", "trailing slash"),
     "too_long": ("a/" * 2048 + "b", "longer than 4096"),
-    "long_component": ("x" * 256, "longer than 255 bytes"),
     "lone_surrogate": ("a\udcffb", "not valid UTF-8"),
 }
 
@@ -63,6 +64,25 @@ def test_unsafe_peer_path_is_refused_with_its_reason(path: str, reason: str) -> 
         "ünïcødé/文件.txt",
         "x" * 255,
         "a/" * 2047 + "b",
+        # legal POSIX names, synced as rsync and Syncthing do (issue 11): not attacks
+        "a\\b.txt",
+        "C:\\x",  # a backslash is an ordinary character on POSIX
+        "c:notes.txt",  # not a drive: only "X:" as the first component is one
+        "name with spaces",
+        " leading and trailing space ",
+        "-leading-dash",
+        "--",
+        "\U0001f600 emoji.txt",
+        "caf\u00e9",  # NFC
+        "cafe\u0301",  # NFD: another name
+        "tab\there",
+        "new\nline",
+        "esc\x1b[2J",
+        "del\x7f",
+        "c1\x85control",
+        "...",
+        "x" * 256,  # longer than most file systems allow: the disk decides (NotStorable)
+        "\u6587" * 200,  # 600 bytes: fine on exFAT or NTFS, too long on ext4
     ],
 )
 def test_ordinary_relative_path_is_accepted_unchanged(path: str) -> None:
@@ -130,3 +150,69 @@ def test_unsafe_path_carries_the_path_and_the_reason() -> None:
     error = UnsafePath("a/../b", "'..' component")
     assert (error.path, error.reason) == ("a/../b", "'..' component")
     assert "a/../b" in str(error) and "'..' component" in str(error)
+
+
+def test_a_name_too_long_for_this_file_system_is_not_storable_but_no_attack(
+    tmp_path: Path,
+) -> None:
+    long_name = "x" * 256  # NAME_MAX is 255 bytes on ext4, tmpfs, btrfs, xfs
+    with pytest.raises(NotStorable, match="a name of 256 bytes is too long"):
+        check_storable(tmp_path, long_name)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(NotStorable, match="too long") as caught:
+        check_storable(tmp_path, f"a/{long_name}/b")
+    assert caught.value.path == f"a/{long_name}/b"
+    with pytest.raises(NotStorable, match="too long"):
+        open_parent_folder(tmp_path, f"a/{long_name}/b", create=True)
+    assert os.listdir(tmp_path / "a") == []
+
+
+def test_names_spelled_as_on_disk_are_storable(tmp_path: Path) -> None:
+    (tmp_path / "Docs").mkdir()
+    (tmp_path / "Docs" / "Readme.txt").write_text("one")
+    (tmp_path / "Docs" / "rEADME.TXT").write_text("another file: this disk tells them apart")
+    for rel in ("Docs/Readme.txt", "Docs/rEADME.TXT", "Docs/new.txt", "new/deep/x", "docs/x"):
+        check_storable(tmp_path, rel)  # nothing raised
+
+
+def test_check_storable_stops_at_a_symlink_and_leaves_refusing_it_to_the_walk(
+    tmp_path: Path,
+) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "x").write_text("outside")
+    (root / "link").symlink_to(outside)
+    check_storable(root, "link/x")  # nothing to confuse; the O_NOFOLLOW walk refuses it
+    with pytest.raises(UnsafePath, match="symlink on the way"):
+        open_parent_folder(root, "link/x", create=True)
+
+
+@pytest.mark.parametrize(
+    ("code", "also", "reason"),
+    [
+        (errno.ENAMETOOLONG, frozenset(), "a name of 3 bytes is too long"),
+        (errno.EINVAL, frozenset(), "does not allow the name (EINVAL)"),
+        (errno.EILSEQ, frozenset(), "does not allow the name (EILSEQ)"),
+        (errno.ENOENT, frozenset({errno.ENOENT}), "does not allow the name (ENOENT)"),
+        (errno.ENOENT, frozenset(), None),
+        (errno.EACCES, frozenset(), None),
+        (errno.ENOSPC, frozenset(), None),
+    ],
+)
+def test_only_errors_about_the_name_make_a_path_not_storable(
+    code: int, also: frozenset[int], reason: str | None
+) -> None:
+    refused = name_refused("a/b:c", OSError(code, os.strerror(code)), also=also)
+    if reason is None:
+        assert refused is None
+    else:
+        assert refused is not None and refused.path == "a/b:c" and reason in refused.reason
+
+
+def test_a_name_made_from_the_path_that_is_too_long_is_the_one_reported() -> None:
+    copy = "x" * 250 + ".sync-conflict-20231114-221320-alpha-0123abcd"
+    error = OSError(errno.ENAMETOOLONG, "File name too long", "/root/a/x", None, f"/root/a/{copy}")
+    refused = name_refused("a/" + "x" * 250, error)
+    assert refused is not None
+    assert refused.reason == f"a name of {len(copy)} bytes is too long for this file system: {copy}"

@@ -221,7 +221,12 @@ def test_new_file_arrives_whole_verified_with_mtime_mode_and_the_target_version(
     assert finished[0].detail["bytes_from_peer"] == len(data)
     assert finished[0].detail["bytes_reused"] == 0
     assert beta.temp_files() == []
-    assert beta.scan().changes == []  # the index row matches the disk exactly
+    # the file's row matches the disk exactly; the folders made for it (a full sync makes
+    # them first, from their own rows) are new to this index
+    assert [(c.kind, c.path) for c in beta.scan().changes] == [
+        ("created", "deep"),
+        ("created", "deep/folders"),
+    ]
 
 
 def test_empty_file_arrives_without_asking_the_peer_anything(alpha: Side, beta: Side) -> None:

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from ironsync.chunking import content_hash
-from ironsync.sync.versions import keep_version, list_versions, prune_versions, version_at
+from ironsync.sync.versions import (
+    keep_version,
+    kept_name,
+    list_versions,
+    prune_versions,
+    version_at,
+)
 from tests.daemons import SyncNode, stop_all, tree, write
 
 ALPHA_HASH = content_hash(b"alpha's edit").hex()[:8]
@@ -40,6 +46,22 @@ def test_a_kept_version_is_named_by_its_mtime_and_found_again(tmp_path: Path) ->
     assert version_at(tmp_path, "dir/report.txt", None) == versions[-1]
     assert version_at(tmp_path, "dir/report.txt", datetime(2020, 1, 1, tzinfo=UTC)) is None
     assert list_versions(tmp_path, "dir/report") == []  # a name prefix is not a match
+
+
+def test_a_name_too_long_to_take_the_stamp_is_kept_shortened_and_found_again(
+    tmp_path: Path,
+) -> None:
+    names = ["\u00e9" * 127 + "a", "\u00e9" * 127 + "b"]  # 255 bytes each, alike up front
+    for name in names:
+        os.utime(write(tmp_path, f"dir/{name}", name[-1]), ns=(MTIME, MTIME))
+        kept = keep_version(tmp_path, f"dir/{name}", move=True)
+        assert kept is not None and len(kept.name.encode()) <= 255
+        assert kept.name == f"{kept_name(name)}~20231114-221320"
+    assert kept_name(names[0]) != kept_name(names[1])
+    for name in names:
+        (found,) = list_versions(tmp_path, f"dir/{name}")
+        assert found.file.read_text() == name[-1]
+    assert kept_name("short.txt") == "short.txt"
 
 
 def test_old_versions_are_pruned_and_recent_ones_kept(tmp_path: Path) -> None:

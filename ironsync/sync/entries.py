@@ -21,7 +21,7 @@ from ironsync.model import DIR, FILE, SYMLINK
 from ironsync.reconcile import ResolvedFile
 from ironsync.scan import KnownStat, Stat
 from ironsync.store.index import FileRow
-from ironsync.sync.paths import UnsafePath, open_folder, open_parent_folder
+from ironsync.sync.paths import UnsafePath, name_refused, open_folder, open_parent_folder
 from ironsync.sync.versions import keep_version
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -76,8 +76,12 @@ def make_entry(root: Path, path: str, target: ResolvedFile) -> Stat:
     folder, name = open_parent_folder(root, path, create=True)
     try:
         if target.kind == DIR:
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.mkdir(name, 0o700, dir_fd=folder)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise _refused(path, exc) from None
             fd = os.open(name, _DIR_FLAGS, dir_fd=folder)  # ENOTDIR/ELOOP: not a folder there
             try:
                 os.fchmod(fd, target.mode & 0o777)
@@ -89,7 +93,10 @@ def make_entry(root: Path, path: str, target: ResolvedFile) -> Stat:
             made = Stat(0, target.mtime_ns, st.st_ctime_ns, st.st_ino, target.mode & 0o777)
         elif target.kind == SYMLINK:
             assert target.target is not None
-            os.symlink(target.target, name, dir_fd=folder)
+            try:
+                os.symlink(target.target, name, dir_fd=folder)
+            except OSError as exc:
+                raise _refused(path, exc) from None
             with contextlib.suppress(OSError, NotImplementedError):
                 os.utime(
                     name,
@@ -105,6 +112,12 @@ def make_entry(root: Path, path: str, target: ResolvedFile) -> Stat:
     finally:
         os.close(folder)
     return made
+
+
+def _refused(path: str, exc: OSError) -> Exception:
+    """What a refused mkdir or symlink in a folder we hold open means: ENOENT there is about
+    the new name (some FUSE file systems say so for a name they do not allow)."""
+    return name_refused(path, exc, also=frozenset({errno.ENOENT})) or exc
 
 
 def clear_way(root: Path, path: str, row: FileRow, *, keep_versions: bool) -> list[str] | None:

@@ -45,7 +45,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -78,8 +78,15 @@ from ironsync.sync.blocking import in_thread
 from ironsync.sync.coalesce import Coalescer
 from ironsync.sync.link import PeerError, PeerLink
 from ironsync.sync.local import StorageUnavailable, entry_detail, rescan_paths, scan_storage
-from ironsync.sync.paths import UnsafePath, check_peer_path, resolve_inside
-from ironsync.sync.transfer import IO_ERROR, pull_file
+from ironsync.sync.paths import (
+    NotStorable,
+    UnsafePath,
+    check_peer_path,
+    check_storable,
+    name_refused,
+    resolve_inside,
+)
+from ironsync.sync.transfer import IO_ERROR, NOT_STORABLE, pull_file
 from ironsync.sync.versions import keep_version
 
 log = logging.getLogger(__name__)
@@ -128,6 +135,9 @@ class PullReport:
     conflicts: int = 0
     ignored: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (storage:path, reason)
+    # (storage, path, reason): names this node cannot store (paths.NotStorable), left out
+    # of this pass and reported; the rest of the storage syncs (issue 11)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
     def add(self, other: PullReport) -> None:
         for name in ("changed", "pulled", "bytes_from_peer", "bytes_reused", "deleted"):
@@ -135,6 +145,7 @@ class PullReport:
         self.conflicts += other.conflicts
         self.ignored += other.ignored
         self.failed += other.failed
+        self.skipped += [item for item in other.skipped if item not in self.skipped]
 
     def to_json(self) -> str:
         return json.dumps(
@@ -146,6 +157,7 @@ class PullReport:
                 "conflicts": self.conflicts,
                 "ignored": self.ignored,
                 "failed": len(self.failed),
+                "skipped": len(self.skipped),
             },
             sort_keys=True,
         )
@@ -158,6 +170,7 @@ class SyncOutcome:
     rounds: int
     pulled: PullReport
     peer_changed: int = 0
+    peer_skipped: int = 0  # paths the peer could not store when it pulled from us
     divergent: list[str] = field(default_factory=list)  # storages still differing
     error: str | None = None
     violation: str | None = None  # what the peer sent that no honest node does
@@ -205,8 +218,9 @@ class SyncEngine:
     ) -> None:
         self.db = db
         self.config = config
-        # storage -> (path, reason) of the files its last full scan could not read: not
-        # synced, and not deletions either (a sync reports them and exits 4)
+        # storage -> (path, reason) of the files its last full scan could not read, or whose
+        # name is not valid UTF-8 (shown escaped): not synced, and not deletions either (a
+        # sync reports them and exits 4)
         self.unreadable: dict[str, list[tuple[str, str]]] = {}
         self.node_id = config.node_id
         self.progress = progress or SyncProgress()
@@ -214,6 +228,8 @@ class SyncEngine:
         # Local changes one at a time; never held while waiting on a peer (module docstring).
         self.apply_lock = asyncio.Lock()
         self._scans: Coalescer[list[str]] = Coalescer(self._scan_job)
+        # (peer, storage) -> {path: reason} skipped in the last pass: logged when new
+        self._skipped_logged: dict[tuple[str, str], dict[str, str]] = {}
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -230,7 +246,7 @@ class SyncEngine:
         for storage in self.storages_for(names):
             try:
                 report = scan_storage(db, self.node_id, storage, clock=self.clock)
-                self.unreadable[storage.name] = list(report.unreadable)
+                self.unreadable[storage.name] = report.unreadable + report.bad_names
             except StorageUnavailable as exc:
                 unavailable.append(storage.name)
                 with db.atomic():
@@ -309,15 +325,17 @@ class SyncEngine:
                 assert isinstance(reply, SyncResult)
                 theirs = _result_counts(reply)
                 outcome.peer_changed += theirs.get("changed", 0)
+                outcome.peer_skipped = theirs.get("skipped", 0)
                 if pulled.changed == 0 and theirs.get("changed", 0) == 0:
-                    # Nothing more will move: what differs is ignored on one side or failing.
+                    # Nothing more will move: what differs is ignored on one side, a name one
+                    # side cannot store (reported), or failing.
                     still = await self.divergent_storages(link, wanted)
                     outcome.divergent = still
                     failed = pulled.failed or theirs.get("failed", 0) or not reply.ok
+                    left_out = pulled.ignored + len(pulled.skipped) + theirs.get("ignored", 0)
+                    left_out += theirs.get("skipped", 0)
                     outcome.converged = (
-                        not failed
-                        and not unavailable
-                        and (not still or pulled.ignored + theirs.get("ignored", 0) > 0)
+                        not failed and not unavailable and (not still or left_out > 0)
                     )
                     break
         except (PeerError, PeerViolation) as exc:
@@ -383,8 +401,26 @@ class SyncEngine:
             row = index.ensure_storage(self.db, storage.name, storage.root)
             # Only this peer's rows change here: no lock while the peer answers.
             await self.fetch_index(link, row, their_hash)
-            report.add(await self.apply_storage(link, storage, row))
+            applied = await self.apply_storage(link, storage, row)
+            self._log_skipped(link.peer_id, storage.name, applied.skipped)
+            report.add(applied)
         return report
+
+    def _log_skipped(self, peer: str, storage: str, skipped: list[tuple[str, str, str]]) -> None:
+        """A `skipped` event for each path a pass from `peer` left out, unless the pass before
+        left it out for the same reason: once, not at every pass, while it stays so."""
+        now = {path: reason for _, path, reason in skipped}
+        before = self._skipped_logged.get((peer, storage), {})
+        self._skipped_logged[(peer, storage)] = now
+        new = [(path, reason) for path, reason in now.items() if before.get(path) != reason]
+        if not new:
+            return
+        with self.db.atomic():
+            for path, reason in new:
+                ev.append_event(
+                    self.db, "skipped", storage=storage, path=path, status="warning", peer=peer,
+                    detail={"reason": reason},
+                )  # fmt: skip
 
     async def fetch_index(self, link: PeerLink, row: index.StorageRow, their_hash: bytes) -> None:
         """Bring our copy of the peer's index of one storage up to date (changes since N)."""
@@ -466,7 +502,10 @@ class SyncEngine:
             else:
                 late.append(path)
         for pending in sorted(step.creates, key=lambda p: p.path):
-            await self._create_entry(link, storage, row, pending, report)
+            await self._guarded(
+                link, storage, pending.path, report,
+                self._create_entry(link, storage, row, pending, report),
+            )  # fmt: skip
         moved_away: set[str] = set()
         remaining = []
         async with self.apply_lock:
@@ -525,6 +564,8 @@ class SyncEngine:
                             link, storage, row, pull.target, pull.path, report, pull.decided,
                             pull.expected,
                         )  # fmt: skip
+                    except NotStorable as exc:
+                        report.skipped.append((storage.name, pull.path, exc.reason))
                     except (UnsafePath, OSError) as exc:
                         reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
                         report.failed.append((f"{storage.name}:{pull.path}", reason))
@@ -565,6 +606,10 @@ class SyncEngine:
             dst = resolve_inside(storage.root, dest)
             if not _disk_matches(src, known.stat) or os.path.lexists(dst):
                 continue
+            try:
+                check_storable(storage.root, dest)  # not into a folder spelled otherwise
+            except (NotStorable, UnsafePath, OSError):
+                return False  # the pull says why
             dst.parent.mkdir(parents=True, exist_ok=True)
             resolve_inside(storage.root, dest)  # the folders just made hold no symlink
             os.link(src, dst, follow_symlinks=False)  # refuses to replace a file that appeared
@@ -608,13 +653,32 @@ class SyncEngine:
         report: PullReport,
         step: _Step | None,
     ) -> None:
+        await self._guarded(
+            link, storage, path, report, self.apply_path(link, storage, row, path, report, step)
+        )
+
+    async def _guarded(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        path: str,
+        report: PullReport,
+        action: Awaitable[None],
+    ) -> None:
+        """Run one path's `action`; what goes wrong with that path is reported for it alone."""
         try:
-            await self.apply_path(link, storage, row, path, report, step)
+            await action
         except (PeerError, PeerViolation):
             raise
+        except NotStorable as exc:
+            report.skipped.append((storage.name, path, exc.reason))
         except UnsafePath as exc:
             report.failed.append((f"{storage.name}:{path}", f"unsafe: {exc.reason}"))
         except OSError as exc:
+            refused = name_refused(path, exc)  # a conflict copy's name too long here, say
+            if refused is not None:
+                report.skipped.append((storage.name, path, refused.reason))
+                return
             report.failed.append((f"{storage.name}:{path}", exc.strerror or str(exc)))
             name = errno.errorcode.get(exc.errno or 0, "")
             reason = f"{name}: {exc.strerror}" if name and exc.strerror else str(exc)
@@ -860,11 +924,14 @@ class SyncEngine:
                         self._keep_folder(link, storage, row, path, local.version, target, inside)
                         report.changed += 1
                         return
-            elif entries.exists(storage.root, path) and target.kind != DIR:
-                # something the index does not know yet: index it, decide again
-                rescan_paths(self.db, self.node_id, storage, [path])
-                report.changed += 1
-                return
+            else:
+                check_storable(storage.root, path)  # not a name spelled otherwise here
+                if target.kind != DIR and entries.exists(storage.root, path):
+                    # something the index does not know yet: index it, decide again (a
+                    # folder there already, made for a pull, is taken as it is)
+                    rescan_paths(self.db, self.node_id, storage, [path])
+                    report.changed += 1
+                    return
             made = entries.make_entry(storage.root, path, target)
             with self.db.atomic():
                 index.put_live_file(
@@ -929,6 +996,8 @@ class SyncEngine:
                 async with self.apply_lock:
                     rescan_paths(self.db, self.node_id, storage, [dest])
             report.changed += 1
+        elif result.code == NOT_STORABLE:
+            report.skipped.append((storage.name, dest, result.reason or "cannot be stored here"))
         else:
             report.failed.append((f"{storage.name}:{dest}", result.reason or "failed"))
         return False

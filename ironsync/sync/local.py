@@ -33,6 +33,7 @@ from ironsync.config import Storage
 from ironsync.ignore import STATE_DIR, IgnoreRules
 from ironsync.model import DIR, FILE, SYMLINK
 from ironsync.scan import (
+    BAD_NAME_REASON,
     SPOOL_FILE_BYTES,
     UNTRUSTED_MODE,
     ChunkSpool,
@@ -48,6 +49,7 @@ from ironsync.scan import (
     is_trusted,
     known_row,
     plan_scan_rows,
+    shown_name,
 )
 from ironsync.store import Database, index, tree
 from ironsync.store import events as ev
@@ -74,6 +76,7 @@ class Change:
     kind: str  # created, modified, deleted, moved
     path: str
     from_path: str | None = None
+    entry: str = FILE  # what changed: a file, a folder (DIR), a symlink
 
 
 @dataclass
@@ -85,6 +88,12 @@ class ScanReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     symlinks: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def bad_names(self) -> list[tuple[str, str]]:
+        """(path, reason) of the names that are not valid UTF-8, never synced: the path with
+        its bytes that are not UTF-8 shown as \\xNN."""
+        return [(shown_name(p), r) for p, r in self.skipped if r == BAD_NAME_REASON]
 
     def count(self, kind: str) -> int:
         return sum(1 for change in self.changes if change.kind == kind)
@@ -171,12 +180,12 @@ def scan_storage(
                 if change is not None:
                     report.changes.append(change)
             batch.write()
-        for path, reason in report.unreadable:
+        for path, reason in report.unreadable + report.bad_names:
             ev.append_event(
                 db, "skipped", storage=storage.name, path=path, status="warning",
                 detail={"reason": reason},
             )  # fmt: skip
-        if report.changes or report.unreadable:
+        if report.changes or report.unreadable or report.bad_names:
             ev.append_event(db, "scanned", storage=storage.name, detail=_summary(report))
         index.mark_scanned(db, row.id, ev.iso_now())
     return report
@@ -289,7 +298,7 @@ def _record_entry(
         indexed_at_ns=now_ns, kind=entry.kind, target=entry.target,
     )  # fmt: skip
     batch.append_event(kind, entry.path, entry_detail(entry.kind, entry.stat.mode, entry.target))
-    return Change(kind, entry.path)
+    return Change(kind, entry.path, entry=entry.kind)
 
 
 def entry_detail(kind: str, mode: int, target: str | None) -> str:

@@ -2,15 +2,28 @@
 
 A peer is a member of the group, but a buggy or compromised one must still not be able to make
 this node read or write outside a storage root (shared/DESIGN.md, "Rules that keep data
-safe"). Two layers:
+safe"). Two layers, and two kinds of refusal:
 
-- `check_peer_path` is pure: the text of the path must be relative, '/'-separated and
-  normalized, with no control characters, and must not name anything ironsync owns (`.ignore`,
-  `.ironsync/`, temporary files).
+- `check_peer_path` is pure and refuses only what no honest node sends (UnsafePath, an attack:
+  the peer is disconnected): a path that is not relative, '/'-separated and normalized, that
+  holds NUL, that is longer than the protocol allows, or that names anything ironsync owns
+  (`.ignore`, `.ironsync/`, temporary files). Every other name is an ordinary name (issue 11):
+  on POSIX a backslash, a colon, a leading dash, control characters other than NUL, any
+  Unicode spelling (NFC and NFD are two names) are all legal, and rsync and Syncthing sync
+  them; so do we. Control characters are a hazard for whoever prints a name, not for the
+  disk: ironsync's outputs escape them where they show names (`cli._shown`).
 - `resolve_inside` and the `open_*` helpers look at the disk: no component on the way may be
   a symlink (a symlinked folder could point anywhere) or a non-folder. The `open_*` helpers walk
   with one `O_NOFOLLOW` open per component relative to the previous folder's descriptor, so a
   folder swapped for a symlink after the check cannot redirect the operation either.
+
+A name that is no attack but that this node cannot or will not store is NotStorable: skipped and
+reported for that path alone, while the rest of the storage syncs. That is a name this file
+system refuses (too long: ENAMETOOLONG; characters it does not allow, such as a backslash or
+':' on FAT: EINVAL, EILSEQ, or ENOENT from some FUSE drivers), and a name that this file system
+does not tell apart from one it holds already (`check_storable`: 'README.TXT' arriving where
+'Readme.txt' is, on a case-insensitive file system). Such a name is never written over the
+file it would alias.
 """
 
 from __future__ import annotations
@@ -19,22 +32,23 @@ import errno
 import os
 import re
 import stat
+import unicodedata
 from pathlib import Path
 
 from ironsync.ignore import IGNORE_FILE, STATE_DIR, is_internal, is_temp_name
 from ironsync.protocol.limits import MAX_PATH_LEN
 
-MAX_NAME_BYTES = 255  # NAME_MAX of Linux, macOS and Windows file systems, in UTF-8 bytes
-
-# C0 controls, DEL and C1 controls (Unicode category Cc): never part of a name we sync.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_DRIVE = re.compile(r"[A-Za-z]:")
+# A Windows drive root ("C:" alone or "C:/..."): absolute there. "c:notes.txt" is a POSIX name.
+_DRIVE = re.compile(r"[A-Za-z]:(/|$)")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+NAME_REFUSED_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
+"""What a file system answers, creating or looking up a name, when it will not hold that name."""
+
 
 class UnsafePath(Exception):
-    """A path that must not be used; `reason` says why."""
+    """A path that must not be used, because no honest peer sends it; `reason` says why."""
 
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
@@ -42,8 +56,18 @@ class UnsafePath(Exception):
         super().__init__(f"unsafe path {path!r}: {reason}")
 
 
+class NotStorable(Exception):
+    """A path that is no attack, but that this node cannot or will not store: skipped and
+    reported for that path alone (module docstring); `reason` says why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot store {path!r} here: {reason}")
+
+
 def check_peer_path(path: str) -> str:
-    """`path` itself if it is a safe storage-relative file path; raise UnsafePath otherwise."""
+    """`path` itself if it is a safe storage-relative path; raise UnsafePath otherwise."""
     if not isinstance(path, str):
         raise UnsafePath(repr(path), f"not a str but {type(path).__name__}")
     if not path:
@@ -52,14 +76,10 @@ def check_peer_path(path: str) -> str:
         raise UnsafePath(path[:64] + "...", f"longer than {MAX_PATH_LEN} characters")
     if "\x00" in path:
         raise UnsafePath(path, "contains NUL")
-    if _CONTROL.search(path):
-        raise UnsafePath(path, "contains a control character")
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
         raise UnsafePath(path, "not valid UTF-8") from None
-    if "\\" in path:
-        raise UnsafePath(path, "contains a backslash")
     if path.startswith("/"):
         raise UnsafePath(path, "absolute path")
     if _DRIVE.match(path):
@@ -71,8 +91,6 @@ def check_peer_path(path: str) -> str:
             raise UnsafePath(path, "empty component ('//')")
         if part in (".", ".."):
             raise UnsafePath(path, f"'{part}' component")
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            raise UnsafePath(path, f"a component is longer than {MAX_NAME_BYTES} bytes")
         if is_temp_name(part):
             raise UnsafePath(path, "ironsync temporary file name")
     if path == IGNORE_FILE:
@@ -80,6 +98,95 @@ def check_peer_path(path: str) -> str:
     if is_internal(path):
         raise UnsafePath(path, f"inside {STATE_DIR}/")
     return path
+
+
+def name_refused(
+    path: str, exc: OSError, *, also: frozenset[int] = frozenset()
+) -> NotStorable | None:
+    """The NotStorable that `exc` means, when creating or looking up `path` failed because the
+    file system will not hold its name (NAME_REFUSED_ERRNOS, and the errnos in `also` where the
+    caller knows the folder is there); None for any other error."""
+    code = exc.errno or 0
+    if code not in NAME_REFUSED_ERRNOS and code not in also:
+        return None
+    if code == errno.ENAMETOOLONG:
+        # The name may be one the caller made from `path` (a conflict copy's): the error's.
+        named = [f for f in (exc.filename, exc.filename2) if isinstance(f, (str, bytes))]
+        names = path.split("/") + [os.path.basename(os.fsdecode(f)) for f in named]
+        longest = max(names, key=lambda name: len(name.encode("utf-8", "surrogateescape")))
+        size = len(longest.encode("utf-8", "surrogateescape"))
+        reason = f"a name of {size} bytes is too long for this file system"
+        return NotStorable(path, reason if longest in path.split("/") else f"{reason}: {longest}")
+    return NotStorable(
+        path, f"this file system does not allow the name ({errno.errorcode.get(code, code)})"
+    )
+
+
+def check_storable(root: Path, rel: str) -> None:
+    """Raise NotStorable when the disk already holds a component of `rel` under another
+    spelling that this file system does not tell apart from it ('README.TXT' where
+    'Readme.txt' is, on a case-insensitive file system; 'Docs/a' where 'docs/' is), or when it
+    refuses to look a name up (too long). For a path the index does not know: writing it
+    would replace, or write into, what another name holds.
+
+    Cheap where names are told apart: a component found on disk costs one more lookup (its
+    other spelling, which is not there); the folder is listed only when that lookup finds
+    something. Stops at the first missing component, symlink or non-folder: the `open_*`
+    helpers refuse those."""
+    check_peer_path(rel)
+    parts = rel.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for depth, part in enumerate(parts, start=1):
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except OSError as exc:
+                refused = name_refused(rel, exc)
+                if refused is not None:
+                    raise refused from None
+                return  # missing (or not a folder on the way): nothing to be confused with
+            other = other_spelling(fd, part)
+            if other is not None:
+                held = "/".join([*parts[: depth - 1], other])
+                raise NotStorable(
+                    rel,
+                    f"{held!r} is here already, and this file system does not tell the two "
+                    "names apart (case-insensitive)",
+                )
+            if depth == len(parts) or not stat.S_ISDIR(st.st_mode):
+                return
+            try:
+                below = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                return  # swapped for a symlink meanwhile: the open_* helpers refuse it
+            os.close(fd)
+            fd = below
+    finally:
+        os.close(fd)
+
+
+def other_spelling(folder_fd: int, name: str) -> str | None:
+    """The name under which the folder holds what `name` reaches, when it is not `name`
+    itself (a case- or normalization-insensitive file system); None when it is `name`.
+    `name` must exist in the folder."""
+    for variant in (name.swapcase(), unicodedata.normalize("NFD", name),
+                    unicodedata.normalize("NFC", name)):  # fmt: skip
+        if variant == name:
+            continue
+        try:
+            os.stat(variant, dir_fd=folder_fd, follow_symlinks=False)
+        except OSError:
+            continue  # not there (or not a name here): this spelling is told apart
+        names = os.listdir(folder_fd)
+        if name in names:
+            return None
+        folded = _folded(name)
+        return next((n for n in names if _folded(n) == folded), variant)
+    return None
+
+
+def _folded(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def resolve_inside(root: Path, rel: str) -> Path:
@@ -181,7 +288,8 @@ def _open_component(
                 raise
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
+                refused = name_refused(rel, exc) if create else None  # else: as os.open says
+                raise refused or exc from None
             st = os.stat(part, dir_fd=fd, follow_symlinks=False)
             what = "symlink on the way" if stat.S_ISLNK(st.st_mode) else "not a folder"
             raise UnsafePath(rel, f"{what}: {'/'.join(walked)}") from None
@@ -189,6 +297,11 @@ def _open_component(
             os.mkdir(part, dir_fd=fd)
         except FileExistsError:
             continue
+        except OSError as exc:
+            # ENOENT from mkdir in a folder we hold open, which is still there: some FUSE
+            # drivers (exfat-fuse) say so for a name they do not allow.
+            also = frozenset({errno.ENOENT}) if os.fstat(fd).st_nlink else frozenset()
+            raise name_refused(rel, exc, also=also) or exc from None
         if created is not None:
             created.append("/".join(walked))
         os.fsync(fd)  # the new folder's entry must survive a crash with the file renamed in it

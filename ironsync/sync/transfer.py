@@ -91,8 +91,11 @@ from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.blocking import in_thread
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import (
+    NotStorable,
     UnsafePath,
     check_peer_path,
+    check_storable,
+    name_refused,
     open_inside,
     open_parent_folder,
     remove_empty_folders,
@@ -160,6 +163,7 @@ BLOCKED = "blocked"
 BAD_CHUNK_LIST = "bad_chunk_list"
 CORRUPT = "corrupt"
 UNSAFE_PATH = "unsafe_path"
+NOT_STORABLE = "not_storable"  # a name this node cannot store (paths.NotStorable): skipped
 IO_ERROR = "io_error"
 CANCELLED = "cancelled"
 
@@ -352,6 +356,13 @@ async def pull_file(
     if target.deleted or target.hash is None:
         raise ValueError(f"{target.path!r}: a tombstone has no content to pull")
     path = target.path if dest_path is None else dest_path
+    if expected is None:  # a new name here: one this disk refuses or confuses is skipped
+        try:
+            check_storable(storage_row.root, path)
+        except NotStorable as exc:
+            return TransferResult(False, path, 0, 0, exc.reason, NOT_STORABLE)
+        except (OSError, UnsafePath):
+            pass  # the pull meets it again, and reports it as a failure
     where: dict[str, Any] = {"storage": storage_row.name, "path": path, "peer": link.peer_id}
     about: dict[str, Any] = {"size": target.size, "hash": target.hash.hex()}
     if path != target.path:
@@ -397,6 +408,8 @@ def _failure(exc: BaseException) -> tuple[str | None, str, str]:
         return exc.code, str(exc), "error"
     if isinstance(exc, UnsafePath):
         return UNSAFE_PATH, str(exc), "error"
+    if isinstance(exc, NotStorable):
+        return NOT_STORABLE, exc.reason, "warning"
     if isinstance(exc, OSError):
         return IO_ERROR, _describe_os(exc), "error"
     if isinstance(exc, asyncio.CancelledError):
@@ -725,6 +738,10 @@ class _Pull:
     def _replace_target(self, expected: KnownStat | None) -> None:
         folder, name, temp = self._folder_fd, self._name, self._temp
         assert folder is not None and temp is not None
+        if expected is None:
+            # Again, now that no other pull switches: two new names this disk does not tell
+            # apart, pulled at once, must not land in one file (paths.check_storable).
+            check_storable(self.storage.root, self.path)
         try:
             now = os.stat(name, dir_fd=folder, follow_symlinks=False)
         except FileNotFoundError:
@@ -741,8 +758,14 @@ class _Pull:
                 raise TransferFailed(CHANGED_LOCALLY, REASON_CHANGED_LOCALLY, "warning") from None
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
-                    raise
-                os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)  # no hard links
+                    raise name_refused(self.path, exc) or exc from None
+                try:
+                    os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)  # no hard links
+                except OSError as exc:
+                    # The temp file is in this folder: ENOENT is about the new name (as some
+                    # FUSE drivers, exfat-fuse, say for a name they do not allow).
+                    also = frozenset({errno.ENOENT})
+                    raise name_refused(self.path, exc, also=also) or exc from None
             else:
                 self._temp = None
                 try:

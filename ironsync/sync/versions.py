@@ -6,6 +6,9 @@ are atomic: a crash leaves the file in place, in the versions folder, or both.
 
     <root>/.ironsync/versions/<path>~YYYYMMDD-HHMMSS
 
+A name too long to take the stamp (over 235 bytes, where names end at 255) is kept under its
+first bytes and a hash of the whole name (`kept_name`).
+
 The stamp is the UTC time of the kept content's mtime (when it was written), so "the version
 of last Tuesday" is the newest one stamped before Wednesday. The folder is never scanned or
 synced (`ignore.is_internal`). Versions older than `keep_versions_days` are pruned by the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -33,6 +37,8 @@ VERSIONS_DIR = f"{STATE_DIR}/versions"
 STAMP_FORMAT = "%Y%m%d-%H%M%S"
 _STAMP = re.compile(r"~(\d{8}-\d{6})(?:-(\d+))?$")
 NS = 1_000_000_000
+NAME_MAX_BYTES = 255  # NAME_MAX of Linux file systems, in bytes
+_STAMP_ROOM = len("~YYYYMMDD-HHMMSS") + len("-999")  # what keep_version adds to a name
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,19 @@ def versions_root(root: Path) -> Path:
 
 def _stamp(mtime_ns: int) -> str:
     return datetime.fromtimestamp(mtime_ns // NS, UTC).strftime(STAMP_FORMAT)
+
+
+def kept_name(name: str) -> str:
+    """What a version of the file `name` is kept under, before its `~STAMP`: `name` itself,
+    or, when the stamp would make it longer than names may be, its first bytes and a hash of
+    the whole name (two long names that begin alike are kept apart)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    room = NAME_MAX_BYTES - _STAMP_ROOM
+    if len(raw) <= room:
+        return name
+    digest = hashlib.blake2b(raw, digest_size=6).hexdigest()
+    head = raw[: room - len(digest) - 1].decode("utf-8", "ignore")  # whole characters
+    return f"{head}#{digest}"
 
 
 def _free_name(folder: Path, base: str) -> Path:
@@ -77,7 +96,7 @@ def keep_version(root: Path, rel: str, *, move: bool) -> Path | None:
         return None  # a link is kept as a link: renamed or hard-linked, never followed
     folder = versions_root(root) / Path(rel).parent
     folder.mkdir(parents=True, exist_ok=True)
-    dest = _free_name(folder, f"{Path(rel).name}~{_stamp(st.st_mtime_ns)}")
+    dest = _free_name(folder, f"{kept_name(Path(rel).name)}~{_stamp(st.st_mtime_ns)}")
     if move:
         try:
             os.rename(full, dest)
@@ -102,7 +121,7 @@ def keep_version(root: Path, rel: str, *, move: bool) -> Path | None:
 def list_versions(root: Path, rel: str) -> list[Version]:
     """Every kept version of `rel`, oldest first."""
     folder = versions_root(root) / Path(rel).parent
-    name = Path(rel).name
+    name = kept_name(Path(rel).name)
     found = []
     try:
         entries = list(os.scandir(folder))
