@@ -353,6 +353,111 @@ def test_local_source_that_changed_since_it_was_indexed_is_fetched_from_the_peer
     assert sum(isinstance(r, GetChunks) for r in link.requests) <= len(data) // BATCH_MAX_BYTES + 2
 
 
+# --- sparse files and runs of zeros (issue 11) ---------------------------------------------------
+
+
+def write_sparse(side: Side, rel: str, size: int, islands: dict[int, bytes]) -> bytes:
+    """A file of `size` bytes holding `islands` (offset -> bytes), holes elsewhere; returns
+    its bytes."""
+    path = side.root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in islands.items():
+            f.seek(offset)
+            f.write(data)
+    os.utime(path, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+    if allocated(path) >= size:
+        pytest.skip("this file system does not keep holes")
+    content = bytearray(size)
+    for offset, data in islands.items():
+        content[offset : offset + len(data)] = data
+    return bytes(content)
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def zero_refs_asked(link: MemoryLink) -> list[ChunkRef]:
+    return [
+        ref
+        for request in link.requests
+        if isinstance(request, GetChunks)
+        for ref in request.chunks
+        if ref.hash == content_hash(bytes(ref.length))
+    ]
+
+
+def test_a_sparse_file_arrives_sparse_and_its_zeros_are_not_fetched(
+    alpha: Side, beta: Side
+) -> None:
+    islands = {0: random_bytes(5000, seed=40), 10 * MiB + 123: random_bytes(70 * KiB, seed=41),
+               40 * MiB: random_bytes(4 * KiB, seed=42)}  # fmt: skip
+    data = write_sparse(alpha, "disk.img", 64 * MiB + 5, islands)  # ends in a hole
+    alpha.scan()
+    link = link_to(alpha, encode=True)
+
+    result = pull(beta, link, alpha.target("disk.img"))
+
+    assert result.ok and beta.read("disk.img") == data
+    assert zero_refs_asked(link) == []
+    chunks = index.chunks_of(alpha.db, alpha.target_row_id("disk.img"))
+    data_chunks = sum(c.length for c in chunks if c.hash != content_hash(bytes(c.length)))
+    assert result.bytes_from_peer == link.chunk_bytes <= data_chunks <= 8 * MAX_CHUNK
+    # what it holds, rounded to blocks, and no more
+    assert allocated(beta.root / "disk.img") <= sum(len(d) for d in islands.values()) + 6 * 4096
+    assert beta.scan().changes == []  # size and all: the index row matches the disk
+    assert index.chunks_of(beta.db, beta.target_row_id("disk.img")) == chunks
+
+
+def test_an_edit_of_a_sparse_file_reuses_the_rest_and_stays_sparse(alpha: Side, beta: Side) -> None:
+    islands = {MiB: random_bytes(300 * KiB, seed=43), 30 * MiB: random_bytes(4 * KiB, seed=44)}
+    write_sparse(beta, "old.img", 32 * MiB, islands)
+    beta.scan()
+    islands[20 * MiB] = random_bytes(4 * KiB, seed=45)
+    data = write_sparse(alpha, "new.img", 32 * MiB, islands)
+    alpha.scan()
+
+    result = pull(beta, link_to(alpha), alpha.target("new.img"))
+
+    assert result.ok and beta.read("new.img") == data
+    assert result.bytes_reused >= 300 * KiB and result.bytes_from_peer <= 2 * MAX_CHUNK
+    assert allocated(beta.root / "new.img") <= allocated(alpha.root / "new.img") + 4 * 4096
+
+
+def test_runs_of_written_zeros_arrive_as_holes(alpha: Side, beta: Side) -> None:
+    # As rsync --sparse: zeros are not written, whether the sender's were holes or not, and
+    # whether they fill whole chunks or the end of a chunk that holds data.
+    parts = [random_bytes(5000, seed=46), bytes(100 * KiB), random_bytes(3000, seed=47),
+             bytes(3 * MiB), random_bytes(10, seed=48), bytes(50 * KiB)]  # fmt: skip
+    data = b"".join(parts)
+    alpha.write("zeros.bin", data)
+    alpha.scan()
+    assert allocated(alpha.root / "zeros.bin") >= len(data)
+
+    result = pull(beta, link_to(alpha), alpha.target("zeros.bin"))
+
+    assert result.ok and beta.read("zeros.bin") == data
+    assert allocated(beta.root / "zeros.bin") <= 5000 + 3000 + 10 + 5 * 4096
+
+
+@pytest.mark.root
+def test_a_sparse_file_bigger_than_the_free_space_arrives_when_its_data_fits(
+    alpha: Side, small_tmpfs: Path
+) -> None:
+    receiver = Side(small_tmpfs, "beta")  # 2 MiB of space
+    data = write_sparse(alpha, "disk.img", 256 * MiB, {100 * MiB: random_bytes(4096, seed=49)})
+    alpha.scan()
+
+    result = pull(receiver, link_to(alpha), alpha.target("disk.img"))
+
+    assert result.ok, result.reason
+    assert receiver.read("disk.img") == data
+    assert allocated(receiver.root / "disk.img") <= 2 * 4096
+    receiver.db.close()
+
+
 # --- the peer's faults ----------------------------------------------------------------------------
 
 

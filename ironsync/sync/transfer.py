@@ -14,17 +14,23 @@ Pulling (the receiver) follows shared/DESIGN.md, "Rules that keep data safe":
 1. a `write_started` event;
 2. the chunk list (known without asking for a file of at most MIN_CHUNK bytes: one chunk, the
    file's hash), which must cover [0, size) exactly, in order (checked as it arrives, so a
-   list that never ends is refused early: at most size / MIN_AVERAGE_CHUNK + 1 chunks, and
-   the file must fit in the free space of the storage's file system to be asked for at all);
-3. every chunk this node already holds (in any file of any storage, `store.chunks`) is copied
-   locally, and a chunk that appears twice in the file is fetched once: moves, copies,
-   duplicates and unchanged regions cost nothing on the wire. The list is kept as packed
+   list that never ends is refused early: at most size / MIN_AVERAGE_CHUNK + 1 chunks, which
+   must fit in the free space of the storage's file system to be asked for at all; then the
+   file's data, its chunks that are not all zeros, must fit);
+3. a chunk of zeros (`chunking.is_zero_chunk`: its hash is that of zeros) is obtained from
+   nowhere: it stays a hole; every chunk this node already holds (in any file of any
+   storage, `store.chunks`) is copied locally, and a chunk that appears twice in the file is
+   fetched once: moves, copies, duplicates, unchanged regions and runs of zeros cost nothing
+   on the wire. The list is kept as packed
    records (28 bytes a chunk; over SPOOL_MEMORY_BYTES in an anonymous temp file) and planned
    WINDOW_REFS chunks at a time, so a pull's memory does not grow with the file's size;
 4. the file is assembled in order in `.ironsync-<random>.tmp` in the target's folder; every
    chunk is verified (a local source that no longer holds it is fetched from the peer
    instead), the whole-file hash is computed while writing and compared with the target's,
-   then the file gets the target's mode and mtime and is fsynced;
+   then the file gets the target's mode and mtime and is fsynced. Zeros are never written,
+   as `rsync --sparse` does: chunks of zeros and every HOLE_BLOCK-aligned block of zeros in
+   other chunks are skipped over (pwritev at offsets; ftruncate gives the size when the file
+   ends in a hole), so a sparse file arrives sparse, and so do long runs of written zeros;
 5. if the local target changed since the decision (size, mtime or inode differ from
    `expected`, or a file appeared or vanished), the pull is abandoned: an edit the scanner has
    not seen is never overwritten;
@@ -67,7 +73,7 @@ from typing import Any
 
 import xxhash
 
-from ironsync.chunking import MIN_CHUNK, ChunkInfo, content_hash
+from ironsync.chunking import MIN_CHUNK, ChunkInfo, content_hash, is_zero_chunk, zero_bytes
 from ironsync.ignore import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name
 from ironsync.protocol import (
     ChunkData,
@@ -125,6 +131,10 @@ WRITE_BUFFER_BYTES = 1 * MiB
 """Verified chunks are written to the temp file in one writev per this many bytes."""
 _MAX_IOV = 512  # buffers per writev, under every system's IOV_MAX (1024 on Linux)
 
+HOLE_BLOCK = 4 * KiB
+"""Zero bytes filling a whole HOLE_BLOCK-aligned block of the file are not written: they stay a
+hole (the block of common file systems; a bigger one still reads back as zeros)."""
+
 WINDOW_REFS = 4096
 """Chunks planned at once (about 100 MB of file): a pull holds two windows of refs."""
 FIRST_SEEN_MAX = 32768
@@ -146,6 +156,7 @@ FILE_MODE_BITS = 0o777
 """Mode bits a pulled file gets from the peer: never setuid, setgid or sticky."""
 
 _REQUEST_ID = 1  # replaced by the PeerLink (module docstring)
+_ZEROS = bytes(HOLE_BLOCK)
 
 # Folders that pulls made and that hold no pulled file yet, as (root, relative path). A pull
 # that fails removes the empty ones on its way, whichever pull made them: pulls running at
@@ -411,8 +422,9 @@ def _describe_os(exc: OSError | UnsafePath) -> str:
     return f"{name}: {text}" if name else text
 
 
-# How each chunk of the file is obtained, decided before anything is written.
-_PEER, _LOCAL, _COPY = "peer", "local", "copy"
+# How each chunk of the file is obtained, decided before anything is written. A chunk of zeros
+# (known by its hash) is obtained from nowhere: it is left a hole.
+_PEER, _LOCAL, _COPY, _ZERO = "peer", "local", "copy", "zero"
 
 
 class _Pull:
@@ -448,7 +460,7 @@ class _Pull:
         self._written = 0
         self._reported = 0
         self._hasher = xxhash.xxh3_128()
-        self._pending: list[bytes | memoryview] = []
+        self._pending: list[tuple[int, memoryview]] = []  # (offset, bytes) to write there
         self._pending_bytes = 0
         self._sources: dict[tuple[Path, str], int | None] = {}
         self._distrusted: set[tuple[Path, str]] = set()
@@ -457,7 +469,6 @@ class _Pull:
         target = self.target
         assert target.hash is not None
         check_peer_path(self.path)
-        self._check_free_space()
         chunks = self._chunks = await self._chunk_list()
         self._folder_fd, self._name = open_parent_folder(
             self.storage.root, self.path, create=True, created=self._created
@@ -529,17 +540,16 @@ class _Pull:
 
     # --- step 2: the chunk list ----------------------------------------------------------------
 
-    def _check_free_space(self) -> None:
+    def _check_free_space(self, needed: int, what: str) -> None:
         try:
             fs = os.statvfs(self.storage.root)
         except OSError:
             return  # the pull itself will say what is wrong
         free = fs.f_bavail * fs.f_frsize
-        if fs.f_blocks and self.target.size > free:
+        if fs.f_blocks and needed > free:
             raise TransferFailed(
                 IO_ERROR,
-                f"ENOSPC: the file needs {self.target.size} bytes, the storage's file system "
-                f"has {free} free",
+                f"ENOSPC: {what} needs {needed} bytes, the storage's file system has {free} free",
             )
 
     async def _chunk_list(self) -> _ChunkListSpool:
@@ -550,12 +560,16 @@ class _Pull:
             # The chunker never cuts within MIN_CHUNK bytes (part of the contract between
             # peers): such a file is one chunk whose hash is the file's, or none when empty.
             # No need to ask: one round trip less for every small file.
+            self._check_free_space(target.size, "the file")
             if target.size:
                 chunks.extend([ChunkRef(0, target.size, target.hash)])
             return chunks
-        request = GetChunkList(self.storage.name, target.path, target.hash, request_id=_REQUEST_ID)
+        # A sparse file needs only its data on disk, known from its chunk list; before asking
+        # for the list, the most it can cost must fit (28 bytes a chunk, in a temp file).
         most = target.size // MIN_AVERAGE_CHUNK + 1
-        covered = 0
+        self._check_free_space(min(target.size, most * CHUNK_REF_SIZE), "the chunk list")
+        request = GetChunkList(self.storage.name, target.path, target.hash, request_id=_REQUEST_ID)
+        covered = zeros = 0
         try:
             async with _replies(self.link, request) as replies:
                 async for reply in replies:
@@ -569,13 +583,14 @@ class _Pull:
                         raise TransferFailed(
                             BAD_CHUNK_LIST, f"more chunks than a file of {target.size} bytes has"
                         )
-                    covered = _check_coverage(reply.chunks, target.size, covered)
+                    covered, zeros = _check_coverage(reply.chunks, target.size, covered, zeros)
                     chunks.extend(reply.chunks)
             if covered != target.size:
                 raise TransferFailed(
                     BAD_CHUNK_LIST,
                     f"the chunk list covers {covered} bytes of a {target.size}-byte file",
                 )
+            self._check_free_space(target.size - zeros, "the file's data")
         except BaseException:
             chunks.close()
             raise
@@ -615,6 +630,8 @@ class _Pull:
                     fetcher.add(ahead.batches)
                 await self._write_window(window, fetcher)
             await self._flush_in_thread()
+            assert self._fd is not None
+            os.ftruncate(self._fd, self._written)  # the size, when the file ends in a hole
         finally:
             await fetcher.close()
         self._report()
@@ -629,6 +646,9 @@ class _Pull:
                 if ref.offset not in received:
                     received = await fetcher.take()
                 full = self._write(received.pop(ref.offset), reused=False)
+            elif kind is _ZERO:
+                self._skip_zeros(ref.length)
+                full = False
             elif kind is _COPY:
                 full = self._write(self._read_back(plan.copy_from[i], ref), reused=True)
             else:
@@ -648,37 +668,73 @@ class _Pull:
 
     def _write(self, data: bytes | memoryview, *, reused: bool) -> bool:
         """Append a verified chunk to the write buffer; True when the buffer is full (then
-        the caller writes it, in one writev)."""
-        self._pending.append(data)
-        self._pending_bytes += len(data)
+        the caller writes it, in one pwritev per run). Its zero blocks are left out: holes."""
         self._hasher.update(data)
-        self._written += len(data)
         if reused:
             self.bytes_reused += len(data)
+        view = memoryview(data)
+        at, end = self._written, len(view)
+        self._written += end
+        start = 0  # of the bytes not yet buffered
+        if end and (not view[0] or not view[-1] or _has_zero_block_heads(view, at)):
+            for zeros_start, zeros_end in _zero_blocks(view, at):
+                if zeros_start > start:
+                    self._buffer(at + start, view[start:zeros_start])
+                start = zeros_end
+        if start < end:
+            self._buffer(at + start, view[start:])
         return self._pending_bytes >= WRITE_BUFFER_BYTES or len(self._pending) >= _MAX_IOV
+
+    def _buffer(self, offset: int, data: memoryview) -> None:
+        self._pending.append((offset, data))
+        self._pending_bytes += len(data)
+
+    def _skip_zeros(self, length: int) -> None:
+        """Leave a chunk of `length` zero bytes a hole; only the whole-file hash sees them."""
+        zeros = zero_bytes()
+        for start in range(0, length, len(zeros)):
+            self._hasher.update(zeros[: min(len(zeros), length - start)])
+        self._written += length
 
     def _flush(self) -> None:
         """Write what the buffer holds, here and now."""
-        self._writev_all(self._take_pending())
+        self._write_all(self._take_pending())
 
     async def _flush_in_thread(self) -> None:
         """Write what the buffer holds in a thread: the event loop goes on receiving."""
-        await in_thread(self._writev_all, self._take_pending())
+        await in_thread(self._write_all, self._take_pending())
 
-    def _take_pending(self) -> list[bytes | memoryview]:
+    def _take_pending(self) -> list[tuple[int, memoryview]]:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         return pending
 
-    def _writev_all(self, pending: list[bytes | memoryview]) -> None:
+    def _write_all(self, pending: list[tuple[int, memoryview]]) -> None:
+        """Write each piece at its offset: adjacent pieces in one pwritev, holes between them
+        skipped."""
         assert self._fd is not None
-        while pending:
-            done = os.writev(self._fd, pending)
+        i = 0
+        while i < len(pending):
+            offset, first = pending[i]
+            run = [first]
+            end = offset + len(first)
+            i += 1
+            while i < len(pending) and pending[i][0] == end and len(run) < _MAX_IOV:
+                run.append(pending[i][1])
+                end += len(pending[i][1])
+                i += 1
+            self._pwritev_all(run, offset)
+
+    def _pwritev_all(self, buffers: list[memoryview], offset: int) -> None:
+        assert self._fd is not None
+        while buffers:
+            done = os.pwritev(self._fd, buffers, offset)
             _crash_point("mid_chunk")
+            offset += done
             # A short write (rare on regular files) leaves the rest for the next round.
-            while pending and done >= len(pending[0]):
-                done -= len(pending.pop(0))
+            while buffers and done >= len(buffers[0]):
+                done -= len(buffers.pop(0))
             if done:
-                pending[0] = memoryview(pending[0])[done:]
+                buffers[0] = buffers[0][done:]
 
     def _read_back(self, offset: int, ref: ChunkRef) -> bytes:
         assert self._fd is not None
@@ -799,15 +855,51 @@ class _Pull:
             self._chunks = None
 
 
+def _block_heads(view: memoryview, at: int) -> tuple[int, int, bytes]:
+    """Where the whole HOLE_BLOCK-aligned blocks of the file in `view` (its bytes from offset
+    `at`) start and end, and the first byte of each, taken in C."""
+    end = len(view)
+    first = min(-at % HOLE_BLOCK, end)
+    tail = first + max(0, (end - first) // HOLE_BLOCK) * HOLE_BLOCK
+    return first, tail, view[first:tail:HOLE_BLOCK].tobytes()
+
+
+def _has_zero_block_heads(view: memoryview, at: int) -> bool:
+    """False when no whole block in `view` can be all zeros (most data: then no block is
+    looked at in Python)."""
+    return 0 in _block_heads(view, at)[2]
+
+
+def _zero_blocks(view: memoryview, at: int) -> Iterator[tuple[int, int]]:
+    """The [start, end) ranges of `view` (the file's bytes from offset `at`) that need not be
+    written: every HOLE_BLOCK-aligned block of zeros, and the zeros of the partial blocks at
+    its ends (the chunks beside them may be holes: then that block stays one too)."""
+    end = len(view)
+    first, tail, heads = _block_heads(view, at)
+    if first and not view[0] and view[:first].tobytes() == _ZEROS[:first]:
+        yield 0, first
+    i = heads.find(0)
+    while i >= 0:
+        block = first + i * HOLE_BLOCK
+        if view[block : block + HOLE_BLOCK].tobytes() == _ZEROS:
+            yield block, block + HOLE_BLOCK
+        i = heads.find(0, i + 1)
+    if tail < end and not view[-1] and view[tail:].tobytes() == _ZEROS[: end - tail]:
+        yield tail, end
+
+
 def _folders_of(path: str) -> list[str]:
     """The folders on the way to `path`, outermost first: "a/b/c" -> ["a", "a/b"]."""
     parts = path.split("/")[:-1]
     return ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
 
 
-def _check_coverage(refs: Sequence[ChunkRef], size: int, offset: int = 0) -> int:
+def _check_coverage(
+    refs: Sequence[ChunkRef], size: int, offset: int = 0, zeros: int = 0
+) -> tuple[int, int]:
     """Check that `refs` continue a chunk list at `offset` without gap, overlap, empty chunk
-    or going past `size`; return the offset they reach."""
+    or going past `size`; return the offset they reach and `zeros` plus their bytes in chunks
+    of zeros (holes to be)."""
     for ref in refs:
         if ref.offset != offset:
             raise TransferFailed(
@@ -820,7 +912,9 @@ def _check_coverage(refs: Sequence[ChunkRef], size: int, offset: int = 0) -> int
             raise TransferFailed(
                 BAD_CHUNK_LIST, f"the chunk list covers more than the {size}-byte file"
             )
-    return offset
+        if is_zero_chunk(ref.length, ref.hash):
+            zeros += ref.length
+    return offset, zeros
 
 
 @dataclass
@@ -847,12 +941,22 @@ class _Planner:
 
     def plan(self, refs: list[ChunkRef]) -> _WindowPlan:
         first_at = self._first_at
-        local = find_local_chunks(self._db, (ref.hash for ref in refs if ref.hash not in first_at))
+        local = find_local_chunks(
+            self._db,
+            (
+                ref.hash
+                for ref in refs
+                if ref.hash not in first_at and not is_zero_chunk(ref.length, ref.hash)
+            ),
+        )
         plan = _WindowPlan(refs, [], local, {}, [])
         kinds, batches = plan.kinds, plan.batches
         batch: list[ChunkRef] = []
         batch_bytes = 0
         for i, ref in enumerate(refs):
+            if is_zero_chunk(ref.length, ref.hash):
+                kinds.append(_ZERO)
+                continue
             first = first_at.get(ref.hash)
             if first is not None:
                 kinds.append(_COPY)
