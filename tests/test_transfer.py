@@ -23,6 +23,7 @@ from ironsync.protocol import (
     ChunkList,
     ChunkRef,
     ChunkRefs,
+    ChunksDone,
     GetChunkList,
     GetChunks,
     Reply,
@@ -40,6 +41,7 @@ from ironsync.sync.transfer import (
     BATCH_MAX_BYTES,
     REASON_CHANGED_LOCALLY,
     SERVE_MAX_REFS,
+    TRIM_MIN_ZEROS,
     TransferResult,
     pull_file,
     remove_stale_temp_files,
@@ -396,17 +398,22 @@ def test_a_sparse_file_arrives_sparse_and_its_zeros_are_not_fetched(
                40 * MiB: random_bytes(4 * KiB, seed=42)}  # fmt: skip
     data = write_sparse(alpha, "disk.img", 64 * MiB + 5, islands)  # ends in a hole
     alpha.scan()
-    link = link_to(alpha, encode=True)
+    lists: list[ChunkList] = []
+    link = link_to(alpha, encode=True, tamper=lambda r: lists.append(r) or r)
 
     result = pull(beta, link, alpha.target("disk.img"))
 
     assert result.ok and beta.read("disk.img") == data
     assert zero_refs_asked(link) == []
+    held = sum(len(d) for d in islands.values())
+    # on the wire: the islands, not the zeros around them in their chunks
+    assert result.bytes_from_peer == link.chunk_bytes <= held + 3 * TRIM_MIN_ZEROS
+    # a run of zero chunks is one record of the chunk list (~515 chunks here, in ~9 records)
     chunks = index.chunks_of(alpha.db, alpha.target_row_id("disk.img"))
-    data_chunks = sum(c.length for c in chunks if c.hash != content_hash(bytes(c.length)))
-    assert result.bytes_from_peer == link.chunk_bytes <= data_chunks <= 8 * MAX_CHUNK
+    (reply,) = [r for r in lists if isinstance(r, ChunkList)]
+    assert reply.chunk_count() == len(chunks) > 500 and len(reply.chunks) <= 12
     # what it holds, rounded to blocks, and no more
-    assert allocated(beta.root / "disk.img") <= sum(len(d) for d in islands.values()) + 6 * 4096
+    assert allocated(beta.root / "disk.img") <= held + 6 * 4096
     assert beta.scan().changes == []  # size and all: the index row matches the disk
     assert index.chunks_of(beta.db, beta.target_row_id("disk.img")) == chunks
 
@@ -422,7 +429,7 @@ def test_an_edit_of_a_sparse_file_reuses_the_rest_and_stays_sparse(alpha: Side, 
     result = pull(beta, link_to(alpha), alpha.target("new.img"))
 
     assert result.ok and beta.read("new.img") == data
-    assert result.bytes_reused >= 300 * KiB and result.bytes_from_peer <= 2 * MAX_CHUNK
+    assert result.bytes_reused >= 300 * KiB and result.bytes_from_peer <= 4 * KiB + 2048
     assert allocated(beta.root / "new.img") <= allocated(alpha.root / "new.img") + 4 * 4096
 
 
@@ -440,6 +447,48 @@ def test_runs_of_written_zeros_arrive_as_holes(alpha: Side, beta: Side) -> None:
 
     assert result.ok and beta.read("zeros.bin") == data
     assert allocated(beta.root / "zeros.bin") <= 5000 + 3000 + 10 + 5 * 4096
+
+
+def test_a_chunk_of_zeros_is_served_without_reading_the_file(alpha: Side) -> None:
+    write_sparse(alpha, "disk.img", 4 * MiB, {0: random_bytes(5000, seed=50)})
+    alpha.scan()
+    chunks = index.chunks_of(alpha.db, alpha.target_row_id("disk.img"))
+    zero = chunks[-1]
+    assert zero.hash == content_hash(bytes(zero.length))
+    # the file changes where that chunk was: a read would find it and answer "changed"
+    with open(alpha.root / "disk.img", "r+b") as f:
+        f.seek(zero.offset)
+        f.write(b"new data")
+    sent: list[Reply] = []
+
+    class Collect:
+        async def send(self, reply: Reply) -> None:
+            sent.append(reply)
+
+    request = GetChunks("docs", "disk.img", alpha.target("disk.img").hash, (ChunkRef(
+        zero.offset, zero.length, zero.hash),), request_id=1)  # fmt: skip
+    asyncio.run(serve_chunks(alpha.db, alpha.row, request, Collect(), peer="beta"))
+
+    data, done = sent
+    assert isinstance(data, ChunkData) and isinstance(done, ChunksDone)
+    assert (data.offset, data.leading_zeros, bytes(data.data)) == (zero.offset, 0, b"")
+
+
+@pytest.mark.parametrize("leading_zeros", [1, 8 * KiB])
+def test_a_chunk_sent_with_more_zeros_than_it_has_fails_cleanly(
+    alpha: Side, beta: Side, leading_zeros: int
+) -> None:
+    write_sparse(alpha, "disk.img", 4 * MiB, {10_000: random_bytes(300 * KiB, seed=51)})
+    alpha.scan()
+
+    def pad(reply: Reply) -> Reply:
+        if isinstance(reply, ChunkData) and len(reply.data) > 5000:
+            return dataclasses.replace(reply, leading_zeros=len(reply.data) + leading_zeros)
+        return reply
+
+    result = pull(beta, link_to(alpha, tamper=pad), alpha.target("disk.img"))
+
+    assert_failed_cleanly(beta, result, "corrupt")
 
 
 @pytest.mark.root

@@ -6,6 +6,10 @@ from the index a page at a time. GetChunks gets the bytes of each chunk asked fo
 pread and checked against the chunk's hash before they are sent: the file may have changed
 since it was indexed, and then the answer is the error "changed" (the peer must rescan before
 it can serve that file).
+Zeros cost next to nothing (issue 11, sparse files): a run of equal chunks in a chunk list
+(a hole's zero chunks) is sent once with its count (ChunkList.repeats), a chunk of zeros is
+answered without reading the file, and at least TRIM_MIN_ZEROS zeros at either end of a chunk
+are not sent (ChunkData.leading_zeros, trailing zeros implied by the chunk's length).
 A conflict copy is fetched by its content: when the path holds other content, any live file
 of the storage with the asked hash serves.
 
@@ -87,7 +91,7 @@ from ironsync.protocol import (
     Request,
 )
 from ironsync.protocol.limits import CHUNK_REF_SIZE
-from ironsync.protocol.messages import CHUNK_REF_RECORD
+from ironsync.protocol.messages import chunk_runs
 from ironsync.reconcile import ResolvedFile
 from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index
@@ -126,6 +130,9 @@ SERVE_MAX_BYTES = 16 * MiB
 """Most chunk bytes we serve for one GetChunks; more is refused with "too_large"."""
 READ_RUN_BYTES = 1 * MiB
 """Adjacent chunks are served from one pread of up to this many bytes."""
+TRIM_MIN_ZEROS = 1 * KiB
+"""A chunk's leading or trailing zeros are not sent when there are at least this many (the
+zeros around a sparse file's data); a chunk of zeros is sent as nothing, and never read."""
 
 WRITE_BUFFER_BYTES = 1 * MiB
 """Verified chunks are written to the temp file in one writev per this many bytes."""
@@ -157,6 +164,7 @@ FILE_MODE_BITS = 0o777
 
 _REQUEST_ID = 1  # replaced by the PeerLink (module docstring)
 _ZEROS = bytes(HOLE_BLOCK)
+_TRIM_ZEROS = bytes(TRIM_MIN_ZEROS)
 
 # Folders that pulls made and that hold no pulled file yet, as (root, relative path). A pull
 # that fails removes the empty ones on its way, whichever pull made them: pulls running at
@@ -220,7 +228,6 @@ async def serve_chunk_list(
     while the peer reads), so a file of millions of chunks costs one page of memory. If the
     file is indexed anew meanwhile, the answer is the error "changed"."""
     row = _source_file(db, storage_row, request.path, request.file_hash, peer)
-    pack = CHUNK_REF_RECORD.pack
     start = 0
     while True:
         page = db.conn.execute(
@@ -234,14 +241,16 @@ async def serve_chunk_list(
             raise PeerError(peer, "changed", f"{row.path!r} changed while its chunks were sent")
         more = len(page) > refs_per_reply
         page = page[:refs_per_reply]
-        refs = ChunkRefs(b"".join([pack(offset, length, h) for _, offset, length, h in page]))
+        # a run of equal chunks (a hole's zeros) is sent once, with its count
+        refs, repeats = chunk_runs([row[1:] for row in page])
         await respond.send(
             ChunkList(
                 request.storage,
                 request.path,
                 request.file_hash,
                 refs,
-                more=more,
+                more,
+                repeats,
                 request_id=request.request_id,
             )
         )
@@ -269,6 +278,7 @@ async def serve_chunks(
             f"chunks / {SERVE_MAX_BYTES} bytes are served per request",
         )
     row = _source_file(db, storage_row, request.path, request.file_hash, peer)
+    rid = request.request_id
     try:
         fd = open_inside(storage_row.root, row.path)
     except (FileNotFoundError, NotADirectoryError):
@@ -277,6 +287,9 @@ async def serve_chunks(
         raise PeerError(peer, "unreadable", f"{row.path!r}: {_describe_os(exc)}") from None
     try:
         for run in _adjacent_runs(refs, READ_RUN_BYTES):
+            if is_zero_chunk(run[0].length, run[0].hash):  # a run of its own: nothing to read
+                await respond.send(ChunkData(run[0].offset, run[0].hash, b"", request_id=rid))
+                continue
             start = run[0].offset
             try:
                 view = memoryview(os.pread(fd, run[-1].offset + run[-1].length - start, start))
@@ -291,8 +304,9 @@ async def serve_chunks(
                         f"{row.path!r} changed since it was indexed "
                         f"(chunk at offset {ref.offset} differs)",
                     )
+                leading_zeros, data = _without_zero_ends(data)
                 await respond.send(
-                    ChunkData(ref.offset, ref.hash, data, request_id=request.request_id)
+                    ChunkData(ref.offset, ref.hash, data, leading_zeros, request_id=rid)
                 )
         await respond.send(ChunksDone(request_id=request.request_id))
     finally:
@@ -321,17 +335,37 @@ def _source_file(
 
 
 def _adjacent_runs(refs: Sequence[ChunkRef], max_bytes: int) -> list[list[ChunkRef]]:
-    """Split refs (kept in order) into runs of adjacent chunks of at most `max_bytes`."""
+    """Split refs (kept in order) into runs of adjacent chunks of at most `max_bytes`; a chunk
+    of zeros is a run of its own."""
     runs: list[list[ChunkRef]] = []
+    zeros = False  # the last run is a chunk of zeros
     for ref in refs:
-        if runs:
+        is_zeros = is_zero_chunk(ref.length, ref.hash)
+        if runs and not zeros and not is_zeros:
             run = runs[-1]
             end = run[-1].offset + run[-1].length
             if ref.offset == end and end + ref.length - run[0].offset <= max_bytes:
                 run.append(ref)
                 continue
         runs.append([ref])
+        zeros = is_zeros
     return runs
+
+
+def _without_zero_ends(data: memoryview) -> tuple[int, memoryview]:
+    """(leading zeros, the rest without its trailing zeros) of a chunk, as ChunkData sends
+    it; only runs of at least TRIM_MIN_ZEROS are left out (most chunks: a look at two bytes)."""
+    size = len(data)
+    if size < TRIM_MIN_ZEROS or (data[0] and data[-1]):
+        return 0, data
+    lead = trail = 0
+    if not data[0] and data[:TRIM_MIN_ZEROS].tobytes() == _TRIM_ZEROS:
+        lead = size - len(data.tobytes().lstrip(b"\0"))
+        if lead == size:
+            return 0, data[:0]
+    if not data[-1] and data[size - TRIM_MIN_ZEROS :].tobytes() == _TRIM_ZEROS:
+        trail = size - len(data.tobytes().rstrip(b"\0"))
+    return lead, data[lead : size - trail]
 
 
 # --- pulling -----------------------------------------------------------------------------------
@@ -579,12 +613,13 @@ class _Pull:
                         )
                     if reply.file_hash != target.hash or reply.path != target.path:
                         raise TransferFailed(BAD_CHUNK_LIST, "the peer sent another file's chunks")
-                    if len(chunks) + len(reply.chunks) > most:
+                    if len(chunks) + reply.chunk_count() > most:
                         raise TransferFailed(
                             BAD_CHUNK_LIST, f"more chunks than a file of {target.size} bytes has"
                         )
-                    covered, zeros = _check_coverage(reply.chunks, target.size, covered, zeros)
-                    chunks.extend(reply.chunks)
+                    refs = reply.all_chunks()
+                    covered, zeros = _check_coverage(refs, target.size, covered, zeros)
+                    chunks.extend(refs)
             if covered != target.size:
                 raise TransferFailed(
                     BAD_CHUNK_LIST,
@@ -1102,8 +1137,13 @@ class _Fetcher:
                         CORRUPT, f"the peer sent a chunk at offset {reply.offset} not asked for"
                     )
                 data = reply.data
+                self._pull.bytes_from_peer += len(data)
+                lead = reply.leading_zeros
+                if lead + len(data) < ref.length:  # sent without the zeros at its ends
+                    data = b"".join((bytes(lead), data, bytes(ref.length - lead - len(data))))
                 if (
                     reply.hash != ref.hash
+                    or lead + len(reply.data) > ref.length
                     or len(data) != ref.length
                     or (content_hash(data) != ref.hash)
                 ):
@@ -1111,7 +1151,6 @@ class _Fetcher:
                         CORRUPT, f"the peer sent wrong bytes for the chunk at offset {ref.offset}"
                     )
                 got[ref.offset] = data
-                self._pull.bytes_from_peer += ref.length
         if len(got) != len(wanted):
             raise TransferFailed(
                 CORRUPT, f"the peer sent {len(got)} of the {len(wanted)} chunks asked for"
