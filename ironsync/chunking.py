@@ -153,7 +153,7 @@ def zero_bytes() -> memoryview:
 
 @functools.lru_cache(maxsize=64)
 def zero_chunk_hash(length: int) -> bytes:
-    """The hash of `length` zero bytes (a chunk of at most MAX_CHUNK bytes)."""
+    """The hash of a chunk of `length` zero bytes."""
     hasher = xxhash.xxh3_128()
     zeros = zero_bytes()
     while length > 0:
@@ -162,11 +162,15 @@ def zero_chunk_hash(length: int) -> bytes:
     return hasher.digest()
 
 
-def is_zero_chunk(length: int, digest: bytes) -> bool:
-    """Whether a chunk of `length` bytes with hash `digest` holds only zeros. Only chunks the
-    chunker can make (at most MAX_CHUNK bytes) are recognized: never hashes megabytes of
-    zeros for an odd length a peer announced."""
-    return 0 < length <= MAX_CHUNK and digest == zero_chunk_hash(length)
+def is_zero_chunk(length: int, digest: bytes, *, at_end: bool = False) -> bool:
+    """Whether a chunk of `length` bytes with hash `digest` holds only zeros, for the zero
+    chunks the chunker makes in numbers: MAX_CHUNK long (the chunks of a run of zeros), or
+    of any length up to MAX_CHUNK `at_end` of the file (a file that ends in zeros). A zero
+    chunk cut short by the byte after it (rare) is not told: it costs a hash of zeros per
+    call to look for one of every length, and it is no worse off as ordinary data."""
+    if length == MAX_CHUNK:
+        return digest == zero_chunk_hash(MAX_CHUNK)
+    return at_end and 0 < length < MAX_CHUNK and digest == zero_chunk_hash(length)
 
 
 def chunk_bytes(data: bytes | bytearray | memoryview, chunker: FastCDC | None = None) -> Content:

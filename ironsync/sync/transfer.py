@@ -286,8 +286,8 @@ async def serve_chunks(
     except (OSError, UnsafePath) as exc:
         raise PeerError(peer, "unreadable", f"{row.path!r}: {_describe_os(exc)}") from None
     try:
-        for run in _adjacent_runs(refs, READ_RUN_BYTES):
-            if is_zero_chunk(run[0].length, run[0].hash):  # a run of its own: nothing to read
+        for run in _adjacent_runs(refs, READ_RUN_BYTES, row.size):
+            if _is_zeros(run[0], row.size):  # a run of its own: nothing to read
                 await respond.send(ChunkData(run[0].offset, run[0].hash, b"", request_id=rid))
                 continue
             start = run[0].offset
@@ -334,13 +334,13 @@ def _source_file(
     return others[0]
 
 
-def _adjacent_runs(refs: Sequence[ChunkRef], max_bytes: int) -> list[list[ChunkRef]]:
+def _adjacent_runs(refs: Sequence[ChunkRef], max_bytes: int, size: int) -> list[list[ChunkRef]]:
     """Split refs (kept in order) into runs of adjacent chunks of at most `max_bytes`; a chunk
-    of zeros is a run of its own."""
+    of zeros (of a file of `size` bytes) is a run of its own."""
     runs: list[list[ChunkRef]] = []
     zeros = False  # the last run is a chunk of zeros
     for ref in refs:
-        is_zeros = is_zero_chunk(ref.length, ref.hash)
+        is_zeros = _is_zeros(ref, size)
         if runs and not zeros and not is_zeros:
             run = runs[-1]
             end = run[-1].offset + run[-1].length
@@ -350,6 +350,12 @@ def _adjacent_runs(refs: Sequence[ChunkRef], max_bytes: int) -> list[list[ChunkR
         runs.append([ref])
         zeros = is_zeros
     return runs
+
+
+def _is_zeros(ref: ChunkRef, size: int) -> bool:
+    """Whether `ref`, a chunk of a file of `size` bytes, is one of zeros (as far as
+    `chunking.is_zero_chunk` tells)."""
+    return is_zero_chunk(ref.length, ref.hash, at_end=ref.offset + ref.length == size)
 
 
 def _without_zero_ends(data: memoryview) -> tuple[int, memoryview]:
@@ -652,7 +658,7 @@ class _Pull:
         target = self.target
         assert target.hash is not None
         fetcher = _Fetcher(self, (self.storage.name, target.path, target.hash))
-        planner = _Planner(self.db)
+        planner = _Planner(self.db, target.size)
         windows = chunks.windows(WINDOW_REFS)
         try:
             ahead = planner.plan(list(next(windows, ())))
@@ -947,7 +953,7 @@ def _check_coverage(
             raise TransferFailed(
                 BAD_CHUNK_LIST, f"the chunk list covers more than the {size}-byte file"
             )
-        if is_zero_chunk(ref.length, ref.hash):
+        if _is_zeros(ref, size):
             zeros += ref.length
     return offset, zeros
 
@@ -970,18 +976,20 @@ class _Planner:
     distinct hashes are remembered; a repeat of a later one is read or fetched again); else a
     chunk held locally is read locally; else it is fetched."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, size: int) -> None:
         self._db = db
+        self._size = size  # of the file
         self._first_at: dict[bytes, int] = {}  # chunk hash -> offset of its first occurrence
 
     def plan(self, refs: list[ChunkRef]) -> _WindowPlan:
         first_at = self._first_at
+        zeros = [_is_zeros(ref, self._size) for ref in refs]
         local = find_local_chunks(
             self._db,
             (
                 ref.hash
-                for ref in refs
-                if ref.hash not in first_at and not is_zero_chunk(ref.length, ref.hash)
+                for ref, z in zip(refs, zeros, strict=True)
+                if not z and ref.hash not in first_at
             ),
         )
         plan = _WindowPlan(refs, [], local, {}, [])
@@ -989,7 +997,7 @@ class _Planner:
         batch: list[ChunkRef] = []
         batch_bytes = 0
         for i, ref in enumerate(refs):
-            if is_zero_chunk(ref.length, ref.hash):
+            if zeros[i]:
                 kinds.append(_ZERO)
                 continue
             first = first_at.get(ref.hash)
