@@ -33,6 +33,7 @@ from ironsync.config import (
     default_database_path,
     load_config,
 )
+from ironsync.model import DIR, FILE, SYMLINK, kind_label
 from ironsync.store import Database, DatabaseError, index, open_database
 from ironsync.store import events as ev
 from ironsync.sync.local import ScanReport, StorageUnavailable, scan_storage
@@ -696,14 +697,24 @@ def log_tail(app: AppContext, count: int, follow: bool, as_json: bool) -> None:
 
 
 def _print_event(event: ev.Event) -> None:
-    where = f"{event.storage}:{event.path}" if event.path else (event.storage or "-")
-    parts = [event.at, event.kind, where]
+    detail = dict(event.detail) if isinstance(event.detail, dict) else event.detail
+    entry = detail.pop("type", None) if isinstance(detail, dict) else None
+    path = event.path
+    if path and entry == DIR:
+        path += "/"  # a folder reads as one: "created docs:photos/"
+    where = f"{event.storage}:{path}" if path else (event.storage or "-")
+    what = event.kind if entry is None else f"{event.kind} {kind_label(entry)}"
+    parts = [event.at, what, where]
+    if isinstance(detail, dict) and entry == SYMLINK and "target" in detail:
+        parts.append(f"-> {detail.pop('target')}")
+    if isinstance(detail, dict) and entry == DIR and "mode" in detail:
+        parts.append(f"mode {detail.pop('mode')}")
     if event.status != "ok":
         parts.append(f"[{event.status}]")
     if event.peer:
         parts.append(f"peer={event.peer}")
-    if event.detail:
-        parts.append(json.dumps(event.detail, sort_keys=True, separators=(",", ":")))
+    if detail:
+        parts.append(json.dumps(detail, sort_keys=True, separators=(",", ":")))
     click.echo("  ".join(parts))
 
 
@@ -907,6 +918,9 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
                     if current is None
                     else {
                         "deleted": current.deleted,
+                        "type": current.kind,
+                        "target": current.target,
+                        "mode": f"{current.mode:o}",
                         "size": current.size,
                         "mtime_ns": current.mtime_ns,
                         "hash": current.hash.hex() if current.hash else None,
@@ -928,7 +942,7 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
         raise click.ClickException(f"nothing recorded for {storage_name}:{rel}")
     click.echo(f"{storage_name}:{rel}")
     if current is not None:
-        state = "deleted" if current.deleted else f"{current.size} bytes, hash {current.hash.hex()}"
+        state = _describe_row(current)
         click.echo(
             f"  now: {state}, version {current.version} by {current.modified_by}, "
             f"sequence {current.sequence}"
@@ -940,6 +954,18 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
             f"  kept version {version.stamp:%Y-%m-%dT%H:%M:%SZ}: {version.size} bytes, "
             f"{version.file}"
         )
+
+
+def _describe_row(row: index.FileRow) -> str:
+    """What a row holds, for a person: deleted, a folder, a link, a file."""
+    if row.deleted:
+        return "deleted" if row.kind == FILE else f"deleted ({kind_label(row.kind)})"
+    if row.kind == DIR:
+        return f"folder, mode {row.mode:o}"
+    if row.kind == SYMLINK:
+        return f"symlink -> {row.target}"
+    assert row.hash is not None
+    return f"{row.size} bytes, mode {row.mode:o}, hash {row.hash.hex()}"
 
 
 # --- restore ---------------------------------------------------------------------------------
@@ -959,27 +985,39 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
 def restore(app: AppContext, path: str, at: str | None, name: str | None) -> None:
     """Put a kept version of PATH back, as a new local change that syncs to every peer.
 
-    What PATH holds now (if anything) is kept as a version first."""
+    What PATH holds now (if anything) is kept as a version first. A deleted folder comes back
+    with every file the versions folder holds under it."""
     from ironsync.sync.local import rescan_paths
-    from ironsync.sync.versions import keep_version, version_at
+    from ironsync.sync.versions import version_at, versioned_under
 
     config = app.config()
     storage_name, rel = _locate(config, path, name)
     storage = config.storage(storage_name)
     moment = _parse_time(at) if at else None
+    when = f" at or before {moment:%Y-%m-%dT%H:%M:%SZ}" if moment else ""
     version = version_at(storage.root, rel, moment)
     if version is None:
-        when = f" at or before {moment:%Y-%m-%dT%H:%M:%SZ}" if moment else ""
-        raise click.ClickException(f"no kept version of {storage_name}:{rel}{when}")
-    target = storage.root / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / f".ironsync-restore-{os.getpid()}.tmp"
-    try:
-        shutil.copy2(version.file, temp)
-        keep_version(storage.root, rel, move=False)
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
+        inside = [
+            p for p in versioned_under(storage.root, rel) if version_at(storage.root, p, moment)
+        ]
+        if not inside:
+            raise click.ClickException(f"no kept version of {storage_name}:{rel}{when}")
+        (storage.root / rel).mkdir(parents=True, exist_ok=True)
+        for member in inside:
+            found = version_at(storage.root, member, moment)
+            assert found is not None
+            _put_back(storage.root, member, found.file)
+        with app.database(config) as db:
+            changes = rescan_paths(
+                db, config.node_id, storage, [*_folders_to(rel, inside), *inside]
+            )
+        click.echo(
+            f"restored {storage_name}:{rel}/ with {len(inside)} file(s) from the versions "
+            f"folder{when} ({len(changes)} change(s)); they reach the peers with the next sync "
+            "(at once when the daemon's watcher is on)"
+        )
+        return
+    _put_back(storage.root, rel, version.file)
     with app.database(config) as db:
         changes = rescan_paths(db, config.node_id, storage, [rel])
     kind = changes[0].kind if changes else "unchanged"
@@ -988,6 +1026,30 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
         f"{version.stamp:%Y-%m-%dT%H:%M:%SZ} ({kind}); it reaches the peers with the next "
         "sync (at once when the daemon's watcher is on)"
     )
+
+
+def _put_back(root: Path, rel: str, kept: Path) -> None:
+    """Copy the kept version `kept` to `rel` (what is there now is kept as a version first)."""
+    from ironsync.sync.versions import keep_version
+
+    target = root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / f".ironsync-restore-{os.getpid()}.tmp"
+    try:
+        shutil.copy2(kept, temp, follow_symlinks=False)
+        keep_version(root, rel, move=False)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _folders_to(folder: str, paths: list[str]) -> list[str]:
+    """`folder` and every folder between it and `paths`, outermost first."""
+    found = {folder}
+    for path in paths:
+        parts = path.split("/")[:-1]
+        found.update("/".join(parts[:n]) for n in range(folder.count("/") + 1, len(parts) + 1))
+    return sorted(found)
 
 
 # --- conflicts -------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ class Storage:
 
     name: str
     root: Path
+    sync_symlinks: bool = True  # the node's `sync_symlinks`: links indexed and synced
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Config:
     rescan_interval: float = DEFAULT_RESCAN_INTERVAL_S
     keep_versions_days: float = DEFAULT_KEEP_VERSIONS_DAYS
     enable_service_discovery: bool = True
+    sync_symlinks: bool = True
     peers: tuple[str, ...] = ()
     log_path: Path | None = None
     database: Path = field(default_factory=default_database_path)
@@ -100,6 +102,7 @@ _SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "rescan_interval": ((int, float), "a number of seconds"),
     "keep_versions_days": ((int, float), "a number of days"),
     "enable_service_discovery": ((bool,), "true or false"),
+    "sync_symlinks": ((bool,), "true or false"),
     "peers": ((list,), 'a list of "host:port" strings'),
     "log_path": ((str,), "a path string"),
     "database": ((str,), "a path string"),
@@ -169,7 +172,7 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         node_id=node_id,
         group=group,
         group_secret=secret,
-        storages=_parse_paths(file, data["paths"]),
+        storages=_parse_paths(file, data["paths"], data.get("sync_symlinks", True)),
         port=port,
         listen_address=data.get("listen_address", "0.0.0.0"),
         enable_file_watcher=data.get("enable_file_watcher", True),
@@ -177,13 +180,16 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         rescan_interval=float(rescan),
         keep_versions_days=float(keep),
         enable_service_discovery=data.get("enable_service_discovery", True),
+        sync_symlinks=data.get("sync_symlinks", True),
         peers=peers,
         log_path=_path(file, data["log_path"]) if "log_path" in data else None,
         database=_path(file, data["database"]) if "database" in data else default_database_path(),
     )
 
 
-def _parse_paths(file: Path, paths: Mapping[str, Any]) -> tuple[Storage, ...]:
+def _parse_paths(
+    file: Path, paths: Mapping[str, Any], sync_symlinks: bool = True
+) -> tuple[Storage, ...]:
     if not paths:
         raise ConfigError(file, "paths", 'must list at least one alias = "/folder"')
     storages: list[Storage] = []
@@ -205,7 +211,7 @@ def _parse_paths(file: Path, paths: Mapping[str, Any]) -> tuple[Storage, ...]:
             if root.is_relative_to(other_root) or other_root.is_relative_to(root):
                 raise ConfigError(file, key, f"{root} overlaps the root of '{other_alias}'")
         seen_roots[root] = alias
-        storages.append(Storage(name=alias, root=root))
+        storages.append(Storage(name=alias, root=root, sync_symlinks=sync_symlinks))
     return tuple(storages)
 
 

@@ -38,17 +38,16 @@ from ironsync.net.session import (
 )
 from ironsync.net.tls import load_or_create_identity
 from ironsync.protocol import PROTOCOL_VERSION, ChangeNotice, Hello
-from ironsync.scan import Stat, is_trusted
 from ironsync.store import Database, index, tree
 from ironsync.store import events as ev
 from ironsync.store import peers as peer_store
 from ironsync.sync.fullsync import PeerViolation, SyncEngine, SyncOutcome, SyncProgress
 from ironsync.sync.link import PeerError
-from ironsync.sync.local import rescan_paths
+from ironsync.sync.local import index_matches_disk, rescan_paths
 from ironsync.sync.service import SyncService
 from ironsync.sync.transfer import remove_stale_temp_files
 from ironsync.sync.versions import prune_versions
-from ironsync.sync.watcher import Watcher, files_under
+from ironsync.sync.watcher import Watcher, entries_under
 
 log = logging.getLogger(__name__)
 
@@ -442,14 +441,16 @@ class Daemon:
             row = index.get_storage(self.db, storage.name)
             if row is None:
                 return
-            wanted = set(paths)
+            wanted = set(paths) | set(folders)
             for folder in folders:
                 wanted.update(tree.live_paths_under(self.db, row.id, folder))
-                wanted.update(files_under(storage.root, folder))
+                wanted.update(entries_under(storage.root, folder))
             # Our own writes (pulls, conflict copies) are in the index already: skip them
             # without reading them again.
             changed = [
-                p for p in sorted(wanted) if not _index_matches_disk(self.db, row.id, storage, p)
+                p
+                for p in sorted(wanted)
+                if not index_matches_disk(self.db, row.id, storage.root, p)
             ]
             changes = (
                 rescan_paths(self.db, self.config.node_id, storage, changed) if changed else []
@@ -667,17 +668,6 @@ class _ControlProgress(SyncProgress):
         if not self.writer.is_closing():
             line = {"progress": {"storage": storage, "path": path, "bytes": nbytes}}
             self.writer.write(json.dumps(line).encode() + b"\n")
-
-
-def _index_matches_disk(db: Database, storage_id: int, storage: Storage, path: str) -> bool:
-    known = index.known_stat(db, storage_id, path)
-    if known is None:
-        return False
-    try:
-        st = os.lstat(storage.root / path)
-    except OSError:
-        return False
-    return Stat.of(st) == known.stat and is_trusted(known)
 
 
 def run_daemon(config: Config, db: Database) -> int:

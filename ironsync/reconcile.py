@@ -13,13 +13,18 @@ peer's row) and decides:
 
 1. The *maximal* rows are those no other row dominates. Anything else is history that some
    maximal row has already replaced, so its content is never brought back.
-2. The maximal rows are grouped by content: a hash for a live file, "deleted" for a tombstone.
-   One group means the contents agree, whatever the vectors: nothing is in conflict.
+2. The maximal rows are grouped by content: (kind, hash) for a live entry — a file's bytes, a
+   folder (every folder has the same content: its mode and mtime are metadata), a link's
+   target — and "deleted" for a tombstone. One group means the contents agree, whatever the
+   vectors: nothing is in conflict.
 3. If any group is live, tombstone groups drop out: a deletion concurrent with an edit loses
    to the edit, and no copy of "nothing" is kept.
-4. The remaining groups are ranked by (newest mtime_ns, then modified_by, then hash bytes),
-   each group represented by its newest row. The first keeps the name; every other one is
-   kept beside it as a conflict copy (``conflict_copy_path``), so nothing a user wrote is lost.
+4. The remaining groups are ranked by (folder first, newest mtime_ns, then modified_by, then
+   hash bytes, then kind), each group represented by its newest row. The first keeps the
+   name; every other one is kept beside it as a conflict copy (``conflict_copy_path``), so
+   nothing a user wrote is lost. A folder always keeps the name against a file or a link (it
+   may hold other entries; a copy of a folder would have to move them all), so a conflict
+   copy is always a file or a link.
 5. The *target* of the name is the winning content with the merge of every row's vector and
    no extra bump. The node that held the winner and the node that held the loser therefore
    end with identical rows (content, metadata and vector), the next comparison is EQUAL, and
@@ -47,6 +52,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import reduce
 from typing import Any
+
+from ironsync.model import DIR, FILE, KINDS
 
 __all__ = [
     "HASH_SIZE",
@@ -219,6 +226,9 @@ def merge(a: VersionVector, b: VersionVector) -> VersionVector:
 
 # --- rows and the plan ------------------------------------------------------------------------
 
+Content = tuple[str, bytes] | None
+"""What a row holds, as reconcile compares it: (kind, hash), or None for a tombstone."""
+
 
 @dataclass(frozen=True)
 class FileState:
@@ -233,8 +243,15 @@ class FileState:
     mode: int
     deleted: bool
     modified_by: str  # the node that made this version's last change
+    kind: str = FILE  # file, dir or symlink; a tombstone's is always FILE (never compared)
+    target: str | None = None  # a live symlink's target
 
     def __post_init__(self) -> None:
+        if self.deleted and (self.kind != FILE or self.target is not None):
+            object.__setattr__(self, "kind", FILE)  # what a tombstone was is not its content
+            object.__setattr__(self, "target", None)
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.path!r}: kind {self.kind!r} is not one of {KINDS}")
         _check_node_id(self.node, "row node")
         _check_node_id(self.modified_by, f"modified_by of {self.path!r}")
         if not isinstance(self.path, str) or not self.path:
@@ -262,6 +279,13 @@ class ResolvedFile:
     deleted: bool
     modified_by: str
     sources: tuple[str, ...]  # sorted ids of the nodes whose row holds this content
+    kind: str = FILE
+    target: str | None = None
+
+    @property
+    def content(self) -> Content:
+        """What reconcile compares: (kind, hash), None for a tombstone."""
+        return None if self.hash is None else (self.kind, self.hash)
 
     def row_for(self, node: str) -> FileState:
         """The row ``node`` records once it holds this."""
@@ -275,6 +299,8 @@ class ResolvedFile:
             mode=self.mode,
             deleted=self.deleted,
             modified_by=self.modified_by,
+            kind=self.kind,
+            target=self.target,
         )
 
 
@@ -284,7 +310,8 @@ class LocalAction(enum.Enum):
     NOTHING = "nothing"  # the local row already is the target
     UPDATE_VERSION_ONLY = "update_version_only"  # disk is right; record the target row
     UPDATE_METADATA = "update_metadata"  # content is right; set mtime and mode, record the row
-    PULL = "pull"  # fetch the target from a source; the local content (if any) is superseded
+    PULL = "pull"  # fetch the target (a folder or link: make it from the row); the local
+    # content (if any) is superseded
     KEEP_LOCAL_THEN_PULL = "keep_local_then_pull"  # move the local file to keep_local_as, pull
     DELETE_HERE = "delete_here"  # the target is a tombstone: delete the file, record the row
     RECORD_TOMBSTONE = "record_tombstone"  # no local row: insert the tombstone, touch no disk
@@ -364,9 +391,9 @@ def reconcile(local: FileState | None, remotes: Sequence[FileState], local_node:
         for row in rows
         if not any(compare(other.version, row.version) is Ordering.GREATER for other in rows)
     ]
-    groups: dict[bytes | None, list[FileState]] = {}
+    groups: dict[Content, list[FileState]] = {}
     for row in maximal:
-        groups.setdefault(row.hash, []).append(row)
+        groups.setdefault(_content(row), []).append(row)
     live = {content: group for content, group in groups.items() if content is not None}
     ranked = sorted((live or groups).items(), key=_rank, reverse=True)
 
@@ -411,15 +438,20 @@ def _representative(group: list[FileState]) -> FileState:
     return max(group, key=lambda row: (row.mtime_ns, row.modified_by, row.mode, row.size))
 
 
-def _rank(item: tuple[bytes | None, list[FileState]]) -> tuple[int, str, bytes]:
+def _content(row: FileState) -> Content:
+    return None if row.deleted else (row.kind, row.hash)  # type: ignore[return-value]
+
+
+def _rank(item: tuple[Content, list[FileState]]) -> tuple[bool, int, str, bytes, str]:
     content, group = item
     newest = _representative(group)
-    return (newest.mtime_ns, newest.modified_by, content or b"")
+    kind, digest = content if content is not None else ("", b"")
+    return (kind == DIR, newest.mtime_ns, newest.modified_by, digest, kind)
 
 
 def _resolved(
     path: str,
-    content: bytes | None,
+    content: Content,
     group: list[FileState],
     rows: list[FileState],
     version: VersionVector,
@@ -428,24 +460,27 @@ def _resolved(
     return ResolvedFile(
         path=path,
         version=version,
-        hash=content,
+        hash=None if content is None else content[1],
         size=newest.size,
         mtime_ns=newest.mtime_ns,
         mode=newest.mode,
         deleted=content is None,
         modified_by=newest.modified_by,
-        sources=tuple(sorted(row.node for row in rows if row.hash == content)),
+        sources=tuple(sorted(row.node for row in rows if _content(row) == content)),
+        kind=FILE if content is None else content[0],
+        target=None if content is None else newest.target,
     )
 
 
 def _conflict_copies(
-    path: str, losers: list[tuple[bytes | None, list[FileState]]], rows: list[FileState]
+    path: str, losers: list[tuple[Content, list[FileState]]], rows: list[FileState]
 ) -> tuple[ResolvedFile, ...]:
     copies: list[ResolvedFile] = []
     for content, group in losers:  # one group per content: the names differ by hash
         assert content is not None, "tombstones never lose to a live file as a copy"
+        assert content[0] != DIR, "a folder never loses the name"
         newest = _representative(group)
-        copy_path = conflict_copy_path(path, newest.mtime_ns, newest.modified_by, content)
+        copy_path = conflict_copy_path(path, newest.mtime_ns, newest.modified_by, content[1])
         version = reduce(merge, (row.version for row in group))
         copies.append(_resolved(copy_path, content, group, rows, version))
     return tuple(sorted(copies, key=lambda copy: copy.path))
@@ -456,7 +491,7 @@ def _local_action(
 ) -> tuple[LocalAction, str | None]:
     if local is None:
         return (LocalAction.RECORD_TOMBSTONE if target.deleted else LocalAction.PULL), None
-    if local.hash == target.hash:  # the same content, or both tombstones
+    if _content(local) == target.content:  # the same content, or both tombstones
         if target.row_for(local.node) == local:
             return LocalAction.NOTHING, None
         on_disk = (local.size, local.mtime_ns, local.mode)
@@ -466,7 +501,7 @@ def _local_action(
     if target.deleted:
         return LocalAction.DELETE_HERE, None
     for copy in copies:
-        if copy.hash == local.hash:
+        if copy.content == _content(local):
             return LocalAction.KEEP_LOCAL_THEN_PULL, copy.path
     return LocalAction.PULL, None
 
@@ -474,7 +509,7 @@ def _local_action(
 def _remote_action(row: FileState, target: ResolvedFile) -> RemoteAction:
     if target.row_for(row.node) == row:
         return RemoteAction.UP_TO_DATE
-    if row.hash == target.hash:
+    if _content(row) == target.content:
         return RemoteAction.UPDATE_THERE
     if target.deleted:
         return RemoteAction.DELETE_THERE

@@ -17,8 +17,12 @@ set in the future (a peer's clock ahead, `touch -d`) does not keep a file "racy"
 scan until the clock catches up, since its ctime (which only the kernel sets) is old; and a
 pulled file, whose mtime is the peer's, is not read again at the next scan.
 
-Symlinks are neither followed nor synced (reported once per scan); nor are sockets, FIFOs and
-devices, or names that are not valid UTF-8.
+Folders and symlinks are entries of the index beside files (`Entry`): a folder's own content
+is its permission bits (its mtime moves with whatever happens inside it, so it makes no new
+version by itself), a symlink's is its target text, read with readlink and never followed.
+With `symlinks=False` (the `sync_symlinks` config key) links are left alone as before: named
+once, not indexed, and a known one is no deletion. Sockets, FIFOs and devices are skipped and
+named, as are names that are not valid UTF-8.
 
 Speed. A no-change rescan must keep up with `rsync -a --dry-run` (bin/bench-scan): it is one
 stat per file, and the rest must cost next to nothing. The index's rows come in as plain tuples
@@ -51,7 +55,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 from ironsync.chunking import (
     MIN_CHUNK,
@@ -63,6 +67,7 @@ from ironsync.chunking import (
     new_chunker,
 )
 from ironsync.ignore import IGNORE_FILE, STATE_DIR, TEMP_PREFIX, TEMP_SUFFIX, IgnoreRules
+from ironsync.model import DIR, DIR_HASH, MAX_LINK_TARGET_BYTES, SYMLINK, link_hash
 
 if TYPE_CHECKING:
     from pyfastcdc import FastCDC
@@ -111,9 +116,71 @@ def known_row(path: str, known: KnownStat) -> KnownRow:
     return (path, st.size, st.mtime_ns, st.ctime_ns, st.inode, mode)
 
 
+class KnownEntry(NamedTuple):
+    """A live folder or symlink as indexed (`index.known_entries`), for the no-change test."""
+
+    path: str
+    kind: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    mode: int
+    target: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A folder or a symlink as found on disk: what the index records of it. A folder's
+    `stat.mode` is its permission bits; a link's is 0 and its size is the target's length."""
+
+    path: str
+    kind: str  # model.DIR or model.SYMLINK
+    stat: Stat
+    target: str | None = None
+
+    @property
+    def hash(self) -> bytes:
+        return DIR_HASH if self.kind == DIR else link_hash(self.target or "")
+
+    def same_as(self, known: KnownEntry | None) -> bool:
+        """Whether the index already holds this entry (nothing to record)."""
+        if known is None or known.kind != self.kind:
+            return False
+        if self.kind == DIR:  # the mtime moves with the folder's contents: not a change
+            return known.mode == self.stat.mode
+        st = self.stat
+        return (known.size, known.mtime_ns, known.ctime_ns, known.inode) == (
+            st.size, st.mtime_ns, st.ctime_ns, st.inode,
+        )  # fmt: skip
+
+
+class UnstorableLink(Exception):
+    """A symlink whose target cannot be synced (not UTF-8, too long)."""
+
+
+def entry_of(full: str, rel: str, st: os.stat_result) -> Entry:
+    """The `Entry` of the folder or symlink `rel` (at `full`) whose lstat is `st`.
+    Raises OSError (readlink) or UnstorableLink."""
+    if stat_mod.S_ISDIR(st.st_mode):
+        return Entry(
+            rel, DIR, Stat(0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o777)
+        )
+    target = os.readlink(full)
+    if not _is_utf8(target):
+        raise UnstorableLink("the link's target is not valid UTF-8")
+    length = len(target.encode("utf-8"))
+    if length > MAX_LINK_TARGET_BYTES or not target or "\x00" in target:
+        raise UnstorableLink(
+            f"the link's target is empty or longer than {MAX_LINK_TARGET_BYTES} bytes"
+        )
+    return Entry(rel, SYMLINK, Stat(length, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, 0), target)
+
+
 @dataclass
 class ScanPlan:
     to_hash: list[tuple[str, Stat]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)  # folders and links new or changed
     vanished: list[str] = field(default_factory=list)
     unchanged: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -155,21 +222,36 @@ def plan_scan(
     known: Mapping[str, KnownStat],
     rules: IgnoreRules,
     now_ns: int | None = None,
+    known_entries: Mapping[str, KnownEntry] | None = None,
+    *,
+    symlinks: bool = True,
 ) -> ScanPlan:
-    """Walk `root` and sort every file into unchanged / to hash; list what vanished."""
-    return plan_scan_rows(root, {path: known_row(path, k) for path, k in known.items()}, rules)
+    """Walk `root` and sort every file into unchanged / to hash, every folder and link into
+    unchanged / changed; list what vanished."""
+    rows = {path: known_row(path, k) for path, k in known.items()}
+    return plan_scan_rows(root, rows, rules, known_entries, symlinks=symlinks)
 
 
-def plan_scan_rows(root: Path, known: Mapping[str, KnownRow], rules: IgnoreRules) -> ScanPlan:
-    """`plan_scan` with the index's rows as `KnownRow` tuples (`index.known_rows`): the fast
-    form, for a whole storage."""
+def plan_scan_rows(
+    root: Path,
+    known: Mapping[str, KnownRow],
+    rules: IgnoreRules,
+    known_entries: Mapping[str, KnownEntry] | None = None,
+    *,
+    symlinks: bool = True,
+) -> ScanPlan:
+    """`plan_scan` with the index's files as `KnownRow` tuples (`index.known_rows`) and its
+    folders and links as `KnownEntry` (`index.known_entries`): the fast form, for a whole
+    storage."""
     plan = ScanPlan()
     known = known if type(known) is dict else dict(known)
+    entries_known = known_entries or {}
     changed: list[KnownRow] = []  # new or changed files
-    walked: list[str] = []  # every file path seen, looked at only if some known path was not
+    walked: list[str] = []  # every path seen, looked at only if some known path was not
     notes: list[tuple[str, str, str | None]] = []
     unreadable_dirs: list[str] = []
     unchanged = 0
+    entries_unchanged = 0
     ignores_file = rules.ignores_file if rules.patterns else None  # else ironsync's names only
     stack: list[tuple[str, str]] = [(str(root), "")]
     while stack:
@@ -185,10 +267,18 @@ def plan_scan_rows(root: Path, known: Mapping[str, KnownRow], rules: IgnoreRules
             continue
         for note, rel, detail in notes:
             if note == NOTE_DIR:
-                if not rules.ignores_dir(rel):
-                    stack.append((detail, rel + "/"))  # type: ignore[arg-type]
+                if rules.ignores_dir(rel):
+                    continue
+                stack.append((detail, rel + "/"))  # type: ignore[arg-type]
+                entries_unchanged += _plan_entry(plan, detail, rel, entries_known, walked)  # type: ignore[arg-type]
             elif note == NOTE_SYMLINK:
-                plan.symlinks.append(rel)
+                if not symlinks:
+                    plan.symlinks.append(rel)
+                    if rel in entries_known:
+                        walked.append(rel)  # left alone: not a deletion either
+                elif not rules.ignores_file(rel):
+                    full = f"{folder}/{rel.rpartition('/')[2]}"
+                    entries_unchanged += _plan_entry(plan, full, rel, entries_known, walked)
             elif note == NOTE_OTHER:
                 if not rules.ignores_file(rel):
                     plan.skipped.append((rel, "not a regular file, folder or symlink"))
@@ -197,19 +287,49 @@ def plan_scan_rows(root: Path, known: Mapping[str, KnownRow], rules: IgnoreRules
             else:
                 plan.unreadable.append((rel, detail or note))
         notes.clear()
-    plan.unchanged = unchanged
-    if unchanged != len(known):  # some known path was not found unchanged: which vanished?
-        seen = set(walked)
-        for path in known:
+    plan.unchanged = unchanged + entries_unchanged
+    if unchanged != len(known) or entries_unchanged != len(entries_known):
+        seen = set(walked)  # some known path was not found unchanged: which vanished?
+        for path in (*known, *entries_known):
             if path in seen or rules.ignores_file(path):
+                continue
+            if path in entries_known and rules.ignores_dir(path):
                 continue
             if any(path.startswith(prefix) for prefix in unreadable_dirs):
                 continue
             plan.vanished.append(path)
     changed.sort()
     plan.to_hash = [(row[0], Stat(*row[1:])) for row in changed]
+    plan.entries.sort(key=lambda entry: entry.path)
     plan.vanished.sort()
     return plan
+
+
+def _plan_entry(
+    plan: ScanPlan, full: str, rel: str, known: Mapping[str, KnownEntry], walked: list[str]
+) -> int:
+    """Look at the folder or link `rel` (at `full`): 1 if the index has it as it is, else 0
+    (and the entry goes to `plan.entries`, or to `plan.skipped` / `plan.unreadable`)."""
+    try:
+        st = os.lstat(full)
+        entry = entry_of(full, rel, st)
+    except FileNotFoundError:
+        return 0
+    except UnstorableLink as exc:
+        plan.skipped.append((rel, str(exc)))
+        if rel in known:
+            walked.append(rel)  # as the index has it: not a deletion
+        return 0
+    except OSError as exc:
+        plan.unreadable.append((rel, exc.strerror or str(exc)))
+        if rel in known:
+            walked.append(rel)
+        return 0
+    walked.append(rel)
+    if entry.same_as(known.get(rel)):
+        return 1
+    plan.entries.append(entry)
+    return 0
 
 
 # What `scan_folder` says about the entries of a folder that are not regular files:

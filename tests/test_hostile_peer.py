@@ -15,6 +15,7 @@ import pytest
 
 from ironsync.chunking import chunk_bytes
 from ironsync.daemon import MAX_SESSIONS_PER_PEER
+from ironsync.model import link_hash
 from ironsync.net.session import PeerSession, connect, serve
 from ironsync.net.tls import load_or_create_identity
 from ironsync.protocol import (
@@ -45,8 +46,9 @@ CONTENT = chunk_bytes(PAYLOAD)
 class Mallory:
     """Serves an index whose paths try to leave the victim's storage root."""
 
-    def __init__(self, paths: list[str]) -> None:
+    def __init__(self, paths: list[str], links: dict[str, str] | None = None) -> None:
         self.paths = paths
+        self.links = links or {}  # path -> target: announced as symlinks
         self.index_requests = 0
 
     async def handle(self, link: PeerLink, request: Request, respond: Responder) -> None:
@@ -58,14 +60,16 @@ class Mallory:
             entries = tuple(
                 IndexEntry(
                     path=p,
-                    size=len(PAYLOAD),
+                    size=len(self.links[p].encode()) if p in self.links else len(PAYLOAD),
                     mtime_ns=1_700_000_000 * 10**9,
-                    mode=0o644,
-                    hash=CONTENT.hash,
+                    mode=0 if p in self.links else 0o644,
+                    hash=link_hash(self.links[p]) if p in self.links else CONTENT.hash,
                     deleted=False,
                     version='{"mallory":1}',
                     modified_by="mallory",
                     sequence=n + 1,
+                    kind="symlink" if p in self.links else "file",
+                    target=self.links.get(p),
                 )
                 for n, p in enumerate(self.paths)
             )
@@ -98,10 +102,12 @@ def victim(tmp_path: Path) -> Iterator[SyncNode]:
         node.stop()
 
 
-async def attack(victim: SyncNode, tmp_path: Path, paths: list[str]) -> tuple[str, Mallory]:
+async def attack(
+    victim: SyncNode, tmp_path: Path, paths: list[str], links: dict[str, str] | None = None
+) -> tuple[str, Mallory]:
     identity = load_or_create_identity(tmp_path / "mallory", "mallory", victim.group, SECRET)
     hello = Hello(PROTOCOL_VERSION, "mallory", victim.group, ("docs",))
-    mallory = Mallory(paths)
+    mallory = Mallory(paths, links)
     session = await connect("127.0.0.1", victim.port, identity, hello, mallory)
     try:
         await session.request(SyncRequest(("docs",), request_id=1))
@@ -147,6 +153,27 @@ def test_symlink_on_the_way_out_of_the_root_is_never_followed(
     victim.stop()
     failed = [e for e in victim.events("write_failed") if e["path"] == "link/escaped.txt"]
     assert failed and "symlink" in failed[-1]["detail"]["reason"]
+
+
+@pytest.mark.parametrize("target", ["/etc", "../../outside", "OUTSIDE"])
+def test_a_link_announced_out_of_the_root_then_written_through_writes_nothing_outside(
+    victim: SyncNode, tmp_path: Path, target: str
+) -> None:
+    """`a -> /etc`, then `a/passwd`: the link is made as a link (its target is only text),
+    and nothing is ever written through it (as root too: no permission saves us)."""
+    target = str(tmp_path / "outside") if target == "OUTSIDE" else target
+    before = os.listdir("/etc")
+    passwd = Path("/etc/passwd").read_bytes()
+    asyncio.run(attack(victim, tmp_path, ["a", "a/passwd", "a/new.txt"], {"a": target}))
+    assert os.readlink(victim.root / "a") == target  # synced as the link it is
+    assert os.listdir(tmp_path / "outside") == []
+    assert os.listdir("/etc") == before and Path("/etc/passwd").read_bytes() == passwd
+    assert not (tmp_path / "a").exists() and not (tmp_path / "passwd").exists()
+    victim.stop()
+    failed = {e["path"] for e in victim.events("write_failed")}
+    written = {e["path"] for e in victim.events("write_finished")}
+    assert not written & {"a/passwd", "a/new.txt"}
+    assert failed <= {"a/passwd", "a/new.txt"}
 
 
 class Silent:

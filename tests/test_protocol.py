@@ -64,6 +64,7 @@ from ironsync.protocol.limits import (
     MAX_REQUEST_ID,
     MAX_STORAGES,
     MIN_INT64,
+    PROTOCOL_VERSION,
 )
 from ironsync.protocol.messages import CHUNK_REPEAT_RECORD, chunk_runs
 from ironsync.protocol.wire import (
@@ -89,7 +90,7 @@ FUZZ = settings(
 
 
 def hello(node_id: str) -> Hello:
-    return Hello(1, node_id, "home", ("docs", "pics"))
+    return Hello(PROTOCOL_VERSION, node_id, "home", ("docs", "pics"))
 
 
 def frame(message: Message) -> bytes:
@@ -333,7 +334,7 @@ PINNED: list[tuple[Message, str]] = [
         "96"  # array of 6
         "01"  # type code: Hello
         "00"  # request_id 0
-        "01"  # protocol_version
+        "02"  # protocol_version
         "a5616c706861"  # "alpha"
         "a4686f6d65"  # "home"
         "92a4646f6373a470696373",  # ["docs", "pics"]
@@ -344,13 +345,15 @@ PINNED: list[tuple[Message, str]] = [
     ),
     (
         IndexPage("docs", (ENTRY, TOMBSTONE), 42, False, request_id=7),
-        "00000050"  # frame length 80
+        "0000005c"  # frame length 92
         "960d07a4646f6373"  # [13, 7, "docs",
         "92"  # entries: 2 arrays
-        "99a5612e74787403cf17979cfe362a0000cd81a4"  # ["a.txt", 3, mtime (uint64), 0o100644,
+        "9ba5612e74787403cf17979cfe362a0000cd81a4"  # ["a.txt", 3, mtime (uint64), 0o100644,
         "c410000102030405060708090a0b0c0d0e0f"  # hash (bin 16),
-        "c2a77b2261223a327da16129"  # false, '{"a":2}', "a", 41],
-        "99a16200ff00c0c3a77b2262223a317da1622a"  # ["b", 0, -1, 0, nil, true, ..., "b", 42]
+        "c2a77b2261223a327da16129"  # false, '{"a":2}', "a", 41,
+        "a466696c65c0"  # "file", nil],
+        "9ba16200ff00c0c3a77b2262223a317da1622a"  # ["b", 0, -1, 0, nil, true, ..., "b", 42,
+        "a466696c65c0"  # "file", nil]
         "2ac2",  # last_sequence 42, more false]
     ),
     (
@@ -468,6 +471,7 @@ msgpack_values = st.recursive(
 @st.composite
 def index_entries(draw: st.DrawFn) -> IndexEntry:
     deleted = draw(st.booleans())
+    kind = draw(st.sampled_from(["file", "dir", "symlink"]))
     return IndexEntry(
         path=draw(names),
         size=draw(uint63),
@@ -478,6 +482,8 @@ def index_entries(draw: st.DrawFn) -> IndexEntry:
         version=draw(texts),
         modified_by=draw(node_ids),
         sequence=draw(uint63),
+        kind=kind,
+        target=draw(names) if kind == "symlink" and not deleted else None,
     )
 
 
@@ -487,7 +493,7 @@ def _answered(cls: type[Message], *fields: st.SearchStrategy[object]) -> st.Sear
 
 
 messages = st.one_of(
-    st.builds(Hello, st.just(1), node_ids, names, aliases),
+    st.builds(Hello, st.just(PROTOCOL_VERSION), node_ids, names, aliases),
     st.builds(Goodbye, texts),
     st.builds(Error, node_ids, texts, request_id=st.integers(0, MAX_REQUEST_ID)),
     st.builds(ChangeNotice, names, uint63),
@@ -679,8 +685,8 @@ def test_a_message_before_hello_is_refused() -> None:
 
 
 def test_a_hello_with_another_protocol_version_is_refused() -> None:
-    future_hello = raw_frame([1, 0, 2, "alpha", "home", ["docs"], "a field from the future"])
-    reject(Connection(Role.SERVER), future_hello, "protocol version 2; we speak only 1")
+    future_hello = raw_frame([1, 0, 3, "alpha", "home", ["docs"], "a field from the future"])
+    reject(Connection(Role.SERVER), future_hello, "protocol version 3; we speak only 2")
 
 
 def test_a_second_hello_is_refused() -> None:
@@ -776,7 +782,7 @@ def test_end_of_stream_between_frames_closes_their_side() -> None:
         (framed(b"\x93\x04\x00\xdd\xff\xff\xff\xff"), "exceeds max_array_len"),
         (framed(b"\x93\x0b\x01\xdf\xff\xff\xff\xff"), "exceeds max_map_len"),
         (framed(b"\x93\x04\x00" + b"\xdd\x00\x00\x10\x00" * 2000), "undecodable"),
-        (raw_frame([13, 1, "docs", [[1, 2]], 0, False]), "IndexEntry must be an array of 9"),
+        (raw_frame([13, 1, "docs", [[1, 2]], 0, False]), "IndexEntry must be an array of 11"),
         (raw_frame([16, 1, "d", "a", HASH_A, b"\x00" * 27]), "whole number of 28-byte"),
         (raw_frame([16, 1, "d", "a", HASH_A, [[0, 1, HASH_A]]]), "chunks must be a bin"),
         (raw_frame([17, 1, 0]), "ChunkData has 4 fields, the frame has 2"),
@@ -913,14 +919,17 @@ def chunk_list_repeating(*repeats: tuple[int, int]) -> ChunkList:
 @pytest.mark.parametrize(
     ("build", "reason"),
     [
-        (lambda: Hello(1, "", "home", ()), "node_id must have 1 to 64"),
-        (lambda: Hello(1, "a b", "home", ()), r"node_id must match"),
-        (lambda: Hello(1, "a" * 65, "home", ()), "node_id must have 1 to 64"),
-        (lambda: Hello(1, "a", "home", ("docs", "docs")), "must not repeat"),
-        (lambda: Hello(1, "a", "home", ("x",) * (MAX_STORAGES + 1)), "at most 1024"),
-        (lambda: Hello(1, "a", "home", "docs"), "storages must be a tuple"),
-        (lambda: Hello(True, "a", "home", ()), "protocol_version must be 1"),
-        (lambda: Hello(1, "a", "home", (), request_id=3), "request_id must be in \\[0, 0\\]"),
+        (lambda: Hello(PROTOCOL_VERSION, "", "home", ()), "node_id must have 1 to 64"),
+        (lambda: Hello(PROTOCOL_VERSION, "a b", "home", ()), r"node_id must match"),
+        (lambda: Hello(PROTOCOL_VERSION, "a" * 65, "home", ()), "node_id must have 1 to 64"),
+        (lambda: Hello(PROTOCOL_VERSION, "a", "home", ("docs", "docs")), "must not repeat"),
+        (lambda: Hello(PROTOCOL_VERSION, "a", "home", ("x",) * (MAX_STORAGES + 1)), "at most 1024"),
+        (lambda: Hello(PROTOCOL_VERSION, "a", "home", "docs"), "storages must be a tuple"),
+        (lambda: Hello(True, "a", "home", ()), "protocol_version must be 2"),
+        (
+            lambda: Hello(PROTOCOL_VERSION, "a", "home", (), request_id=3),
+            "request_id must be in \\[0, 0\\]",
+        ),
         (lambda: GetIndex("docs", 0, 0, request_id=1), "limit must be in"),
         (lambda: GetIndex("docs", 0, 1), "request_id must be in \\[1,"),
         (lambda: GetIndex("d\x00cs", 0, 1, request_id=1), "must not contain NUL"),

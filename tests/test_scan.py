@@ -8,6 +8,7 @@ import os
 import random
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import xxhash
 from ironsync import scan as scan_module
 from ironsync.chunking import MIN_CHUNK, chunk_bytes, content_hash, hash_and_chunk
 from ironsync.ignore import IgnoreRules
+from ironsync.model import DIR_HASH, link_hash
 from ironsync.reconcile import VersionVector
 from ironsync.scan import (
     RACY_WINDOW_NS,
@@ -77,7 +79,9 @@ def test_first_scan_indexes_every_file_with_hash_chunks_and_version(node: Node) 
     write(node.root, "a.txt", b"alpha")
     write(node.root, "sub/deeper/b.bin", os.urandom(300_000))
     with node.db() as db:
-        assert scan(node, db) == {"created": ["a.txt", "sub/deeper/b.bin"]}
+        # folders are entries too, recorded before what they hold
+        assert scan(node, db) == {"created": ["a.txt", "sub", "sub/deeper", "sub/deeper/b.bin"]}
+        assert row(db, "sub").kind == "dir" and row(db, "sub/deeper").hash == DIR_HASH
         a = row(db, "a.txt")
         assert a.hash == content_hash(b"alpha")
         assert a.size == 5 and a.mtime_ns == LONG_AGO_NS and a.mode == 0o644
@@ -85,10 +89,10 @@ def test_first_scan_indexes_every_file_with_hash_chunks_and_version(node: Node) 
         b = row(db, "sub/deeper/b.bin")
         chunks = index.chunks_of(db, b.id)
         assert sum(c.length for c in chunks) == 300_000 and len(chunks) > 1
-        assert sorted([a.sequence, b.sequence]) == [1, 2]
+        assert sorted([a.sequence, b.sequence]) == [3, 4]
         # a second scan with nothing changed changes nothing and reads nothing
         report = scan_storage(db, "alpha", node.config().storages[0])
-        assert report.changes == [] and report.unchanged == 2 and report.bytes_hashed == 0
+        assert report.changes == [] and report.unchanged == 4 and report.bytes_hashed == 0
 
 
 def test_changes_made_while_not_running_are_found_on_the_next_scan(node: Node) -> None:
@@ -108,7 +112,7 @@ def test_changes_made_while_not_running_are_found_on_the_next_scan(node: Node) -
     write(root, "fresh.txt", b"new file")
     with node.db() as db:
         assert scan(node, db) == {
-            "created": ["fresh.txt"],
+            "created": ["fresh.txt", "new"],
             "deleted": ["gone.txt"],
             "modified": ["edit.txt"],
             "moved": ["old/name.bin->new/name.bin"],
@@ -266,7 +270,7 @@ def test_ignore_file_temp_files_and_state_folder_are_not_indexed(node: Node) -> 
     write(root, "sub/.ironsync-1234.tmp", b"partial")
     write(root, ".ironsync/versions/a.txt~20260101-000000", b"old")
     with node.db() as db:
-        assert scan(node, db) == {"created": ["a.txt", "keep.log"]}
+        assert scan(node, db) == {"created": ["a.txt", "keep.log", "src", "sub"]}
 
 
 def test_files_that_become_ignored_are_not_recorded_as_deleted(node: Node) -> None:
@@ -278,18 +282,42 @@ def test_files_that_become_ignored_are_not_recorded_as_deleted(node: Node) -> No
         assert not row(db, "a.log").deleted
 
 
-def test_symlinks_are_not_followed_or_indexed(node: Node, tmp_path: Path) -> None:
+def test_symlinks_are_indexed_as_links_and_never_followed(node: Node, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     write(outside, "secret.txt", b"outside the root")
     (node.root / "link").symlink_to(outside)
     (node.root / "file-link").symlink_to(outside / "secret.txt")
+    (node.root / "rel").symlink_to("real.txt")
     write(node.root, "real.txt", b"real")
     with node.db() as db:
         config = node.config()
         report = scan_storage(db, "alpha", config.storages[0])
-        assert [c.path for c in report.changes] == ["real.txt"]
-        assert sorted(report.symlinks) == ["file-link", "link"]
+        assert [c.path for c in report.changes] == ["file-link", "link", "rel", "real.txt"]
+        assert report.symlinks == [] and report.bytes_hashed == 4  # only real.txt was read
+        link = row(db, "link")
+        assert (link.kind, link.target, link.mode) == ("symlink", str(outside), 0)
+        assert link.hash == link_hash(str(outside)) and link.size == len(str(outside))
+        assert index.chunks_of(db, link.id) == []
+        # retargeting is a new version; an unchanged link is not read again
+        (node.root / "rel").unlink()
+        (node.root / "rel").symlink_to("elsewhere")
+        assert scan(node, db) == {"modified": ["rel"]}
+        assert row(db, "rel").target == "elsewhere"
+        assert scan(node, db) == {}
+
+
+def test_with_sync_symlinks_off_links_are_named_not_indexed(node: Node) -> None:
+    (node.root / "link").symlink_to("nowhere")
+    write(node.root, "real.txt", b"real")
+    storage = replace(node.config().storages[0], sync_symlinks=False)
+    with node.db() as db:
+        report = scan_storage(db, "alpha", storage)
+        assert [c.path for c in report.changes] == ["real.txt"] and report.symlinks == ["link"]
+        # a link indexed while they were on is no deletion once they are off
+        scan_storage(db, "alpha", replace(storage, sync_symlinks=True))
+        assert scan_storage(db, "alpha", storage).changes == []
+        assert row(db, "link").kind == "symlink" and not row(db, "link").deleted
 
 
 def test_missing_marker_with_known_files_refuses_to_scan(node: Node) -> None:
@@ -436,15 +464,17 @@ def test_first_scan_writes_one_created_event_and_sequence_per_file_in_path_order
     paths = [f"d{i % 3}/f{i:03d}.txt" for i in range(40)]
     for i, path in enumerate(paths):
         write(node.root, path, f"content {i}".encode())
+    folders = ["d0", "d1", "d2"]
     with node.db() as db:
-        assert scan(node, db) == {"created": sorted(paths)}
+        assert scan(node, db) == {"created": sorted(folders + paths)}
         storage = index.get_storage(db, "docs")
-        assert storage is not None and storage.sequence == len(paths)
+        assert storage is not None and storage.sequence == len(paths) + len(folders)
         rows = {p: row(db, p) for p in paths}
         assert sorted(rows, key=lambda p: rows[p].sequence) == sorted(paths)
         assert {r.version for r in rows.values()} == {'{"alpha":1}'}
         events = [e for e in ev.last_events(db, 100) if e.kind == "created"]
-        assert [e.path for e in events] == sorted(paths)
+        assert [e.path for e in events] == folders + sorted(paths)  # parents first
+        events = events[len(folders) :]
         for e in events:
             data = (node.root / e.path).read_bytes()
             detail = {"hash": content_hash(data).hex(), "size": len(data)}
@@ -589,7 +619,16 @@ def test_the_c_walk_plans_the_same_scan_as_the_python_walk(
          "sub/.ignore", "sub/.ironsync"]  # ironsync's own names only at the root
     )  # fmt: skip
     assert python.unchanged == 4 and python.vanished == ["gone.txt"]
-    assert sorted(python.symlinks) == ["dangling", "link", "sub/dirlink"]
+    assert [(e.path, e.kind) for e in python.entries] == [
+        ("dangling", "symlink"),
+        ("deep", "dir"),
+        ("deep/er", "dir"),
+        ("deep/er/still", "dir"),
+        ("link", "symlink"),
+        ("sub", "dir"),
+        ("sub/dirlink", "symlink"),
+        ("ünïcode", "dir"),
+    ]
     assert sorted(python.skipped) == [
         ("bad\udcffdir", "name is not valid UTF-8"),
         ("bad\udcff\udcfe.txt", "name is not valid UTF-8"),

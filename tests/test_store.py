@@ -138,7 +138,7 @@ def test_storage_hash_changes_when_and_only_when_path_size_mtime_or_deletion_cha
 def uncached_hash(db, storage_id: int) -> bytes:
     return bytes(
         db.scalar(
-            "SELECT storage_hash(path, size, mtime_ns, deleted ORDER BY path)"
+            "SELECT storage_hash(path, type, size, mtime_ns, mode, deleted ORDER BY path)"
             " FROM files WHERE storage_id = ?",
             (storage_id,),
         )

@@ -9,8 +9,10 @@ PROTOCOL_VERSION.
 KiB = 1024
 MiB = 1024 * KiB
 
-PROTOCOL_VERSION = 1
-"""Sent in Hello; a peer announcing any other version is refused."""
+PROTOCOL_VERSION = 2
+"""Sent in Hello; a peer announcing any other version is refused. Version 2: IndexEntry
+carries the entry's kind (file, folder, symlink) and a symlink's target; ChunkList.repeats and
+ChunkData.leading_zeros leave a sparse file's zeros off the wire."""
 
 FRAME_HEADER_SIZE = 4
 """Bytes of the big-endian length that precedes every frame body."""

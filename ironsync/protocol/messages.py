@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, overload
 
+from ironsync.model import FILE, KINDS, MAX_LINK_TARGET_BYTES, SYMLINK
 from ironsync.protocol.errors import LocalProtocolError
 from ironsync.protocol.limits import (
     CHUNK_REPEAT_SIZE,
@@ -147,7 +148,9 @@ class _Validated:
 
 @dataclass(frozen=True, slots=True)
 class IndexEntry(_Validated):
-    """What a peer knows of one path: a live file, or a tombstone (deleted=True, hash=None)."""
+    """What a peer knows of one path: a live entry (a file, a folder or a symlink), or a
+    tombstone (deleted=True, hash=None). A live symlink carries its target text; nothing
+    else does."""
 
     path: str
     size: int
@@ -158,6 +161,8 @@ class IndexEntry(_Validated):
     version: str  # version vector as compact JSON text, e.g. '{"a":2}'; opaque here
     modified_by: str
     sequence: int
+    kind: str = FILE  # "file", "dir" or "symlink"
+    target: str | None = None  # a live symlink's target
 
     def _validate(self) -> None:
         _check_name("path", self.path, MAX_PATH_LEN)
@@ -173,6 +178,14 @@ class IndexEntry(_Validated):
         _check_text("version", self.version, MAX_VERSION_LEN)
         _check_identifier("modified_by", self.modified_by, MAX_NODE_ID_LEN)
         _check_int("sequence", self.sequence, 0, MAX_INT64)
+        if self.kind not in KINDS:
+            raise LocalProtocolError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if self.kind == SYMLINK and not self.deleted:
+            _check_name("target", self.target, MAX_LINK_TARGET_BYTES)
+            if len(self.target.encode("utf-8")) > MAX_LINK_TARGET_BYTES:  # type: ignore[union-attr]
+                raise LocalProtocolError(f"target must have at most {MAX_LINK_TARGET_BYTES} bytes")
+        elif self.target is not None:
+            raise LocalProtocolError("target must be None except for a live symlink")
 
 
 @dataclass(frozen=True, slots=True)

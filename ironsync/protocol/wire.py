@@ -1,4 +1,4 @@
-"""Frames and message encoding: the byte-level contract between peers (protocol version 1).
+"""Frames and message encoding: the byte-level contract between peers (protocol version 2).
 
 Frame
     length: 4 bytes, big-endian unsigned, 0 < length <= MAX_FRAME_SIZE (8 MiB)

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ironsync.chunking import ChunkInfo
+from ironsync.model import FILE
 from ironsync.scan import Stat
 from ironsync.store import index
 from ironsync.store.database import Database
@@ -38,6 +39,8 @@ class _LiveFile:
     version: str
     modified_by: str
     indexed_at_ns: int
+    kind: str
+    target: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class _Tombstone:
     path: str
     version: str
     modified_by: str
+    kind: str
 
 
 class IndexBatch:
@@ -97,19 +101,23 @@ class IndexBatch:
         version: str,
         modified_by: str,
         indexed_at_ns: int,
+        kind: str = FILE,
+        target: str | None = None,
     ) -> None:
         """`index.put_live_file`, written with the batch."""
         replaces = self._before_change(path)
         self._live.append(
             _LiveFile(self._changes, replaces, path, stat, content_hash, chunks, version,
-                      modified_by, indexed_at_ns)
+                      modified_by, indexed_at_ns, kind, target)
         )  # fmt: skip
         self._changes += 1
 
-    def put_tombstone(self, path: str, *, version: str, modified_by: str) -> None:
+    def put_tombstone(self, path: str, *, version: str, modified_by: str, kind: str = FILE) -> None:
         """`index.put_tombstone`, written with the batch."""
         replaces = self._before_change(path)
-        self._tombstones.append(_Tombstone(self._changes, replaces, path, version, modified_by))
+        self._tombstones.append(
+            _Tombstone(self._changes, replaces, path, version, modified_by, kind)
+        )
         self._changes += 1
 
     def refresh_stat(self, file_id: int, stat: Stat, indexed_at_ns: int) -> None:
@@ -153,7 +161,7 @@ class IndexBatch:
                         [
                             (storage_id, f.path, f.stat.size, f.stat.mtime_ns, f.stat.ctime_ns,
                              f.stat.inode, f.stat.mode, f.content_hash, f.version, f.modified_by,
-                             first + f.order, f.indexed_at_ns)
+                             first + f.order, f.indexed_at_ns, f.kind, f.target)
                             for f in self._live
                         ],
                     )
@@ -169,7 +177,7 @@ class IndexBatch:
                     conn.executemany(
                         index.TOMBSTONE_UPSERT,
                         [
-                            (storage_id, t.path, t.version, t.modified_by, first + t.order)
+                            (storage_id, t.path, t.version, t.modified_by, first + t.order, t.kind)
                             for t in self._tombstones
                         ],
                     )

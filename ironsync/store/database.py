@@ -170,26 +170,30 @@ def _check_node_id(db: Database, node_id: str) -> None:
 
 
 class StorageHash:
-    """Aggregate `storage_hash(path, size, mtime_ns, deleted ORDER BY path)`.
+    """Aggregate `storage_hash(path, type, size, mtime_ns, mode, deleted ORDER BY path)`.
 
-    xxh3-128 over the rows in path order: a live file contributes (path, size, mtime_ns), a
-    tombstone only (path, deleted), so two nodes with the same files and the same tombstones
-    get the same hash, and any change of path, size, mtime or deletion changes it.
+    xxh3-128 over the rows in path order: a live entry contributes (path, type, size, mtime_ns,
+    mode), a tombstone only (path, deleted), so two nodes with the same entries and the same
+    tombstones get the same hash, and any change of path, kind, size, mtime, permission bits
+    or deletion changes it (a `chmod` alone too). A link's target is in its size and in
+    `files.hash`, which the consolidated query compares; folders' mtimes are those of their
+    versions (the scanner does not follow a folder's mtime), so they agree once synced.
     """
 
-    _LIVE = struct.Struct("<Bqq")
+    _LIVE = struct.Struct("<Bqqq")
+    _TYPE_CODES = {"file": 0, "dir": 1, "symlink": 2}
 
     def __init__(self) -> None:
         self._hasher = xxhash.xxh3_128()
 
-    def step(self, path: str, size: int, mtime_ns: int, deleted: int) -> None:
+    def step(self, path: str, kind: str, size: int, mtime_ns: int, mode: int, deleted: int) -> None:
         update = self._hasher.update
-        update(path.encode("utf-8"))
+        update(path.encode("utf-8", "surrogateescape"))
         if deleted:
             update(b"\x00\x01")
         else:
             update(b"\x00")
-            update(self._LIVE.pack(0, size, mtime_ns))
+            update(self._LIVE.pack(self._TYPE_CODES[kind], size, mtime_ns, mode))
 
     def final(self) -> bytes:
         return self._hasher.digest()
@@ -197,4 +201,4 @@ class StorageHash:
 
 def register_functions(conn: apsw.Connection) -> None:
     """SQL functions the daemon uses. Views never use them (stock sqlite3 must read them)."""
-    conn.create_aggregate_function("storage_hash", StorageHash, 4)
+    conn.create_aggregate_function("storage_hash", StorageHash, 6)

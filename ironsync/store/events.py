@@ -35,6 +35,7 @@ KINDS = frozenset(
         "sync_started",
         "sync_finished",
         "error",
+        "kept",
     }
 )
 STATUSES = ("ok", "warning", "error")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ironsync.model import FILE
 from ironsync.store.database import Database
 from ironsync.store.events import iso_now
 
@@ -23,6 +24,8 @@ class PeerFileRow:
     version: str
     modified_by: str
     sequence: int
+    kind: str = FILE  # file, dir or symlink
+    target: str | None = None  # a live symlink's target
 
 
 def touch_peer(db: Database, node_id: str, address: str | None) -> None:
@@ -75,11 +78,13 @@ def forget_peer_storage(db: Database, peer: str, storage_id: int) -> None:
 def store_peer_files(db: Database, storage_id: int, rows: Iterable[PeerFileRow]) -> None:
     db.conn.executemany(
         "INSERT INTO peer_files (peer, storage_id, path, size, mtime_ns, mode, hash, deleted,"
-        " version, modified_by, sequence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " version, modified_by, sequence, type, target)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (peer, storage_id, path) DO UPDATE SET size = excluded.size,"
         " mtime_ns = excluded.mtime_ns, mode = excluded.mode, hash = excluded.hash,"
         " deleted = excluded.deleted, version = excluded.version,"
-        " modified_by = excluded.modified_by, sequence = excluded.sequence",
+        " modified_by = excluded.modified_by, sequence = excluded.sequence,"
+        " type = excluded.type, target = excluded.target",
         (
             (
                 r.peer,
@@ -93,6 +98,8 @@ def store_peer_files(db: Database, storage_id: int, rows: Iterable[PeerFileRow])
                 r.version,
                 r.modified_by,
                 r.sequence,
+                r.kind,
+                r.target,
             )
             for r in rows
         ),
@@ -102,7 +109,7 @@ def store_peer_files(db: Database, storage_id: int, rows: Iterable[PeerFileRow])
 def peer_storage_hash(db: Database, peer: str, storage_id: int) -> bytes:
     """The storage hash of the peer's index as we hold it (same aggregate as our own)."""
     value = db.scalar(
-        "SELECT storage_hash(path, size, mtime_ns, deleted ORDER BY path)"
+        "SELECT storage_hash(path, type, size, mtime_ns, mode, deleted ORDER BY path)"
         " FROM peer_files WHERE peer = ? AND storage_id = ?",
         (peer, storage_id),
     )
@@ -111,8 +118,8 @@ def peer_storage_hash(db: Database, peer: str, storage_id: int) -> bytes:
 
 def get_peer_file(db: Database, peer: str, storage_id: int, path: str) -> PeerFileRow | None:
     row = db.query_one(
-        "SELECT peer, path, size, mtime_ns, mode, hash, deleted, version, modified_by, sequence"
-        " FROM peer_files WHERE peer = ? AND storage_id = ? AND path = ?",
+        "SELECT peer, path, size, mtime_ns, mode, hash, deleted, version, modified_by, sequence,"
+        " type, target FROM peer_files WHERE peer = ? AND storage_id = ? AND path = ?",
         (peer, storage_id, path),
     )
     if row is None:
@@ -128,6 +135,7 @@ def divergent_paths(db: Database, peer: str, storage_id: int) -> list[str]:
         " LEFT JOIN files AS f ON f.storage_id = p.storage_id AND f.path = p.path"
         " WHERE p.peer = :peer AND p.storage_id = :sid AND (f.id IS NULL"
         "   OR f.version <> p.version OR f.deleted <> p.deleted OR f.hash IS NOT p.hash"
+        "   OR (f.deleted = 0 AND f.type <> p.type)"
         "   OR f.mtime_ns <> p.mtime_ns OR f.mode <> p.mode OR f.size <> p.size)"
         " UNION"
         " SELECT f.path FROM files AS f WHERE f.storage_id = :sid AND NOT EXISTS"

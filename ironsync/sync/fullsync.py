@@ -51,6 +51,7 @@ from typing import NamedTuple
 
 from ironsync.config import Config, Storage
 from ironsync.ignore import IgnoreRules
+from ironsync.model import DIR, FILE, SYMLINK
 from ironsync.protocol import (
     MAX_INDEX_PAGE_ENTRIES,
     GetIndex,
@@ -72,10 +73,11 @@ from ironsync.reconcile import (
 from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index, open_database, peers
 from ironsync.store import events as ev
+from ironsync.sync import entries
 from ironsync.sync.blocking import in_thread
 from ironsync.sync.coalesce import Coalescer
 from ironsync.sync.link import PeerError, PeerLink
-from ironsync.sync.local import StorageUnavailable, rescan_paths, scan_storage
+from ironsync.sync.local import StorageUnavailable, entry_detail, rescan_paths, scan_storage
 from ironsync.sync.paths import UnsafePath, check_peer_path, resolve_inside
 from ironsync.sync.transfer import IO_ERROR, pull_file
 from ironsync.sync.versions import keep_version
@@ -433,44 +435,72 @@ class SyncEngine:
             version=version,
             modified_by=e.modified_by,  # type: ignore[attr-defined]
             sequence=e.sequence,  # type: ignore[attr-defined]
+            kind=e.kind,  # type: ignore[attr-defined]
+            target=None if deleted else e.target,  # type: ignore[attr-defined]
         )
 
     async def apply_storage(
         self, link: PeerLink, storage: Storage, row: index.StorageRow
     ) -> PullReport:
+        """Decide every path where the peer's index and ours differ, then act, in an order
+        that keeps the tree valid at every step (folders before what they hold, what stands in
+        the way of a new entry before it, contents before their folder):
+
+        1. decisions (and what needs no order: versions, metadata, conflict copies);
+        2. deletions under a path that becomes a file or a link, innermost first;
+        3. folders and links to make, outermost first;
+        4. files: moved here from a path this pass deletes, else pulled, several at a time;
+        5. the other deletions, innermost first (last: a file moved on the peer arrives as a
+           new path whose content is still here, in the file its deletion is about to remove);
+        6. the mtimes of the folders touched, innermost first (best effort).
+        """
         report = PullReport()
-        rules = IgnoreRules.load(storage.root)
         paths = peers.divergent_paths(self.db, link.peer_id, row.id)
-        # Deletions last: a file moved on the peer arrives as a new path whose content is
-        # still here, in the file its deletion is about to remove. Plain pulls run a few at a
-        # time, after the other decisions.
-        deferred: list[str] = []
-        pulls: list[PendingPull] = []
+        step = _Step(IgnoreRules.load(storage.root))
         for path in paths:
-            if rules.ignores_file(path):
-                report.ignored += 1
-                continue
-            await self._apply_guarded(link, storage, row, path, report, deferred, pulls)
+            await self._apply_guarded(link, storage, row, path, report, step)
+        late = []
+        for path in sorted(step.deferred, reverse=True):  # innermost first
+            if _under_any(path, step.replaced):
+                await self._apply_guarded(link, storage, row, path, report, None)
+            else:
+                late.append(path)
+        for pending in sorted(step.creates, key=lambda p: p.path):
+            await self._create_entry(link, storage, row, pending, report)
         moved_away: set[str] = set()
         remaining = []
         async with self.apply_lock:
-            for pull in pulls:
+            for pull in step.pulls:
                 if not _same_row(index.get_file(self.db, row.id, pull.path), pull.decided):
                     report.changed += 1  # changed since the decision: decide again next round
                 elif self._move_locally(
-                    link, storage, row, pull.path, pull.target, deferred, moved_away
+                    link, storage, row, pull.path, pull.target, late, moved_away
                 ):
                     report.changed += 1
                 else:
                     remaining.append(pull)
         await self._pull_many(link, storage, row, remaining, report)
-        for path in deferred:
+        for path in late:
             if path in moved_away:
                 async with self.apply_lock:
                     self._record_moved_away(link, row, path)
                 continue
             await self._apply_guarded(link, storage, row, path, report, None)
+        report.ignored += step.ignored
+        touched = {folder for path in paths for folder in _folders_of(path)}
+        touched.update(p.path for p in step.creates if p.target.kind == DIR)
+        self._set_folder_times(storage, row, touched)
         return report
+
+    def _set_folder_times(self, storage: Storage, row: index.StorageRow, folders: set[str]) -> None:
+        """Folders whose contents a pass changed get their indexed mtimes back."""
+        if not folders:
+            return
+        rows = index.get_files(self.db, row.id, sorted(folders))
+        entries.set_folder_times(
+            storage.root,
+            [(p, r.mtime_ns) for p, r in rows.items() if r.kind == DIR and not r.deleted],
+        )
 
     async def _pull_many(
         self,
@@ -520,14 +550,16 @@ class SyncEngine:
     ) -> bool:
         """A file the peer moved: its content is here, at a path this pass deletes. Move it
         (a rename on this disk: no bytes read or sent) instead of rebuilding it."""
-        if index.known_stat(self.db, row.id, dest) is not None or target.hash is None:
+        if target.kind != FILE or target.hash is None:
+            return False
+        if index.known_stat(self.db, row.id, dest) is not None:
             return False
         for source in deferred:
             if source in moved_away:
                 continue
             local = index.get_file(self.db, row.id, source)
             known = index.known_stat(self.db, row.id, source)
-            if local is None or known is None or local.hash != target.hash:
+            if local is None or known is None or local.kind != FILE or local.hash != target.hash:
                 continue
             src = resolve_inside(storage.root, source)
             dst = resolve_inside(storage.root, dest)
@@ -574,11 +606,10 @@ class SyncEngine:
         row: index.StorageRow,
         path: str,
         report: PullReport,
-        deferred: list[str] | None,
-        pulls: list[PendingPull] | None = None,
+        step: _Step | None,
     ) -> None:
         try:
-            await self.apply_path(link, storage, row, path, report, deferred, pulls)
+            await self.apply_path(link, storage, row, path, report, step)
         except (PeerError, PeerViolation):
             raise
         except UnsafePath as exc:
@@ -601,11 +632,10 @@ class SyncEngine:
         row: index.StorageRow,
         path: str,
         report: PullReport,
-        deferred: list[str] | None = None,
-        pulls: list[PendingPull] | None = None,
+        step: _Step | None = None,
     ) -> None:
-        """Decide one path and act. With `deferred`, a deletion is put there for later; with
-        `pulls`, so is a plain pull (the caller runs them together).
+        """Decide one path and act. With `step` (a pass over a storage, `apply_storage`), a
+        deletion, a plain pull and the making of a folder or link are put there for later.
 
         The decision and every local action hold `apply_lock`; pulls do not (the switch of a
         pulled file takes it again): see the module docstring."""
@@ -615,17 +645,27 @@ class SyncEngine:
             remote = peers.get_peer_file(self.db, peer, row.id, path)
             if remote is None:
                 return  # only we have it: the peer pulls it when we send SyncRequest
+            if step is not None and step.ignores(storage, local, remote):
+                return
             local_state = None if local is None else _state(self.node_id, local)
             plan = reconcile(local_state, [_peer_state(remote)], self.node_id)
             if plan.local_action is LocalAction.NOTHING and not plan.conflict_copies:
                 return
-            if plan.local_action is LocalAction.DELETE_HERE and deferred is not None:
-                deferred.append(path)
+            if plan.local_action is LocalAction.DELETE_HERE and step is not None:
+                step.deferred.append(path)
                 return
             expected = index.known_stat(self.db, row.id, path)
             plain_pull = plan.local_action is LocalAction.PULL and not plan.conflict_copies
-            if plain_pull and pulls is not None and peer in plan.target.sources:
-                pulls.append(PendingPull(path, plan.target, local, expected))
+            if plain_pull and step is not None:
+                pending = PendingPull(path, plan.target, local, expected)
+                if plan.target.kind != FILE:
+                    step.creates.append(pending)
+                elif peer in plan.target.sources:
+                    step.pulls.append(pending)
+                else:
+                    return  # another peer holds it; a later sync with that peer brings it
+                if plan.target.kind != DIR:
+                    step.replaced.add(path)
                 return
             if plan.is_conflict:
                 report.conflicts += 1
@@ -671,6 +711,10 @@ class SyncEngine:
         if action is LocalAction.NOTHING:
             return
         if action in (LocalAction.PULL, LocalAction.KEEP_LOCAL_THEN_PULL):
+            if target.kind != FILE:  # made from the row: nothing to fetch
+                pending = PendingPull(path, target, decided, expected)
+                await self._create_entry(link, storage, row, pending, report)
+                return
             if link.peer_id not in target.sources:
                 return  # another peer holds it; a later sync with that peer brings it
             await self._pull(link, storage, row, target, path, report, decided, expected)
@@ -709,23 +753,38 @@ class SyncEngine:
                 )
             report.changed += 1
             return
-        full = resolve_inside(storage.root, path)
-        if known is None or not _disk_matches(full, known.stat):
+        local = index.get_file(self.db, row.id, path)
+        assert local is not None and not local.deleted
+        if not entries.disk_matches(storage.root, path, local, known):
             # The disk changed since the index saw it: index it, decide again next round.
             rescan_paths(self.db, self.node_id, storage, [path])
             report.changed += 1
             return
+        full = resolve_inside(storage.root, path)
         if action is LocalAction.UPDATE_METADATA:
-            os.chmod(full, target.mode, follow_symlinks=False)
-            os.utime(full, ns=(target.mtime_ns, target.mtime_ns), follow_symlinks=False)
+            if local.kind != SYMLINK:  # a link's mode means nothing on Linux
+                os.chmod(full, target.mode & 0o777, follow_symlinks=False)
+            with contextlib.suppress(NotImplementedError):
+                os.utime(full, ns=(target.mtime_ns, target.mtime_ns), follow_symlinks=False)
+            st = Stat.of(os.lstat(full))
+            if local.kind == SYMLINK:
+                st = Stat(target.size, st.mtime_ns, st.ctime_ns, st.inode, 0)
+            elif local.kind == DIR:  # the row's mtime (the disk's moves with its contents)
+                st = Stat(0, target.mtime_ns, st.ctime_ns, st.inode, st.mode)
             with self.db.atomic():
                 index.adopt_metadata(
-                    self.db, row.id, path, Stat.of(os.lstat(full)), version=version,
+                    self.db, row.id, path, st, version=version,
                     modified_by=target.modified_by, indexed_at_ns=self.clock(),
                 )  # fmt: skip
             report.changed += 1
         elif action is LocalAction.DELETE_HERE:
-            if self.config.keep_versions_days > 0:
+            if local.kind == DIR:
+                inside = entries.remove_folder(storage.root, path)
+                if inside is not None:
+                    self._keep_folder(link, storage, row, path, version, target, inside)
+                    report.changed += 1
+                    return
+            elif self.config.keep_versions_days > 0:
                 keep_version(storage.root, path, move=True)  # a rename: nothing is lost
             else:
                 os.unlink(full)
@@ -733,11 +792,93 @@ class SyncEngine:
                 index.put_tombstone(
                     self.db, row.id, path, version=version, modified_by=target.modified_by
                 )
+                detail = None if local.kind == FILE else {"type": local.kind}
                 ev.append_event(
-                    self.db, "deleted", storage=storage.name, path=path, peer=link.peer_id
-                )
+                    self.db, "deleted", storage=storage.name, path=path, peer=link.peer_id,
+                    detail=detail,
+                )  # fmt: skip
             report.changed += 1
             report.deleted += 1
+
+    def _keep_folder(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        path: str,
+        version: str,
+        target: ResolvedFile,
+        inside: list[str],
+    ) -> None:
+        """A folder whose deletion won, or that stands in the way of a file or link, still
+        holds something this node has not synced (its own new files, ignored files): it stays,
+        and is recorded as a new local version of the folder, which every peer then takes
+        (recreating it) or keeps beside its own change as a conflict: nothing is lost."""
+        with self.db.atomic():
+            index.put_tombstone(
+                self.db, row.id, path, version=version, modified_by=target.modified_by,
+                kind=DIR,
+            )  # fmt: skip
+            rescan_paths(self.db, self.node_id, storage, [path])
+            ev.append_event(
+                self.db, "kept", storage=storage.name, path=path, peer=link.peer_id,
+                status="warning",
+                detail={
+                    "type": DIR,
+                    "reason": "the folder still holds what this node has not synced "
+                    "(its own new files, or files .ignore excludes)",
+                    "holds": inside,
+                },
+            )  # fmt: skip
+
+    async def _create_entry(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        pending: PendingPull,
+        report: PullReport,
+    ) -> None:
+        """Make the folder or link `pending.target` at its path (no transfer: the row holds
+        it), after clearing what stands there, if the index still has what the decision saw."""
+        path, target = pending.path, pending.target
+        async with self.apply_lock:
+            local = index.get_file(self.db, row.id, path)
+            if not _same_row(local, pending.decided):
+                report.changed += 1  # changed since the decision: decide again next round
+                return
+            if local is not None and not local.deleted:
+                known = index.known_stat(self.db, row.id, path)
+                if not entries.disk_matches(storage.root, path, local, known):
+                    rescan_paths(self.db, self.node_id, storage, [path])
+                    report.changed += 1
+                    return
+                if not (local.kind == DIR == target.kind):
+                    keep = self.config.keep_versions_days > 0
+                    inside = entries.clear_way(storage.root, path, local, keep_versions=keep)
+                    if inside is not None:
+                        self._keep_folder(link, storage, row, path, local.version, target, inside)
+                        report.changed += 1
+                        return
+            elif entries.exists(storage.root, path) and target.kind != DIR:
+                # something the index does not know yet: index it, decide again
+                rescan_paths(self.db, self.node_id, storage, [path])
+                report.changed += 1
+                return
+            made = entries.make_entry(storage.root, path, target)
+            with self.db.atomic():
+                index.put_live_file(
+                    self.db, row.id, path, made, target.hash or b"", (),
+                    version=target.version.to_json(), modified_by=target.modified_by,
+                    indexed_at_ns=self.clock(), kind=target.kind, target=target.target,
+                )  # fmt: skip
+                kind = "created" if local is None or local.deleted else "modified"
+                ev.append_event(
+                    self.db, kind, storage=storage.name, path=path, peer=link.peer_id,
+                    detail=json.loads(entry_detail(target.kind, target.mode, target.target)),
+                )  # fmt: skip
+            report.changed += 1
+            self.progress.file_done(storage.name, path, 0)
 
     async def _pull(
         self,
@@ -751,11 +892,25 @@ class SyncEngine:
         expected: KnownStat | None,
     ) -> bool:
         """Pull `target` into `dest` without holding `apply_lock` while the peer answers; the
-        switch takes it, and goes ahead only if `dest` is still as decided."""
+        switch takes it, and goes ahead only if `dest` is still as decided. A folder or link
+        at `dest` is cleared then, under the lock (a folder only if it is empty)."""
         db = self.db
+        kept: list[str] = []
 
         def still_as_decided() -> bool:
-            return _same_row(index.get_file(db, row.id, dest), decided)
+            if not _same_row(index.get_file(db, row.id, dest), decided):
+                return False
+            if decided is None or decided.deleted or decided.kind == FILE:
+                return True
+            if not entries.disk_matches(storage.root, dest, decided, None):
+                return False
+            keep = self.config.keep_versions_days > 0
+            inside = entries.clear_way(storage.root, dest, decided, keep_versions=keep)
+            if inside is not None:
+                self._keep_folder(link, storage, row, dest, decided.version, target, inside)
+                kept.append(dest)
+                return False
+            return True
 
         result = await pull_file(
             self.db, link, row, target, dest_path=dest, expected=expected, now_ns=self.clock,
@@ -770,8 +925,9 @@ class SyncEngine:
             self.progress.file_done(storage.name, dest, target.size)
             return True
         if result.changed_locally:
-            async with self.apply_lock:
-                rescan_paths(self.db, self.node_id, storage, [dest])
+            if not kept:
+                async with self.apply_lock:
+                    rescan_paths(self.db, self.node_id, storage, [dest])
             report.changed += 1
         else:
             report.failed.append((f"{storage.name}:{dest}", result.reason or "failed"))
@@ -784,25 +940,29 @@ class SyncEngine:
         recorded with the copy's version, before the name takes the winner."""
         local = index.get_file(self.db, row.id, path)
         known = index.known_stat(self.db, row.id, path)
-        if local is None or known is None or local.hash != copy.hash:
+        if local is None or local.deleted or (local.kind, local.hash) != copy.content:
             return False
         src = resolve_inside(storage.root, path)
         dst = resolve_inside(storage.root, copy.path)
-        if not _disk_matches(src, known.stat):
+        if not entries.disk_matches(storage.root, path, local, known):
             rescan_paths(self.db, self.node_id, storage, [path])
             return False
         if os.path.lexists(dst):
             existing = index.get_file(self.db, row.id, copy.path)
-            return existing is not None and existing.hash == copy.hash
+            return existing is not None and (existing.kind, existing.hash) == copy.content
         try:
-            os.link(src, dst, follow_symlinks=False)
+            os.link(src, dst, follow_symlinks=False)  # a link's copy is a link: not followed
         except OSError:
             shutil.copy2(src, dst, follow_symlinks=False)
+        st = Stat.of(os.lstat(dst))
+        if local.kind == SYMLINK:
+            st = Stat(local.size, st.mtime_ns, st.ctime_ns, st.inode, 0)
         with self.db.atomic():
             index.put_live_file(
-                self.db, row.id, copy.path, Stat.of(os.lstat(dst)), copy.hash or b"",
+                self.db, row.id, copy.path, st, copy.hash or b"",
                 index.chunks_of(self.db, local.id), version=copy.version.to_json(),
-                modified_by=copy.modified_by, indexed_at_ns=self.clock(),
+                modified_by=copy.modified_by, indexed_at_ns=self.clock(), kind=local.kind,
+                target=local.target,
             )  # fmt: skip
             ev.append_event(
                 self.db, "created", storage=storage.name, path=copy.path,
@@ -834,12 +994,52 @@ class SyncEngine:
                     )  # fmt: skip
                 return True
             expected = index.known_stat(self.db, row.id, copy.path)
+        if sub.local_action is LocalAction.PULL and copy.kind != FILE:  # a link: from the row
+            pending = PendingPull(copy.path, sub.target, existing, expected)
+            await self._create_entry(link, storage, row, pending, report)
+            return True
         if sub.local_action is LocalAction.PULL and link.peer_id in copy.sources:
             return await self._pull(
                 link, storage, row, sub.target, copy.path, report, existing, expected
             )
         # The copy's content is on a node we are not talking to: keep ours, decide later.
         return False
+
+
+class _Step:
+    """What one pass over a storage (`apply_storage`) puts off until every path is decided."""
+
+    def __init__(self, rules: IgnoreRules) -> None:
+        self.rules = rules
+        self.deferred: list[str] = []  # deletions
+        self.pulls: list[PendingPull] = []  # files to fetch
+        self.creates: list[PendingPull] = []  # folders and links to make
+        self.replaced: set[str] = set()  # paths that become a file or a link
+        self.ignored = 0
+
+    def ignores(
+        self, storage: Storage, local: index.FileRow | None, remote: peers.PeerFileRow
+    ) -> bool:
+        """Paths this node leaves alone: `.ignore` says so, or links while they are off."""
+        kinds = {r.kind for r in (local, remote) if r is not None and not r.deleted}
+        ignored = self.rules.ignores_file(remote.path) or (
+            DIR in kinds and self.rules.ignores_dir(remote.path)
+        )
+        if not ignored and SYMLINK in kinds and not storage.sync_symlinks:
+            ignored = True
+        self.ignored += ignored
+        return ignored
+
+
+def _under_any(path: str, folders: set[str]) -> bool:
+    """Whether `path` lies inside one of `folders` (at any depth)."""
+    return any(folder in folders for folder in _folders_of(path))
+
+
+def _folders_of(path: str) -> list[str]:
+    """The folders on the way to `path`, outermost first: "a/b/c" -> ["a", "a/b"]."""
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[: n + 1]) for n in range(len(parts))]
 
 
 def _state(node: str, row: index.FileRow | peers.PeerFileRow) -> FileState:
@@ -854,6 +1054,8 @@ def _state(node: str, row: index.FileRow | peers.PeerFileRow) -> FileState:
         mode=row.mode,
         deleted=row.deleted,
         modified_by=row.modified_by,
+        kind=row.kind,
+        target=row.target,
     )
 
 

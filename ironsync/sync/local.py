@@ -25,25 +25,31 @@ import stat as stat_mod
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from ironsync.chunking import ChunkInfo, Content
 from ironsync.config import Storage
 from ironsync.ignore import STATE_DIR, IgnoreRules
+from ironsync.model import DIR, FILE, SYMLINK
 from ironsync.scan import (
     SPOOL_FILE_BYTES,
     UNTRUSTED_MODE,
     ChunkSpool,
+    Entry,
     Gone,
     KnownRow,
     Observed,
     Stat,
     Unreadable,
+    UnstorableLink,
+    entry_of,
     hash_files,
+    is_trusted,
     known_row,
     plan_scan_rows,
 )
-from ironsync.store import Database, index
+from ironsync.store import Database, index, tree
 from ironsync.store import events as ev
 from ironsync.store.batch import IndexBatch
 
@@ -134,7 +140,8 @@ def scan_storage(
     row = prepare_storage(db, storage)
     rules = IgnoreRules.load(storage.root)
     known = index.known_rows(db, row.id)
-    plan = plan_scan_rows(storage.root, known, rules)
+    entries = index.known_entries(db, row.id)
+    plan = plan_scan_rows(storage.root, known, rules, entries, symlinks=storage_symlinks(storage))
     report = ScanReport(
         storage.name,
         unchanged=plan.unchanged,
@@ -149,6 +156,7 @@ def scan_storage(
     renamed: list[Observed] = []
     to_hash = sources.renamed(plan.to_hash, known, renamed)
     progress.begin(storage.name, len(to_hash), sum(st.size for _, st in to_hash))
+    _record_entries(db, node_id, row, plan.entries, clock, report)  # parents before contents
     read = hash_files(storage.root, to_hash, progress.advance, clock)
     _record_batches(db, node_id, row, renamed, read, sources, moved_away, report)
     progress.end()
@@ -242,7 +250,7 @@ def record_moved(
 def _record_observed(
     batch: IndexBatch, node_id: str, seen: Observed, current: index.FileRow | None
 ) -> Change | None:
-    if current is not None and not current.deleted:
+    if current is not None and not current.deleted and current.kind == FILE:
         same = (
             current.hash == seen.content.hash
             and current.size == seen.stat.size
@@ -254,17 +262,83 @@ def _record_observed(
             return None
     kind = "created" if current is None or current.deleted else "modified"
     _put(batch, node_id, seen, _bumped(current.version if current else None, node_id))
-    same_content = current is not None and not current.deleted and current.hash == seen.content.hash
+    same_content = (
+        current is not None
+        and not current.deleted
+        and current.kind == FILE
+        and current.hash == seen.content.hash
+    )
     batch.append_event(kind, seen.path, _content_detail(seen, same_content))
     return Change(kind, seen.path)
+
+
+def _record_entry(
+    batch: IndexBatch, node_id: str, entry: Entry, current: index.FileRow | None, now_ns: int
+) -> Change | None:
+    """A folder or a symlink as found on disk: created, modified, or nothing new."""
+    if current is not None and not current.deleted and current.kind == entry.kind:
+        if entry.kind == DIR and current.mode == entry.stat.mode:
+            return None
+        if entry.kind == SYMLINK and current.target == entry.target:
+            batch.refresh_stat(current.id, entry.stat, now_ns)  # recreated, same target
+            return None
+    kind = "created" if current is None or current.deleted else "modified"
+    batch.put_live_file(
+        entry.path, entry.stat, entry.hash, (),
+        version=_bumped(current.version if current else None, node_id), modified_by=node_id,
+        indexed_at_ns=now_ns, kind=entry.kind, target=entry.target,
+    )  # fmt: skip
+    batch.append_event(kind, entry.path, entry_detail(entry.kind, entry.stat.mode, entry.target))
+    return Change(kind, entry.path)
+
+
+def entry_detail(kind: str, mode: int, target: str | None) -> str:
+    """The detail (JSON) of an event about a folder or a link."""
+    detail: dict[str, object] = {"type": kind}
+    if kind == DIR:
+        detail["mode"] = f"{mode:o}"
+    else:
+        detail["target"] = target
+    return json.dumps(detail, sort_keys=True, separators=(",", ":"))
+
+
+def _record_entries(
+    db: Database,
+    node_id: str,
+    row: index.StorageRow,
+    entries: Sequence[Entry],
+    clock: Callable[[], int],
+    report: ScanReport,
+) -> None:
+    """Record the folders and links a scan found new or changed, BATCH at a time."""
+    for start in range(0, len(entries), BATCH):
+        part = entries[start : start + BATCH]
+        with db.atomic():
+            batch = IndexBatch(db, row)
+            batch.prefetch(entry.path for entry in part)
+            now_ns = clock()
+            for entry in part:
+                change = _record_entry(batch, node_id, entry, batch.get_file(entry.path), now_ns)
+                if change is not None:
+                    report.changes.append(change)
+            batch.write()
+
+
+def storage_symlinks(storage: Storage) -> bool:
+    """Whether symlinks of `storage` are synced (the node's `sync_symlinks`)."""
+    return storage.sync_symlinks
 
 
 def _record_vanished(batch: IndexBatch, node_id: str, path: str) -> Change | None:
     current = batch.get_file(path)
     if current is None or current.deleted:
         return None
-    batch.put_tombstone(path, version=_bumped(current.version, node_id), modified_by=node_id)
-    batch.append_event("deleted", path)
+    batch.put_tombstone(
+        path, version=_bumped(current.version, node_id), modified_by=node_id, kind=current.kind
+    )
+    batch.append_event(
+        "deleted", path, None if current.kind == FILE else f'{{"type":"{current.kind}"}}'
+    )
     return Change("deleted", path)
 
 
@@ -346,6 +420,26 @@ def _warn_symlinks(storage: str, symlinks: list[str]) -> None:
         )
 
 
+def index_matches_disk(db: Database, storage_id: int, root: Path, path: str) -> bool:
+    """Whether the index already holds what the disk has at `path`, as the scanner would
+    record it (the watcher skips those paths: the daemon's own writes, mostly)."""
+    full = f"{root}/{path}"
+    try:
+        st = os.lstat(full)
+    except OSError:
+        return False
+    if stat_mod.S_ISREG(st.st_mode):
+        known = index.known_stat(db, storage_id, path)
+        return known is not None and Stat.of(st) == known.stat and is_trusted(known)
+    if not (stat_mod.S_ISDIR(st.st_mode) or stat_mod.S_ISLNK(st.st_mode)):
+        return False
+    try:
+        entry = entry_of(full, path, st)
+    except (OSError, UnstorableLink):
+        return False
+    return entry.same_as(index.known_entry(db, storage_id, path))
+
+
 def rescan_paths(
     db: Database,
     node_id: str,
@@ -355,17 +449,20 @@ def rescan_paths(
 ) -> list[Change]:
     """Bring the index up to date for a few paths (the watcher's and a sync's entry point).
 
-    Same index update as a full scan: a path that is gone is a deletion, unless a new path
-    among `paths` holds its file (same inode, size and mtime) or its content, which makes it
-    a move; a path that cannot be read is left as the index has it."""
+    Same index update as a full scan: a path that is gone is a deletion (a folder's with
+    everything the index knows inside it), unless a new path among `paths` holds its file
+    (same inode, size and mtime) or its content, which makes it a move; a path that cannot
+    be read is left as the index has it."""
     row = prepare_storage(db, storage)
     rules = IgnoreRules.load(storage.root)
     wanted = sorted({p for p in paths if not rules.ignores_file(p)})
     planned: list[tuple[str, Stat]] = []
+    entries: list[Entry] = []
     gone: list[str] = []
     for path in wanted:
+        full = f"{storage.root}/{path}"
         try:
-            st = os.lstat(storage.root / path)
+            st = os.lstat(full)
         except (FileNotFoundError, NotADirectoryError):
             gone.append(path)
             continue
@@ -373,8 +470,21 @@ def rescan_paths(
             continue
         if stat_mod.S_ISREG(st.st_mode):
             planned.append((path, Stat.of(st)))
-        else:
-            gone.append(path)  # a folder or a symlink now: the file is gone
+        elif stat_mod.S_ISDIR(st.st_mode) or (
+            stat_mod.S_ISLNK(st.st_mode) and storage.sync_symlinks
+        ):
+            if stat_mod.S_ISDIR(st.st_mode) and rules.ignores_dir(path):
+                continue
+            try:
+                entries.append(entry_of(full, path, st))
+            except (OSError, UnstorableLink):
+                continue  # left as the index has it; the next full scan names it
+        elif not stat_mod.S_ISLNK(st.st_mode):
+            gone.append(path)  # a FIFO or a device now: what was here is gone
+    for path in list(gone):  # a folder that is gone takes what it held along
+        current = index.get_file(db, row.id, path)
+        if current is not None and not current.deleted and current.kind == DIR:
+            gone.extend(p for p in tree.live_paths_under(db, row.id, path) if p not in wanted)
     known: dict[str, KnownRow] = {}
     for path in wanted:
         stat_known = index.known_stat(db, row.id, path)
@@ -385,11 +495,12 @@ def rescan_paths(
     report = ScanReport(storage.name)
     moved_away: set[str] = set()
     renamed: list[Observed] = []
+    _record_entries(db, node_id, row, entries, clock, report)
     to_hash = sources.renamed(planned, known, renamed)
     read = hash_files(storage.root, to_hash, None, clock)
     _record_batches(db, node_id, row, renamed, read, sources, moved_away, report)
-    # after the moves: what they moved away is no deletion
-    gone_now = [Gone(path) for path in gone if path not in moved_away]
+    # after the moves: what they moved away is no deletion; contents before their folders
+    gone_now = [Gone(path) for path in sorted(gone, reverse=True) if path not in moved_away]
     _record_batches(db, node_id, row, [], gone_now, sources, moved_away, report)
     return report.changes
 

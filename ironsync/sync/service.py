@@ -180,4 +180,6 @@ def _entry(row: index.FileRow) -> IndexEntry:
         version=row.version,
         modified_by=row.modified_by,
         sequence=row.sequence,
+        kind=row.kind,
+        target=None if row.deleted else row.target,
     )

@@ -79,6 +79,7 @@ import xxhash
 
 from ironsync.chunking import MIN_CHUNK, ChunkInfo, content_hash, is_zero_chunk, zero_bytes
 from ironsync.ignore import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name
+from ironsync.model import FILE
 from ironsync.protocol import (
     ChunkData,
     ChunkList,
@@ -322,7 +323,7 @@ def _source_file(
     except UnsafePath as exc:
         raise PeerError(peer, "bad_path", str(exc)) from None
     row = index.get_file(db, storage_row.id, path)
-    if row is not None and not row.deleted and row.hash == file_hash:
+    if row is not None and not row.deleted and row.kind == FILE and row.hash == file_hash:
         return row
     others = sorted(index.files_with_hash(db, storage_row.id, file_hash), key=lambda r: r.path)
     if not others:

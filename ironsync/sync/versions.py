@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,15 +65,16 @@ def _free_name(folder: Path, base: str) -> Path:
 def keep_version(root: Path, rel: str, *, move: bool) -> Path | None:
     """Keep the file at `rel` as a version: renamed there (`move`, for a deletion) or
     hard-linked (for a replacement: the caller's rename over it then leaves the old inode in
-    the versions folder alone). Returns where it was kept; None if there was no regular file.
-    Falls back to a copy only where the filesystem has no hard links."""
+    the versions folder alone). Returns where it was kept; None if there was no regular file
+    or link (a link is kept as a link). Falls back to a copy only where the filesystem has
+    no hard links."""
     full = root / rel
     try:
         st = os.lstat(full)
     except FileNotFoundError:
         return None
-    if not os.path.isfile(full) or os.path.islink(full):
-        return None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        return None  # a link is kept as a link: renamed or hard-linked, never followed
     folder = versions_root(root) / Path(rel).parent
     folder.mkdir(parents=True, exist_ok=True)
     dest = _free_name(folder, f"{Path(rel).name}~{_stamp(st.st_mtime_ns)}")
@@ -116,6 +118,20 @@ def list_versions(root: Path, rel: str) -> list[Version]:
         found.append(Version(rel, Path(entry.path), stamp, entry.stat().st_size))
     found.sort(key=lambda v: (v.stamp, v.file.name))
     return found
+
+
+def versioned_under(root: Path, rel_folder: str) -> list[str]:
+    """The paths inside the folder `rel_folder` that have kept versions (what a deleted
+    folder held), sorted."""
+    base = versions_root(root) / rel_folder
+    found: set[str] = set()
+    for dirpath, _dirs, files in os.walk(base):
+        rel_dir = Path(dirpath).relative_to(versions_root(root)).as_posix()
+        for name in files:
+            match = _STAMP.search(name)
+            if match is not None:
+                found.add(f"{rel_dir}/{name[: match.start()]}")
+    return sorted(found)
 
 
 def version_at(root: Path, rel: str, at: datetime | None) -> Version | None:

@@ -231,8 +231,9 @@ def _relative(root: Path, raw: str | bytes) -> str | None:
     return rel.replace(os.sep, "/")
 
 
-def files_under(root: Path, folder: str) -> list[str]:
-    """Every regular file on disk inside `folder` of `root` (relative paths, no symlinks)."""
+def entries_under(root: Path, folder: str) -> list[str]:
+    """Every file, folder and symlink on disk inside `folder` of `root` (relative paths; links
+    are not followed)."""
     base = root / folder if folder else root
     found = []
     stack = [base]
@@ -245,6 +246,10 @@ def files_under(root: Path, folder: str) -> list[str]:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 stack.append(Path(entry.path))
-            elif entry.is_file(follow_symlinks=False):
+            if (
+                entry.is_dir(follow_symlinks=False)
+                or entry.is_file(follow_symlinks=False)
+                or (entry.is_symlink())
+            ):
                 found.append(Path(entry.path).relative_to(root).as_posix())
     return found
