@@ -35,10 +35,17 @@ whose contract it follows entry for entry (tests/test_scan.py runs both). In Pyt
 alone costs ~1.5x rsync's whole run on 100k files; in C it is at the cost of the system calls.
 Small files are read whole and chunked in memory; a big file's chunk list goes to a spool on
 disk, so memory stays flat in the file size.
+
+Sparse files (issue 11). A bigger file's holes are found with SEEK_DATA / SEEK_HOLE and never
+read: `hash_and_chunk_sparse` feeds their zeros to the hashes from memory and does not even cut
+them byte by byte, with the chunks a file of the same bytes written out would have. A 1 GiB file
+holding 4 KiB of data is hashed in ~0.1 s instead of ~4 s; a file without holes costs the same
+as before (one more fstat field looked at).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat as stat_mod
@@ -56,7 +63,7 @@ from ironsync.chunking import (
     Content,
     MiB,
     chunk_bytes,
-    hash_and_chunk,
+    hash_and_chunk_sparse,
     new_chunker,
 )
 from ironsync.ignore import IGNORE_FILE, STATE_DIR, TEMP_PREFIX, TEMP_SUFFIX, IgnoreRules
@@ -455,7 +462,7 @@ def _read_one(
                 before = os.fstat(fd)
                 if not stat_mod.S_ISREG(before.st_mode):
                     return Gone(rel)
-                content = _hash_open_file(fd, before.st_size, on_bytes)
+                content = _hash_open_file(fd, before, on_bytes)
                 after = os.fstat(fd)
             finally:
                 os.close(fd)
@@ -476,11 +483,14 @@ def _read_one(
     return Unreadable(rel, "kept changing while being read; will retry at the next scan")
 
 
-def _hash_open_file(fd: int, size: int, on_bytes: Callable[[int], None] | None) -> Content:
-    """Hash and chunk the open file `fd` of `size` bytes (as fstat said before the read).
+def _hash_open_file(
+    fd: int, before: os.stat_result, on_bytes: Callable[[int], None] | None
+) -> Content:
+    """Hash and chunk the open file `fd` (`before`: its fstat before the read).
 
-    A file that grew meanwhile yields more than `size` bytes, one that shrank fewer: the
+    A file that grew meanwhile yields more than its size in bytes, one that shrank fewer: the
     caller's held-still test then fails and the file is read again."""
+    size = before.st_size
     if size <= SMALL_FILE_BYTES:
         data = os.read(fd, size + 1)  # one byte more: a file that grew shows it
         while len(data) < size:  # a short read (allowed, rare): go on to the end
@@ -492,8 +502,32 @@ def _hash_open_file(fd: int, size: int, on_bytes: Callable[[int], None] | None) 
             on_bytes(len(data))
         return chunk_bytes(data, None if len(data) <= MIN_CHUNK else _chunker())
     sink = ChunkSpool() if size > SPOOL_FILE_BYTES else None
-    with open(fd, "rb", buffering=0, closefd=False) as stream:
-        return hash_and_chunk(stream, _chunker(), on_bytes, sink)
+    # fewer blocks than bytes: it may have holes (or be compressed: then none are found)
+    holes = holes_of(fd, size) if before.st_blocks * 512 < size else ()
+    return hash_and_chunk_sparse(
+        lambda view, offset: os.preadv(fd, [view], offset), size, holes, _chunker(), on_bytes, sink
+    )
+
+
+def holes_of(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The holes of the open file `fd` in [0, size), in order, as SEEK_DATA / SEEK_HOLE say
+    (lazily: one lseek pair per data extent). None where the file system cannot tell."""
+    if not hasattr(os, "SEEK_DATA"):  # pragma: no cover - every system ironsync runs on
+        return
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos: a hole to the end
+                yield (pos, size)
+            return  # else (EINVAL: no SEEK_DATA here) the rest is read
+        if data > pos:
+            yield (pos, min(data, size))
+        try:
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError:
+            return
 
 
 _SPOOL_RECORD = struct.Struct("<QI16s")  # offset, length, xxh3-128: 28 bytes per chunk

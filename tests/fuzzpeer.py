@@ -72,6 +72,7 @@ from ironsync.protocol.limits import (
     MAX_INT64,
     MAX_PATH_LEN,
 )
+from ironsync.protocol.messages import CHUNK_REPEAT_RECORD
 from ironsync.protocol.wire import CHUNK_REF, FRAME_HEADER, TYPE_CODES, decode_body, encode_frame
 from tests.daemons import SECRET, SyncNode, tree, write
 
@@ -420,7 +421,7 @@ class Responder:
             if choice == 0:  # a reply for a request id never used
                 self.wire.send(raw_frame(CODE["IndexPage"], rid ^ 0x5A5A, STORAGE, [], 0, False))
             elif choice == 1:  # a chunk where a page belongs
-                self.wire.send(raw_frame(CODE["ChunkData"], rid, 0, b"\x00" * 16) + b"junk")
+                self.wire.send(raw_frame(CODE["ChunkData"], rid, 0, b"\x00" * 16, 0) + b"junk")
             elif choice == 2:  # the final page twice
                 page = raw_frame(CODE["IndexPage"], rid, STORAGE, entries, 9, False)
                 self.wire.send(page + page, frames=2)
@@ -436,7 +437,7 @@ class Responder:
     def chunk_list(self, request: GetChunkList) -> None:
         rng, rid, send = self.rng, request.request_id, self.wire.send
         path, digest = request.path, request.file_hash
-        variant = rng.randrange(8)
+        variant = rng.randrange(9)
         size_guess = self.sizes.get(path) or rng.choice([1, 5, 1000, 70_000])
         if self.policy is Policy.WRONG_DATA and path in self.sizes:
             variant = 7  # a chunk list that holds: the daemon goes on to ask for the data
@@ -445,7 +446,7 @@ class Responder:
             for _ in range(rng.randint(2, 12)):
                 refs = [(n * 4096, 4096, rng.randbytes(16)) for n in range(4096)]
                 send(raw_frame(CODE["ChunkList"], rid, STORAGE, path, digest,
-                               packed_refs(refs), True))  # fmt: skip
+                               packed_refs(refs), True, b""))  # fmt: skip
             return
         if variant == 0:  # lengths past the file
             refs = [(0, MAX_CHUNK_SIZE, rng.randbytes(16))]
@@ -458,7 +459,13 @@ class Responder:
         elif variant == 4:  # zero-length chunks
             refs = [(0, 0, rng.randbytes(16))] * rng.randint(1, 1000)
         elif variant == 5:  # another file's hash
-            send(raw_frame(CODE["ChunkList"], rid, STORAGE, path, rng.randbytes(16), b"", False))
+            wrong = rng.randbytes(16)
+            send(raw_frame(CODE["ChunkList"], rid, STORAGE, path, wrong, b"", False, b""))
+            return
+        elif variant == 8:  # one chunk repeated 2^32 - 1 times: refused before it is spelled out
+            refs, repeats = [(0, 4096, rng.randbytes(16))], CHUNK_REPEAT_RECORD.pack(0, 2**32 - 1)
+            send(raw_frame(CODE["ChunkList"], rid, STORAGE, path, digest,
+                           packed_refs(refs), False, repeats))  # fmt: skip
             return
         elif variant == 6:  # a length only raw msgpack can carry (> MAX_CHUNK_SIZE)
             refs = [(0, MAX_CHUNK_SIZE + 1, rng.randbytes(16))]
@@ -468,31 +475,36 @@ class Responder:
                 (offset, min(step, size_guess - offset), rng.randbytes(16))
                 for offset in range(0, size_guess, step)
             ]
-        send(raw_frame(CODE["ChunkList"], rid, STORAGE, path, digest, packed_refs(refs), False))
+        packed = packed_refs(refs)
+        send(raw_frame(CODE["ChunkList"], rid, STORAGE, path, digest, packed, False, b""))
 
     def chunk_data(self, request: GetChunks) -> None:
         rng, rid, send = self.rng, request.request_id, self.wire.send
         for ref in request.chunks:
-            variant = rng.randrange(7)
+            variant = rng.randrange(8)
             if variant == 0:  # wrong bytes, right hash
-                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, ref.hash])
+                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, ref.hash, 0])
                 data = rng.randbytes(min(ref.length, 70_000))
                 send(FRAME_HEADER.pack(len(body) + len(data)) + body + data)
             elif variant == 1:  # an offset never asked for
-                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset + 1, ref.hash])
+                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset + 1, ref.hash, 0])
                 send(FRAME_HEADER.pack(len(body) + 3) + body + b"abc")
             elif variant == 2:  # more data than the chunk has
-                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, ref.hash])
+                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, ref.hash, 0])
                 data = b"\x00" * MAX_CHUNK_SIZE
                 send(FRAME_HEADER.pack(len(body) + len(data)) + body + data)
             elif variant == 3:  # done before anything was sent
                 break
             elif variant == 4:  # data past MAX_CHUNK_SIZE: a protocol error
-                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, ref.hash])
+                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, ref.hash, 0])
                 data = b"\x00" * (MAX_CHUNK_SIZE + 1)
                 send(FRAME_HEADER.pack(len(body) + len(data)) + body + data)
             elif variant == 5:  # a hash that is not the one asked for
-                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, rng.randbytes(16)])
+                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, rng.randbytes(16), 0])
+                send(FRAME_HEADER.pack(len(body) + 1) + body + b"z")
+            elif variant == 6:  # more zeros before the data than the chunk has
+                lead = ref.length + rng.choice([0, 1, MAX_CHUNK_SIZE - ref.length])
+                body = msgpack.packb([CODE["ChunkData"], rid, ref.offset, ref.hash, lead])
                 send(FRAME_HEADER.pack(len(body) + 1) + body + b"z")
             else:  # nothing for this chunk
                 continue
@@ -638,7 +650,7 @@ async def scenario_out_of_order(s: Session) -> Expect:
     elif choice == 3:  # a second Hello
         s.wire.send(s.hello_frame())
     elif choice == 4:  # chunks nobody asked for
-        body = msgpack.packb([CODE["ChunkData"], rid, 0, b"\x00" * 16])
+        body = msgpack.packb([CODE["ChunkData"], rid, 0, b"\x00" * 16, 0])
         s.wire.send(FRAME_HEADER.pack(len(body) + 5) + body + b"hello")
     elif choice == 5:  # a request id 0
         s.wire.send(raw_frame(CODE["GetStorageHashes"], 0, True))

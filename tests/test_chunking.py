@@ -14,6 +14,9 @@ from ironsync.chunking import (
     chunk_bytes,
     content_hash,
     hash_and_chunk,
+    hash_and_chunk_sparse,
+    is_zero_chunk,
+    zero_chunk_hash,
 )
 
 # Cut points of a seeded 1 MiB input. Changing the chunker's parameters or algorithm changes
@@ -145,3 +148,119 @@ def test_empty_input_has_no_chunks() -> None:
     assert content.chunks == ()
     assert content.size == 0
     assert content.hash == content_hash(b"")
+
+
+# --- zeros and holes (issue 11: sparse files stay sparse) ----------------------------------------
+
+
+def test_zeros_are_never_cut_so_a_run_of_them_is_chunks_of_max_size() -> None:
+    # What lets a scan pass over a hole without cutting it, and a receiver tell zero chunks
+    # by their hash: pinned, since it is a property of the parameters (the gear table's
+    # value for the zero byte), not of FastCDC.
+    lengths = [c.length for c in chunk_bytes(bytes(3 * MAX_CHUNK + 5)).chunks]
+    assert lengths == [MAX_CHUNK, MAX_CHUNK, MAX_CHUNK, 5]
+    for size in (MIN_CHUNK + 1, 50_000, MAX_CHUNK - 1, MAX_CHUNK):
+        assert [c.length for c in chunk_bytes(bytes(size)).chunks] == [size]
+    # whatever precedes them: a chunk that starts where MAX_CHUNK zeros follow is all zeros
+    data = random.Random(3).randbytes(70_000) + bytes(5 * MAX_CHUNK) + b"tail"
+    chunks = chunk_bytes(data).chunks
+    assert [c.length for c in chunks[-4:-1]] == [MAX_CHUNK] * 3
+    assert all(c.hash == zero_chunk_hash(MAX_CHUNK) for c in chunks[-4:-1])
+
+
+def test_zero_chunks_are_told_by_their_hash() -> None:
+    assert zero_chunk_hash(MAX_CHUNK) == content_hash(bytes(MAX_CHUNK))
+    assert zero_chunk_hash(12_345) == content_hash(bytes(12_345))
+    assert is_zero_chunk(MAX_CHUNK, content_hash(bytes(MAX_CHUNK)))
+    assert not is_zero_chunk(MAX_CHUNK, content_hash(b"x" * MAX_CHUNK))
+    assert not is_zero_chunk(10, content_hash(bytes(11)), at_end=True)
+    assert not is_zero_chunk(0, content_hash(b""), at_end=True)  # an empty file is no chunk
+    # shorter ones only at the end of a file, where a run of zeros ends in one
+    assert is_zero_chunk(12_345, content_hash(bytes(12_345)), at_end=True)
+    assert not is_zero_chunk(12_345, content_hash(bytes(12_345)))
+    # never more than the chunker cuts: a peer's odd length costs no hashing of megabytes
+    assert not is_zero_chunk(MAX_CHUNK + 1, content_hash(bytes(MAX_CHUNK + 1)), at_end=True)
+
+
+def reader(data: bytes, rng: random.Random | None = None):
+    """`read_at` over `data`, with random short reads when given `rng`."""
+    whole = memoryview(data)
+
+    def read_at(view: memoryview, offset: int) -> int:
+        n = max(0, min(len(view), len(whole) - offset))
+        if rng is not None and n:
+            n = rng.randint(1, n)
+        view[:n] = whole[offset : offset + n]
+        return n
+
+    return read_at
+
+
+def sparse_file(seed: int, size: int) -> tuple[bytes, list[tuple[int, int]]]:
+    """Bytes of a file of random data, holes and written zeros, and the holes among them."""
+    rng = random.Random(seed)
+    data = bytearray(size)
+    holes: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        n = min(size - pos, rng.choice([rng.randint(1, 5000), rng.randint(1, 3 * MAX_CHUNK)]))
+        kind = rng.choice(["data", "hole", "zeros", "data with a zero tail"])
+        if kind == "data":
+            data[pos : pos + n] = rng.randbytes(n)
+        elif kind == "data with a zero tail":
+            data[pos : pos + n // 2] = rng.randbytes(n // 2)
+        elif kind == "hole":
+            holes.append((pos, pos + n))
+        pos += n
+    return bytes(data), holes
+
+
+@settings(max_examples=150, deadline=None, print_blob=True)
+@given(st.integers(), st.integers(0, 1_500_000), st.booleans())
+def test_holes_and_written_zeros_give_the_same_hash_and_chunks(
+    seed: int, size: int, short_reads: bool
+) -> None:
+    # Two peers must agree on a file's chunks whether its zeros are holes or written out.
+    data, holes = sparse_file(seed, size)
+    rng = random.Random(seed) if short_reads else None
+    expected = chunk_bytes(data)
+    assert hash_and_chunk_sparse(reader(data, rng), size, holes) == expected
+    assert hash_and_chunk_sparse(reader(data, rng), size, ()) == expected  # holes not known
+    seen: list[int] = []
+    hash_and_chunk_sparse(reader(data), size, holes, on_bytes=seen.append)
+    assert sum(seen) == size
+
+
+def test_a_gigabyte_of_holes_is_chunked_without_reading_it() -> None:
+    size = 1 << 30
+    island = random.Random(4).randbytes(4096)
+    at = 300 * 1024 * 1024 + 12_345
+    asked: list[tuple[int, int]] = []
+
+    def read_at(view: memoryview, offset: int) -> int:
+        asked.append((offset, len(view)))
+        for i in range(len(view)):
+            j = offset + i
+            view[i] = island[j - at] if at <= j < at + len(island) else 0
+        return len(view)
+
+    content = hash_and_chunk_sparse(read_at, size, [(0, at), (at + 4096, size)])
+    assert sum(n for _, n in asked) <= 2 * MAX_CHUNK + 4096
+    assert content.size == size and len(content.chunks) <= size // MAX_CHUNK + 2
+    data_chunks = [c for c in content.chunks if not is_zero_chunk(c.length, c.hash)]
+    assert 1 <= len(data_chunks) <= 2
+    assert data_chunks[0].offset <= at < data_chunks[-1].offset + data_chunks[-1].length
+    # as the file with its zeros written out would be cut, byte by byte, from a cut point on
+    start = data_chunks[0].offset
+    written = bytes(at - start) + island + bytes(start + 4 * MAX_CHUNK - at - len(island))
+    first = content.chunks.index(data_chunks[0])
+    assert [(c.length, c.hash) for c in chunk_bytes(written).chunks[:3]] == [
+        (c.length, c.hash) for c in content.chunks[first : first + 3]
+    ]
+
+
+def test_a_file_that_ends_early_gives_fewer_bytes_than_its_size() -> None:
+    data, holes = sparse_file(5, 900_000)
+    for known in (holes, ()):
+        content = hash_and_chunk_sparse(reader(data[:500_000]), 900_000, known)
+        assert content.size < 900_000

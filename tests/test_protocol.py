@@ -50,7 +50,9 @@ from ironsync.protocol import (
 from ironsync.protocol.connection import FATAL_ERROR, SMALL_PIECE, transition_key
 from ironsync.protocol.limits import (
     CHUNK_REF_SIZE,
+    CHUNK_REPEAT_SIZE,
     MAX_CHUNK_REFS,
+    MAX_CHUNK_REPEATS,
     MAX_CHUNK_SIZE,
     MAX_FRAME_SIZE,
     MAX_IN_FLIGHT,
@@ -64,6 +66,7 @@ from ironsync.protocol.limits import (
     MIN_INT64,
     PROTOCOL_VERSION,
 )
+from ironsync.protocol.messages import CHUNK_REPEAT_RECORD, chunk_runs
 from ironsync.protocol.wire import (
     CHUNK_REF,
     MAX_INDEX_PAGE_OVERHEAD,
@@ -364,9 +367,35 @@ PINNED: list[tuple[Message, str]] = [
     ),
     (
         ChunkData(0, HASH_B, b"abc", request_id=9),
-        "00000019"  # frame length 25
-        "94110900c410f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"  # header [17, 9, 0, hash]
+        "0000001a"  # frame length 26
+        "95110900c410f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff00"  # header [17, 9, 0, hash, 0]
         "616263",  # the raw chunk bytes, to the end of the frame
+    ),
+    (
+        ChunkData(131072, HASH_B, b"abc", leading_zeros=4000, request_id=9),
+        "00000020"  # frame length 32
+        "951109ce00020000"  # header [17, 9, 131072 (uint32),
+        "c410f0f1f2f3f4f5f6f7f8f9fafbfcfdfeffcd0fa0"  # hash, 4000 (uint16) zeros before "abc"]
+        "616263",  # then zeros to the length of the chunk asked for
+    ),
+    (
+        ChunkList(
+            "docs",
+            "a",
+            HASH_A,
+            (ChunkRef(0, 5, HASH_A), ChunkRef(5, 8, HASH_B), ChunkRef(29, 1, HASH_A)),
+            repeats=bytes.fromhex("0000000100000003"),
+            request_id=3,
+        ),
+        "0000007d980f03a4646f6373a161"  # [15, 3, "docs", "a",
+        "c410000102030405060708090a0b0c0d0e0f"  # file_hash,
+        "c454"  # chunks: bin of 84 bytes, three ChunkRef records,
+        "000000000000000000000005000102030405060708090a0b0c0d0e0f"
+        "000000000000000500000008f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"
+        "000000000000001d00000001000102030405060708090a0b0c0d0e0f"
+        "c2"  # more false,
+        "c408"  # repeats: bin of 8 bytes, one record:
+        "0000000100000003",  # chunks[1] u32 stands for 3 u32 chunks (at 5, 13, 21)]
     ),
     (
         StorageHashes({"pics": HASH_B, "docs": HASH_A}, request_id=2),
@@ -476,8 +505,17 @@ messages = st.one_of(
     ),
     _answered(GetChunkList, names, names, hashes),
     _answered(ChunkList, names, names, hashes, chunk_refs, st.booleans()),
+    st.builds(
+        lambda rid, refs, more: ChunkList(
+            "docs", "a", HASH_A, chunk_runs(refs)[0], more, chunk_runs(refs)[1], request_id=rid
+        ),
+        request_ids,
+        st.lists(st.builds(lambda n: (n * 8, 8, HASH_B), st.integers(0, 5)), max_size=6),
+        st.booleans(),
+    ),
     _answered(GetChunks, names, names, hashes, chunk_refs),
     _answered(ChunkData, uint63, hashes, st.binary(max_size=100)),
+    _answered(ChunkData, uint63, hashes, st.binary(max_size=100), st.integers(0, 2**20)),
     _answered(ChunksDone),
     _answered(SyncRequest, aliases),
     _answered(SyncResult, st.booleans(), texts),
@@ -747,7 +785,7 @@ def test_end_of_stream_between_frames_closes_their_side() -> None:
         (raw_frame([13, 1, "docs", [[1, 2]], 0, False]), "IndexEntry must be an array of 11"),
         (raw_frame([16, 1, "d", "a", HASH_A, b"\x00" * 27]), "whole number of 28-byte"),
         (raw_frame([16, 1, "d", "a", HASH_A, [[0, 1, HASH_A]]]), "chunks must be a bin"),
-        (raw_frame([17, 1, 0]), "ChunkData has 3 fields, the frame has 2"),
+        (raw_frame([17, 1, 0]), "ChunkData has 4 fields, the frame has 2"),
         (framed(b"\x94\x11\x01\x00\xc4\x10"), "undecodable ChunkData header"),
     ],
 )
@@ -872,6 +910,12 @@ def test_local_misuse_raises_and_changes_nothing(
     assert snapshot(conn) == before
 
 
+def chunk_list_repeating(*repeats: tuple[int, int]) -> ChunkList:
+    """A ChunkList of one chunk with these (index, count) repeats."""
+    packed = b"".join(CHUNK_REPEAT_RECORD.pack(*r) for r in repeats)
+    return ChunkList("docs", "a", HASH_A, (ChunkRef(0, 8, HASH_B),), repeats=packed, request_id=1)
+
+
 @pytest.mark.parametrize(
     ("build", "reason"),
     [
@@ -901,6 +945,22 @@ def test_local_misuse_raises_and_changes_nothing(
             "at most 4194304",
         ),
         (lambda: ChunkData(0, HASH_A, "text", request_id=1), "data must be bytes-like"),
+        (lambda: ChunkData(0, HASH_A, b"x", -1, request_id=1), "leading_zeros must be in"),
+        (
+            lambda: ChunkData(0, HASH_A, b"x", MAX_CHUNK_SIZE, request_id=1),
+            "at most 4194304 bytes with its leading zeros",
+        ),
+        (lambda: chunk_list_repeating((1, 2)), "rising order, not 1 after -1"),
+        (lambda: chunk_list_repeating((0, 2), (0, 3)), "rising order, not 0 after 0"),
+        (lambda: chunk_list_repeating((0, 1)), "repeat count must be in \\[2,"),
+        (
+            lambda: ChunkList("docs", "a", HASH_A, (), repeats=b"\x00", request_id=1),
+            "records of 8 bytes, not 1 bytes",
+        ),
+        (
+            lambda: ChunkList("docs", "a", HASH_A, (), repeats="x", request_id=1),  # type: ignore[arg-type]
+            "repeats must be bytes",
+        ),
         (lambda: StorageHashes({"docs": b"x"}, request_id=1), "must be 16 bytes"),
         (lambda: SyncResult(1, "", request_id=1), "ok must be a bool"),
         (lambda: Error("no spaces", "", request_id=1), "code must match"),
@@ -1049,7 +1109,8 @@ def test_an_index_page_fits_when_its_entries_fit_the_budget() -> None:
 def test_the_longest_chunk_list_fits_in_one_frame() -> None:
     path = "\U0001f4c1" * MAX_PATH_LEN
     header = frame(ChunkList("\U0001f4c1" * MAX_NAME_LEN, path, HASH_A, (), request_id=1))
-    assert len(header) + MAX_CHUNK_REFS * CHUNK_REF_SIZE <= MAX_FRAME_SIZE
+    most_repeats = MAX_CHUNK_REPEATS * CHUNK_REPEAT_SIZE + 5  # and its bin's header
+    assert len(header) + MAX_CHUNK_REFS * CHUNK_REF_SIZE + most_repeats <= MAX_FRAME_SIZE
 
 
 def test_the_protocol_package_does_no_io() -> None:
@@ -1072,3 +1133,47 @@ def test_protocol_errors_say_whose_fault_it_was() -> None:
     assert issubclass(RemoteProtocolError, ProtocolError)
     assert not issubclass(LocalProtocolError, RemoteProtocolError)
     assert RemoteProtocolError("bad frame").reason == "bad frame"
+
+
+# --- runs of equal chunks in a chunk list (issue 11: sparse files) ----------------------------
+
+
+@settings(max_examples=200, deadline=None, print_blob=True)
+@given(st.lists(st.tuples(st.integers(1, 3), st.sampled_from([HASH_A, HASH_B])), max_size=40))
+def test_chunk_runs_spell_out_to_the_chunks_they_were_made_of(
+    pieces: list[tuple[int, bytes]],
+) -> None:
+    refs: list[tuple[int, int, bytes]] = []
+    offset = 0
+    for length, digest in pieces:
+        refs.append((offset, length, digest))
+        offset += length
+    chunks, repeats = chunk_runs(refs)
+    reply = ChunkList("docs", "a", HASH_A, chunks, repeats=repeats, request_id=1)
+    assert reply.chunk_count() == len(refs)
+    assert reply.all_chunks() == tuple(ChunkRef(*r) for r in refs)
+    assert decode_body(memoryview(frame(reply))[4:]) == reply
+    # a run is sent once: no two records in a row could have been one
+    kept = list(chunks)
+    for a, b in itertools.pairwise(kept):
+        assert (a.length, a.hash) != (b.length, b.hash) or b.offset != a.offset + a.length
+
+
+def test_a_gigabyte_of_zero_chunks_is_one_record() -> None:
+    zero, chunk = bytes(16), 128 * 1024
+    refs = [(0, 5000, HASH_A), *((5000 + n * chunk, chunk, zero) for n in range(8192))]
+    chunks, repeats = chunk_runs(refs)
+    reply = ChunkList("docs", "a", HASH_A, chunks, repeats=repeats, request_id=1)
+    assert len(chunks) == 2 and repeats == CHUNK_REPEAT_RECORD.pack(1, 8192)
+    assert len(frame(reply)) < 120
+    assert reply.chunk_count() == 8193 and list(reply.all_chunks()) == [ChunkRef(*r) for r in refs]
+
+
+def test_a_chunk_list_with_repeats_naming_no_chunk_is_refused_from_a_peer() -> None:
+    body = msgpack.packb(
+        [15, 1, "docs", "a", HASH_A, CHUNK_REF.pack(0, 8, HASH_B), False,
+         CHUNK_REPEAT_RECORD.pack(1, 5)],
+        use_bin_type=True,
+    )  # fmt: skip
+    with pytest.raises(RemoteProtocolError, match="rising order, not 1 after -1"):
+        decode_body(memoryview(body))

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from ironsync import scan as scan_module
 from ironsync.chunking import MIN_CHUNK, chunk_bytes, content_hash, hash_and_chunk
@@ -654,3 +655,60 @@ def test_the_c_walk_reports_files_it_cannot_stat_as_python_does(tmp_path: Path) 
         )
     finally:
         (tmp_path / "locked").chmod(0o755)
+
+
+# --- sparse files (issue 11) -------------------------------------------------------------------
+
+
+def make_sparse(path: Path, size: int, islands: dict[int, bytes]) -> Path:
+    """A file of `size` bytes that holds `islands` (offset -> bytes) and holes elsewhere."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in islands.items():
+            f.seek(offset)
+            f.write(data)
+    os.utime(path, ns=(LONG_AGO_NS, LONG_AGO_NS))
+    if os.stat(path).st_blocks * 512 >= size:
+        pytest.skip("this file system does not keep holes")
+    return path
+
+
+def bytes_read_by_this_process() -> int:
+    """What read(2) and its kin returned so far, holes included (/proc/self/io rchar)."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        pytest.skip("no /proc/self/io here")
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("rchar:")))
+
+
+def test_a_sparse_file_gets_the_chunks_of_its_bytes_written_out(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    islands = {0: rng.randbytes(5000), 3_000_000: rng.randbytes(70_000),
+               9_999_000: rng.randbytes(1000), 17_000_000: rng.randbytes(300_000)}  # fmt: skip
+    size = 20 * 1024 * 1024 + 7
+    make_sparse(tmp_path / "sparse.img", size, islands)
+    with open(tmp_path / "sparse.img", "rb") as f:
+        expected = hash_and_chunk(f)  # every byte read, holes too
+    (result,) = hash_files(tmp_path, [("sparse.img", Stat(size, 0, 0, 0, 0))])
+    assert isinstance(result, Observed)
+    assert result.content == expected
+
+
+def test_a_gigabyte_sparse_file_is_hashed_without_reading_its_holes(tmp_path: Path) -> None:
+    size = 1 << 30
+    island = random.Random(12).randbytes(4096)
+    at = 300 * 1024 * 1024 + 12_345
+    make_sparse(tmp_path / "disk.img", size, {at: island})
+    before = bytes_read_by_this_process()
+    started = time.perf_counter()
+    (result,) = hash_files(tmp_path, [("disk.img", Stat(size, 0, 0, 0, 0))])
+    elapsed = time.perf_counter() - started
+    read = bytes_read_by_this_process() - before
+    assert isinstance(result, Observed)
+    whole = xxhash.xxh3_128()
+    for piece in (bytes(at), island, bytes(size - at - len(island))):
+        whole.update(piece)
+    assert result.content.hash == whole.digest() and result.content.size == size
+    assert read < 1024 * 1024, read  # the data and the chunk spool, not the holes
+    assert elapsed < 10, elapsed  # ~0.1 s here; reading the holes took ~4 s

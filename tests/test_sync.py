@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from ironsync.chunking import content_hash
+from ironsync.scan import Observed, Stat, hash_files
 from tests.conftest import IRONSYNC
 from tests.daemons import SyncNode, stop_all, tree, write
 
@@ -203,3 +205,48 @@ def test_sigkill_mid_transfer_leaves_no_torn_file_and_the_next_sync_converges(
     a.sync()
     assert (a.root / "big.bin").read_bytes() == new
     assert not [p for p in a.root.iterdir() if p.name.startswith(".ironsync-")]
+
+
+def test_a_sparse_gigabyte_with_4_kib_of_data_arrives_sparse_for_about_4_kib(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    # issue 11: holes are neither read, nor sent, nor written
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    size, at, data = 1 << 30, 300 * 1024 * 1024 + 12_345, os.urandom(4096)
+    with open(b.root / "disk.img", "wb") as f:
+        f.truncate(size)
+        f.seek(at)
+        f.write(data)
+    if (b.root / "disk.img").stat().st_blocks * 512 >= size:
+        pytest.skip("this file system does not keep holes")
+    a.add_peers(b)
+    b.start()
+
+    result = a.sync()
+
+    arrived = a.root / "disk.img"
+    assert arrived.stat().st_size == size
+    assert arrived.stat().st_blocks * 512 <= 3 * 4096  # the data, in at most two blocks
+    with open(arrived, "rb") as f:
+        f.seek(at - 100)
+        assert f.read(4296) == bytes(100) + data + bytes(100)
+    expected = xxhash.xxh3_128()  # the hash of every byte, zeros included, from memory
+    for piece in (bytes(at), data, bytes(size - at - len(data))):
+        expected.update(piece)
+    (observed,) = hash_files(a.root, [("disk.img", Stat(size, 0, 0, 0, 0))])
+    assert isinstance(observed, Observed) and observed.content.hash == expected.digest()
+    # on the wire: the data and a chunk list of a few records
+    (peer,) = [r for r in result["results"] if "peer" in r]
+    assert peer["converged"] and peer["pulled"] == 1
+    assert peer["bytes_from_peer"] <= len(data) + 2048
+    (finished,) = a.events("write_finished")
+    assert finished["detail"]["bytes_from_peer"] == peer["bytes_from_peer"]
+    assert finished["detail"]["hash"] == expected.hexdigest()
+    sent = 0
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:  # counted when the session closes
+        status = json.loads(b.run("status", "--json").stdout)
+        sent = sum(p["bytes_out"] or 0 for p in status["peers"] if p["node_id"] == "alpha")
+        time.sleep(0.1)
+    assert 0 < sent <= 64 * 1024, sent  # everything beta sent alpha in that sync

@@ -23,6 +23,7 @@ from ironsync.protocol import (
     ChunkList,
     ChunkRef,
     ChunkRefs,
+    ChunksDone,
     GetChunkList,
     GetChunks,
     Reply,
@@ -40,6 +41,7 @@ from ironsync.sync.transfer import (
     BATCH_MAX_BYTES,
     REASON_CHANGED_LOCALLY,
     SERVE_MAX_REFS,
+    TRIM_MIN_ZEROS,
     TransferResult,
     pull_file,
     remove_stale_temp_files,
@@ -356,6 +358,158 @@ def test_local_source_that_changed_since_it_was_indexed_is_fetched_from_the_peer
     assert result.bytes_from_peer == len(data)
     # Refetched in batches, not one request per chunk.
     assert sum(isinstance(r, GetChunks) for r in link.requests) <= len(data) // BATCH_MAX_BYTES + 2
+
+
+# --- sparse files and runs of zeros (issue 11) ---------------------------------------------------
+
+
+def write_sparse(side: Side, rel: str, size: int, islands: dict[int, bytes]) -> bytes:
+    """A file of `size` bytes holding `islands` (offset -> bytes), holes elsewhere; returns
+    its bytes."""
+    path = side.root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in islands.items():
+            f.seek(offset)
+            f.write(data)
+    os.utime(path, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+    if allocated(path) >= size:
+        pytest.skip("this file system does not keep holes")
+    content = bytearray(size)
+    for offset, data in islands.items():
+        content[offset : offset + len(data)] = data
+    return bytes(content)
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def zero_refs_asked(link: MemoryLink) -> list[ChunkRef]:
+    return [
+        ref
+        for request in link.requests
+        if isinstance(request, GetChunks)
+        for ref in request.chunks
+        if ref.hash == content_hash(bytes(ref.length))
+    ]
+
+
+def test_a_sparse_file_arrives_sparse_and_its_zeros_are_not_fetched(
+    alpha: Side, beta: Side
+) -> None:
+    islands = {0: random_bytes(5000, seed=40), 10 * MiB + 123: random_bytes(70 * KiB, seed=41),
+               40 * MiB: random_bytes(4 * KiB, seed=42)}  # fmt: skip
+    data = write_sparse(alpha, "disk.img", 64 * MiB + 5, islands)  # ends in a hole
+    alpha.scan()
+    lists: list[ChunkList] = []
+    link = link_to(alpha, encode=True, tamper=lambda r: lists.append(r) or r)
+
+    result = pull(beta, link, alpha.target("disk.img"))
+
+    assert result.ok and beta.read("disk.img") == data
+    assert zero_refs_asked(link) == []
+    held = sum(len(d) for d in islands.values())
+    # on the wire: the islands, not the zeros around them in their chunks
+    assert result.bytes_from_peer == link.chunk_bytes <= held + 3 * TRIM_MIN_ZEROS
+    # a run of zero chunks is one record of the chunk list (~515 chunks here, in ~9 records)
+    chunks = index.chunks_of(alpha.db, alpha.target_row_id("disk.img"))
+    (reply,) = [r for r in lists if isinstance(r, ChunkList)]
+    assert reply.chunk_count() == len(chunks) > 500 and len(reply.chunks) <= 12
+    # what it holds, rounded to blocks, and no more
+    assert allocated(beta.root / "disk.img") <= held + 6 * 4096
+    assert beta.scan().changes == []  # size and all: the index row matches the disk
+    assert index.chunks_of(beta.db, beta.target_row_id("disk.img")) == chunks
+
+
+def test_an_edit_of_a_sparse_file_reuses_the_rest_and_stays_sparse(alpha: Side, beta: Side) -> None:
+    islands = {MiB: random_bytes(300 * KiB, seed=43), 30 * MiB: random_bytes(4 * KiB, seed=44)}
+    write_sparse(beta, "old.img", 32 * MiB, islands)
+    beta.scan()
+    islands[20 * MiB] = random_bytes(4 * KiB, seed=45)
+    data = write_sparse(alpha, "new.img", 32 * MiB, islands)
+    alpha.scan()
+
+    result = pull(beta, link_to(alpha), alpha.target("new.img"))
+
+    assert result.ok and beta.read("new.img") == data
+    assert result.bytes_reused >= 300 * KiB and result.bytes_from_peer <= 4 * KiB + 2048
+    assert allocated(beta.root / "new.img") <= allocated(alpha.root / "new.img") + 4 * 4096
+
+
+def test_runs_of_written_zeros_arrive_as_holes(alpha: Side, beta: Side) -> None:
+    # As rsync --sparse: zeros are not written, whether the sender's were holes or not, and
+    # whether they fill whole chunks or the end of a chunk that holds data.
+    parts = [random_bytes(5000, seed=46), bytes(100 * KiB), random_bytes(3000, seed=47),
+             bytes(3 * MiB), random_bytes(10, seed=48), bytes(50 * KiB)]  # fmt: skip
+    data = b"".join(parts)
+    alpha.write("zeros.bin", data)
+    alpha.scan()
+    assert allocated(alpha.root / "zeros.bin") >= len(data)
+
+    result = pull(beta, link_to(alpha), alpha.target("zeros.bin"))
+
+    assert result.ok and beta.read("zeros.bin") == data
+    assert allocated(beta.root / "zeros.bin") <= 5000 + 3000 + 10 + 5 * 4096
+
+
+def test_a_chunk_of_zeros_is_served_without_reading_the_file(alpha: Side) -> None:
+    write_sparse(alpha, "disk.img", 4 * MiB, {0: random_bytes(5000, seed=50)})
+    alpha.scan()
+    chunks = index.chunks_of(alpha.db, alpha.target_row_id("disk.img"))
+    zero = chunks[-1]
+    assert zero.hash == content_hash(bytes(zero.length))
+    # the file changes where that chunk was: a read would find it and answer "changed"
+    with open(alpha.root / "disk.img", "r+b") as f:
+        f.seek(zero.offset)
+        f.write(b"new data")
+    sent: list[Reply] = []
+
+    class Collect:
+        async def send(self, reply: Reply) -> None:
+            sent.append(reply)
+
+    request = GetChunks("docs", "disk.img", alpha.target("disk.img").hash, (ChunkRef(
+        zero.offset, zero.length, zero.hash),), request_id=1)  # fmt: skip
+    asyncio.run(serve_chunks(alpha.db, alpha.row, request, Collect(), peer="beta"))
+
+    data, done = sent
+    assert isinstance(data, ChunkData) and isinstance(done, ChunksDone)
+    assert (data.offset, data.leading_zeros, bytes(data.data)) == (zero.offset, 0, b"")
+
+
+@pytest.mark.parametrize("leading_zeros", [1, 8 * KiB])
+def test_a_chunk_sent_with_more_zeros_than_it_has_fails_cleanly(
+    alpha: Side, beta: Side, leading_zeros: int
+) -> None:
+    write_sparse(alpha, "disk.img", 4 * MiB, {10_000: random_bytes(300 * KiB, seed=51)})
+    alpha.scan()
+
+    def pad(reply: Reply) -> Reply:
+        if isinstance(reply, ChunkData) and len(reply.data) > 5000:
+            return dataclasses.replace(reply, leading_zeros=len(reply.data) + leading_zeros)
+        return reply
+
+    result = pull(beta, link_to(alpha, tamper=pad), alpha.target("disk.img"))
+
+    assert_failed_cleanly(beta, result, "corrupt")
+
+
+@pytest.mark.root
+def test_a_sparse_file_bigger_than_the_free_space_arrives_when_its_data_fits(
+    alpha: Side, small_tmpfs: Path
+) -> None:
+    receiver = Side(small_tmpfs, "beta")  # 2 MiB of space
+    data = write_sparse(alpha, "disk.img", 256 * MiB, {100 * MiB: random_bytes(4096, seed=49)})
+    alpha.scan()
+
+    result = pull(receiver, link_to(alpha), alpha.target("disk.img"))
+
+    assert result.ok, result.reason
+    assert receiver.read("disk.img") == data
+    assert allocated(receiver.root / "disk.img") <= 2 * 4096
+    receiver.db.close()
 
 
 # --- the peer's faults ----------------------------------------------------------------------------

@@ -11,7 +11,8 @@ MiB = 1024 * KiB
 
 PROTOCOL_VERSION = 2
 """Sent in Hello; a peer announcing any other version is refused. Version 2: IndexEntry
-carries the entry's kind (file, folder, symlink) and a symlink's target."""
+carries the entry's kind (file, folder, symlink) and a symlink's target; ChunkList.repeats and
+ChunkData.leading_zeros leave a sparse file's zeros off the wire."""
 
 FRAME_HEADER_SIZE = 4
 """Bytes of the big-endian length that precedes every frame body."""
@@ -70,3 +71,13 @@ CHUNK_REF_SIZE = 8 + 4 + HASH_SIZE
 MAX_CHUNK_REFS = 2**18
 """ChunkRefs in one GetChunks or ChunkList (7 MiB of records, so any such message fits in a
 frame); longer chunk lists are sent as several ChunkList replies with more=True."""
+
+CHUNK_REPEAT_SIZE = 4 + 4
+"""Bytes of one entry of ChunkList.repeats on the wire: index u32, count u32."""
+
+MAX_CHUNK_REPEATS = 2**16
+"""Entries of one ChunkList's repeats (512 KiB of records: with MAX_CHUNK_REFS refs the
+message still fits in a frame)."""
+
+MAX_REPEAT_COUNT = 2**32 - 1
+"""Chunks one ChunkList.repeats entry stands for."""

@@ -18,7 +18,7 @@ the same constructors, so a peer cannot get past these checks either.
 
 import re
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, overload
@@ -26,8 +26,10 @@ from typing import Any, ClassVar, overload
 from ironsync.model import FILE, KINDS, MAX_LINK_TARGET_BYTES, SYMLINK
 from ironsync.protocol.errors import LocalProtocolError
 from ironsync.protocol.limits import (
+    CHUNK_REPEAT_SIZE,
     HASH_SIZE,
     MAX_CHUNK_REFS,
+    MAX_CHUNK_REPEATS,
     MAX_CHUNK_SIZE,
     MAX_ERROR_CODE_LEN,
     MAX_INDEX_PAGE_ENTRIES,
@@ -36,6 +38,7 @@ from ironsync.protocol.limits import (
     MAX_NAME_LEN,
     MAX_NODE_ID_LEN,
     MAX_PATH_LEN,
+    MAX_REPEAT_COUNT,
     MAX_REQUEST_ID,
     MAX_STORAGES,
     MAX_TEXT_LEN,
@@ -282,6 +285,12 @@ class ChunkRefs(Sequence[ChunkRef]):
         return f"ChunkRefs({list(self)!r})" if len(self) <= 4 else f"ChunkRefs(<{len(self)}>)"
 
 
+CHUNK_REPEAT_RECORD = struct.Struct(">II")
+"""One entry of ChunkList.repeats on the wire: the index of a ref u32, the count of chunks it
+stands for u32, big-endian."""
+assert CHUNK_REPEAT_RECORD.size == CHUNK_REPEAT_SIZE
+
+
 def _chunk_refs(value: object) -> Sequence[ChunkRef]:
     if isinstance(value, ChunkRefs):
         if len(value) > MAX_CHUNK_REFS:
@@ -492,13 +501,19 @@ class GetChunkList(Request):
 @dataclass(frozen=True, slots=True)
 class ChunkList(Reply):
     """The chunks of a file, in order. A file with more than MAX_CHUNK_REFS chunks is answered
-    by several ChunkList replies, all but the last with more=True."""
+    by several ChunkList replies, all but the last with more=True.
+
+    `repeats` shortens runs of equal chunks, such as the MAX_CHUNK zero bytes a sparse file's
+    holes are made of (issue 11): packed CHUNK_REPEAT_RECORDs (index, count), indexes rising,
+    each saying that `chunks[index]` stands for `count` >= 2 chunks of its length and hash, one
+    right after the other. `all_chunks()` spells them out."""
 
     storage: str
     path: str
     file_hash: bytes
     chunks: tuple[ChunkRef, ...]
     more: bool = False
+    repeats: bytes = b""
 
     def is_final(self) -> bool:
         return not self.more
@@ -509,6 +524,69 @@ class ChunkList(Reply):
         _check_hash("file_hash", self.file_hash)
         _set(self, "chunks", _chunk_refs(self.chunks))
         _check_bool("more", self.more)
+        repeats = self.repeats
+        if not isinstance(repeats, bytes):
+            raise LocalProtocolError(f"repeats must be bytes, not {type(repeats).__name__}")
+        if len(repeats) % CHUNK_REPEAT_SIZE or len(repeats) > MAX_CHUNK_REPEATS * CHUNK_REPEAT_SIZE:
+            raise LocalProtocolError(
+                f"repeats must be at most {MAX_CHUNK_REPEATS} records of {CHUNK_REPEAT_SIZE} "
+                f"bytes, not {len(repeats)} bytes"
+            )
+        previous = -1
+        for index, count in CHUNK_REPEAT_RECORD.iter_unpack(repeats):
+            if not previous < index < len(self.chunks):
+                raise LocalProtocolError(
+                    f"repeats must name chunks in rising order, not {index} after {previous}"
+                )
+            _check_int("repeat count", count, 2, MAX_REPEAT_COUNT)
+            previous = index
+
+    def chunk_count(self) -> int:
+        """How many chunks the reply stands for, repeats spelled out."""
+        extra = sum(count - 1 for _, count in CHUNK_REPEAT_RECORD.iter_unpack(self.repeats))
+        return len(self.chunks) + extra
+
+    def all_chunks(self) -> ChunkRefs:
+        """The chunks, repeats spelled out (check `chunk_count()` first: the peer chose it)."""
+        chunks = ChunkRefs.of(self.chunks)
+        if not self.repeats:
+            return chunks
+        size, packed, pack = CHUNK_REF_RECORD.size, chunks.packed, CHUNK_REF_RECORD.pack
+        parts: list[bytes] = []
+        done = 0
+        for index, count in CHUNK_REPEAT_RECORD.iter_unpack(self.repeats):
+            parts.append(packed[done * size : (index + 1) * size])
+            offset, length, digest = CHUNK_REF_RECORD.unpack_from(packed, index * size)
+            parts += [pack(offset + n * length, length, digest) for n in range(1, count)]
+            done = index + 1
+        parts.append(packed[done * size :])
+        return ChunkRefs(b"".join(parts))
+
+
+def chunk_runs(refs: Iterable[tuple[int, int, bytes]]) -> tuple[ChunkRefs, bytes]:
+    """Chunks given as (offset, length, hash), in order, as ChunkList's `chunks` and `repeats`:
+    each run of equal chunks, one right after the other, is sent once with its count."""
+    pack = CHUNK_REF_RECORD.pack
+    records: list[bytes] = []
+    repeats: list[bytes] = []
+    run_offset, run_length, run_hash = -1, 0, b""
+    count = 0
+    for offset, length, digest in refs:
+        if (
+            length == run_length
+            and digest == run_hash
+            and offset == run_offset + count * run_length
+            and count < MAX_REPEAT_COUNT
+        ):
+            count += 1
+            continue
+        if count > 1:
+            repeats.append(CHUNK_REPEAT_RECORD.pack(len(records) - 1, count))
+        records.append(pack(offset, length, digest))
+        run_offset, run_length, run_hash, count = offset, length, digest, 1
+    if count > 1:
+        repeats.append(CHUNK_REPEAT_RECORD.pack(len(records) - 1, count))
+    return ChunkRefs(b"".join(records)), b"".join(repeats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,11 +612,16 @@ class ChunkData(Reply):
     `data` is bytes or a read-only 1-D memoryview of bytes; a received ChunkData holds a
     memoryview into the received frame (no copy). A bytearray or writable memoryview given
     to the constructor is kept as a view, not copied: don't change it until it is sent.
+
+    Zeros at the ends of a chunk are not sent (issue 11: the data of a sparse file is an
+    island in zeros): the chunk is `leading_zeros` zero bytes, then `data`, then zero bytes up
+    to the length of the chunk asked for.
     """
 
     offset: int
     hash: bytes
     data: bytes | memoryview
+    leading_zeros: int = 0
 
     def is_final(self) -> bool:
         return False
@@ -556,15 +639,18 @@ class ChunkData(Reply):
             if data.format != "B" or data.ndim != 1:
                 data = data.cast("B")
             _set(self, "data", data)
-        if len(data) > MAX_CHUNK_SIZE:
+        _check_int("leading_zeros", self.leading_zeros, 0, MAX_CHUNK_SIZE)
+        if self.leading_zeros + len(data) > MAX_CHUNK_SIZE:
             raise LocalProtocolError(
-                f"data must be at most {MAX_CHUNK_SIZE} bytes, not {len(data)}"
+                f"data must be at most {MAX_CHUNK_SIZE} bytes with its leading zeros, not "
+                f"{self.leading_zeros} + {len(data)}"
             )
 
     def __repr__(self) -> str:
+        zeros = f", leading_zeros={self.leading_zeros}" if self.leading_zeros else ""
         return (
             f"ChunkData(offset={self.offset}, hash={self.hash!r}, "
-            f"data=<{len(self.data)} bytes>, request_id={self.request_id})"
+            f"data=<{len(self.data)} bytes>{zeros}, request_id={self.request_id})"
         )
 
 

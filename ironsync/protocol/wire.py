@@ -15,11 +15,13 @@ Body
     - IndexPage.entries: an array of arrays, one per IndexEntry, in its field order.
     - GetChunks.chunks, ChunkList.chunks: one bin of packed ChunkRef records, each
       CHUNK_REF_SIZE = 28 bytes: offset u64, length u32, hash (16 bytes), big-endian.
+    - ChunkList.repeats: one bin of packed records, each CHUNK_REPEAT_SIZE = 8 bytes: index
+      u32, count u32, big-endian.
     - StorageHashes.hashes: a map alias → bin, keys sorted (so the encoding is unique).
 
     ChunkData is the one exception, so that chunk bytes are never re-encoded or copied: the
-    array is only the header `[17, request_id, offset, hash]` and the raw chunk bytes follow
-    it up to the end of the frame.
+    array is only the header `[17, request_id, offset, hash, leading_zeros]` and the raw chunk
+    bytes (`data`) follow it up to the end of the frame.
 
     Hello always starts `[1, 0, protocol_version, ...]`, in every version of the protocol,
     so a peer speaking another version is told so rather than that its Hello is malformed.
@@ -102,8 +104,8 @@ _FIELDS: dict[type, tuple[str, ...]] = {
     for cls in (*TYPE_CODES, IndexEntry)
 }
 
-# The largest header [17, request_id, offset, hash] takes 38 bytes even with the widest
-# msgpack integer encodings.
+# The largest header [17, request_id, offset, hash, leading_zeros] takes 43 bytes even with
+# the widest msgpack integer encodings.
 _CHUNK_HEADER_LIMIT = 64
 
 # Hostile input must not make us allocate more than a bounded multiple of the frame: msgpack
@@ -165,7 +167,9 @@ def encode_frame(message: Message) -> list[Buffer]:
     if code is None:
         raise LocalProtocolError(f"cannot send {cls.__name__}: not a protocol message")
     if isinstance(message, ChunkData):
-        header = _pack([code, message.request_id, message.offset, message.hash])
+        header = _pack(
+            [code, message.request_id, message.offset, message.hash, message.leading_zeros]
+        )
         size = len(header) + len(message.data)
         return [FRAME_HEADER.pack(size) + header, message.data]
     body = _pack(
@@ -208,6 +212,12 @@ def _entries_from_wire(value: Any) -> tuple[IndexEntry, ...]:
     return tuple(entries)
 
 
+def _repeats_from_wire(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise RemoteProtocolError(f"repeats must be a bin, not {type(value).__name__}")
+    return value  # checked by ChunkList, record by record, without objects
+
+
 def _chunk_refs_from_wire(value: Any) -> ChunkRefs:
     if not isinstance(value, bytes):
         raise RemoteProtocolError(f"chunks must be a bin, not {type(value).__name__}")
@@ -222,6 +232,7 @@ def _chunk_refs_from_wire(value: Any) -> ChunkRefs:
 _FIELD_FROM_WIRE: dict[str, Callable[[Any], Any]] = {
     "entries": _entries_from_wire,
     "chunks": _chunk_refs_from_wire,
+    "repeats": _repeats_from_wire,
 }
 
 
@@ -259,7 +270,8 @@ def _decode_chunk_data(body: memoryview) -> Message:
         raise RemoteProtocolError(
             f"undecodable ChunkData header: {str(exc) or 'truncated'}"
         ) from None
-    return _build(ChunkData, header[1], [*header[2:], body[unpacker.tell() :]])
+    # the header's fields, with the data that follows it in the place of `data`
+    return _build(ChunkData, header[1], [*header[2:4], body[unpacker.tell() :], *header[4:]])
 
 
 def decode_body(body: memoryview) -> Message:

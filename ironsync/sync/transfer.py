@@ -6,6 +6,10 @@ from the index a page at a time. GetChunks gets the bytes of each chunk asked fo
 pread and checked against the chunk's hash before they are sent: the file may have changed
 since it was indexed, and then the answer is the error "changed" (the peer must rescan before
 it can serve that file).
+Zeros cost next to nothing (issue 11, sparse files): a run of equal chunks in a chunk list
+(a hole's zero chunks) is sent once with its count (ChunkList.repeats), a chunk of zeros is
+answered without reading the file, and at least TRIM_MIN_ZEROS zeros at either end of a chunk
+are not sent (ChunkData.leading_zeros, trailing zeros implied by the chunk's length).
 A conflict copy is fetched by its content: when the path holds other content, any live file
 of the storage with the asked hash serves.
 
@@ -14,17 +18,23 @@ Pulling (the receiver) follows shared/DESIGN.md, "Rules that keep data safe":
 1. a `write_started` event;
 2. the chunk list (known without asking for a file of at most MIN_CHUNK bytes: one chunk, the
    file's hash), which must cover [0, size) exactly, in order (checked as it arrives, so a
-   list that never ends is refused early: at most size / MIN_AVERAGE_CHUNK + 1 chunks, and
-   the file must fit in the free space of the storage's file system to be asked for at all);
-3. every chunk this node already holds (in any file of any storage, `store.chunks`) is copied
-   locally, and a chunk that appears twice in the file is fetched once: moves, copies,
-   duplicates and unchanged regions cost nothing on the wire. The list is kept as packed
+   list that never ends is refused early: at most size / MIN_AVERAGE_CHUNK + 1 chunks, which
+   must fit in the free space of the storage's file system to be asked for at all; then the
+   file's data, its chunks that are not all zeros, must fit);
+3. a chunk of zeros (`chunking.is_zero_chunk`: its hash is that of zeros) is obtained from
+   nowhere: it stays a hole; every chunk this node already holds (in any file of any
+   storage, `store.chunks`) is copied locally, and a chunk that appears twice in the file is
+   fetched once: moves, copies, duplicates, unchanged regions and runs of zeros cost nothing
+   on the wire. The list is kept as packed
    records (28 bytes a chunk; over SPOOL_MEMORY_BYTES in an anonymous temp file) and planned
    WINDOW_REFS chunks at a time, so a pull's memory does not grow with the file's size;
 4. the file is assembled in order in `.ironsync-<random>.tmp` in the target's folder; every
    chunk is verified (a local source that no longer holds it is fetched from the peer
    instead), the whole-file hash is computed while writing and compared with the target's,
-   then the file gets the target's mode and mtime and is fsynced;
+   then the file gets the target's mode and mtime and is fsynced. Zeros are never written,
+   as `rsync --sparse` does: chunks of zeros and every HOLE_BLOCK-aligned block of zeros in
+   other chunks are skipped over (pwritev at offsets; ftruncate gives the size when the file
+   ends in a hole), so a sparse file arrives sparse, and so do long runs of written zeros;
 5. if the local target changed since the decision (size, mtime or inode differ from
    `expected`, or a file appeared or vanished), the pull is abandoned: an edit the scanner has
    not seen is never overwritten;
@@ -67,7 +77,7 @@ from typing import Any
 
 import xxhash
 
-from ironsync.chunking import MIN_CHUNK, ChunkInfo, content_hash
+from ironsync.chunking import MIN_CHUNK, ChunkInfo, content_hash, is_zero_chunk, zero_bytes
 from ironsync.ignore import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name
 from ironsync.model import FILE
 from ironsync.protocol import (
@@ -82,7 +92,7 @@ from ironsync.protocol import (
     Request,
 )
 from ironsync.protocol.limits import CHUNK_REF_SIZE
-from ironsync.protocol.messages import CHUNK_REF_RECORD
+from ironsync.protocol.messages import chunk_runs
 from ironsync.reconcile import ResolvedFile
 from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index
@@ -124,10 +134,17 @@ SERVE_MAX_BYTES = 16 * MiB
 """Most chunk bytes we serve for one GetChunks; more is refused with "too_large"."""
 READ_RUN_BYTES = 1 * MiB
 """Adjacent chunks are served from one pread of up to this many bytes."""
+TRIM_MIN_ZEROS = 1 * KiB
+"""A chunk's leading or trailing zeros are not sent when there are at least this many (the
+zeros around a sparse file's data); a chunk of zeros is sent as nothing, and never read."""
 
 WRITE_BUFFER_BYTES = 1 * MiB
 """Verified chunks are written to the temp file in one writev per this many bytes."""
 _MAX_IOV = 512  # buffers per writev, under every system's IOV_MAX (1024 on Linux)
+
+HOLE_BLOCK = 4 * KiB
+"""Zero bytes filling a whole HOLE_BLOCK-aligned block of the file are not written: they stay a
+hole (the block of common file systems; a bigger one still reads back as zeros)."""
 
 WINDOW_REFS = 4096
 """Chunks planned at once (about 100 MB of file): a pull holds two windows of refs."""
@@ -150,6 +167,8 @@ FILE_MODE_BITS = 0o777
 """Mode bits a pulled file gets from the peer: never setuid, setgid or sticky."""
 
 _REQUEST_ID = 1  # replaced by the PeerLink (module docstring)
+_ZEROS = bytes(HOLE_BLOCK)
+_TRIM_ZEROS = bytes(TRIM_MIN_ZEROS)
 
 # Folders that pulls made and that hold no pulled file yet, as (root, relative path). A pull
 # that fails removes the empty ones on its way, whichever pull made them: pulls running at
@@ -214,7 +233,6 @@ async def serve_chunk_list(
     while the peer reads), so a file of millions of chunks costs one page of memory. If the
     file is indexed anew meanwhile, the answer is the error "changed"."""
     row = _source_file(db, storage_row, request.path, request.file_hash, peer)
-    pack = CHUNK_REF_RECORD.pack
     start = 0
     while True:
         page = db.conn.execute(
@@ -228,14 +246,16 @@ async def serve_chunk_list(
             raise PeerError(peer, "changed", f"{row.path!r} changed while its chunks were sent")
         more = len(page) > refs_per_reply
         page = page[:refs_per_reply]
-        refs = ChunkRefs(b"".join([pack(offset, length, h) for _, offset, length, h in page]))
+        # a run of equal chunks (a hole's zeros) is sent once, with its count
+        refs, repeats = chunk_runs([row[1:] for row in page])
         await respond.send(
             ChunkList(
                 request.storage,
                 request.path,
                 request.file_hash,
                 refs,
-                more=more,
+                more,
+                repeats,
                 request_id=request.request_id,
             )
         )
@@ -263,6 +283,7 @@ async def serve_chunks(
             f"chunks / {SERVE_MAX_BYTES} bytes are served per request",
         )
     row = _source_file(db, storage_row, request.path, request.file_hash, peer)
+    rid = request.request_id
     try:
         fd = open_inside(storage_row.root, row.path)
     except (FileNotFoundError, NotADirectoryError):
@@ -270,7 +291,10 @@ async def serve_chunks(
     except (OSError, UnsafePath) as exc:
         raise PeerError(peer, "unreadable", f"{row.path!r}: {_describe_os(exc)}") from None
     try:
-        for run in _adjacent_runs(refs, READ_RUN_BYTES):
+        for run in _adjacent_runs(refs, READ_RUN_BYTES, row.size):
+            if _is_zeros(run[0], row.size):  # a run of its own: nothing to read
+                await respond.send(ChunkData(run[0].offset, run[0].hash, b"", request_id=rid))
+                continue
             start = run[0].offset
             try:
                 view = memoryview(os.pread(fd, run[-1].offset + run[-1].length - start, start))
@@ -285,8 +309,9 @@ async def serve_chunks(
                         f"{row.path!r} changed since it was indexed "
                         f"(chunk at offset {ref.offset} differs)",
                     )
+                leading_zeros, data = _without_zero_ends(data)
                 await respond.send(
-                    ChunkData(ref.offset, ref.hash, data, request_id=request.request_id)
+                    ChunkData(ref.offset, ref.hash, data, leading_zeros, request_id=rid)
                 )
         await respond.send(ChunksDone(request_id=request.request_id))
     finally:
@@ -314,18 +339,44 @@ def _source_file(
     return others[0]
 
 
-def _adjacent_runs(refs: Sequence[ChunkRef], max_bytes: int) -> list[list[ChunkRef]]:
-    """Split refs (kept in order) into runs of adjacent chunks of at most `max_bytes`."""
+def _adjacent_runs(refs: Sequence[ChunkRef], max_bytes: int, size: int) -> list[list[ChunkRef]]:
+    """Split refs (kept in order) into runs of adjacent chunks of at most `max_bytes`; a chunk
+    of zeros (of a file of `size` bytes) is a run of its own."""
     runs: list[list[ChunkRef]] = []
+    zeros = False  # the last run is a chunk of zeros
     for ref in refs:
-        if runs:
+        is_zeros = _is_zeros(ref, size)
+        if runs and not zeros and not is_zeros:
             run = runs[-1]
             end = run[-1].offset + run[-1].length
             if ref.offset == end and end + ref.length - run[0].offset <= max_bytes:
                 run.append(ref)
                 continue
         runs.append([ref])
+        zeros = is_zeros
     return runs
+
+
+def _is_zeros(ref: ChunkRef, size: int) -> bool:
+    """Whether `ref`, a chunk of a file of `size` bytes, is one of zeros (as far as
+    `chunking.is_zero_chunk` tells)."""
+    return is_zero_chunk(ref.length, ref.hash, at_end=ref.offset + ref.length == size)
+
+
+def _without_zero_ends(data: memoryview) -> tuple[int, memoryview]:
+    """(leading zeros, the rest without its trailing zeros) of a chunk, as ChunkData sends
+    it; only runs of at least TRIM_MIN_ZEROS are left out (most chunks: a look at two bytes)."""
+    size = len(data)
+    if size < TRIM_MIN_ZEROS or (data[0] and data[-1]):
+        return 0, data
+    lead = trail = 0
+    if not data[0] and data[:TRIM_MIN_ZEROS].tobytes() == _TRIM_ZEROS:
+        lead = size - len(data.tobytes().lstrip(b"\0"))
+        if lead == size:
+            return 0, data[:0]
+    if not data[-1] and data[size - TRIM_MIN_ZEROS :].tobytes() == _TRIM_ZEROS:
+        trail = size - len(data.tobytes().rstrip(b"\0"))
+    return lead, data[lead : size - trail]
 
 
 # --- pulling -----------------------------------------------------------------------------------
@@ -425,8 +476,9 @@ def _describe_os(exc: OSError | UnsafePath) -> str:
     return f"{name}: {text}" if name else text
 
 
-# How each chunk of the file is obtained, decided before anything is written.
-_PEER, _LOCAL, _COPY = "peer", "local", "copy"
+# How each chunk of the file is obtained, decided before anything is written. A chunk of zeros
+# (known by its hash) is obtained from nowhere: it is left a hole.
+_PEER, _LOCAL, _COPY, _ZERO = "peer", "local", "copy", "zero"
 
 
 class _Pull:
@@ -462,7 +514,7 @@ class _Pull:
         self._written = 0
         self._reported = 0
         self._hasher = xxhash.xxh3_128()
-        self._pending: list[bytes | memoryview] = []
+        self._pending: list[tuple[int, memoryview]] = []  # (offset, bytes) to write there
         self._pending_bytes = 0
         self._sources: dict[tuple[Path, str], int | None] = {}
         self._distrusted: set[tuple[Path, str]] = set()
@@ -471,7 +523,6 @@ class _Pull:
         target = self.target
         assert target.hash is not None
         check_peer_path(self.path)
-        self._check_free_space()
         chunks = self._chunks = await self._chunk_list()
         self._folder_fd, self._name = open_parent_folder(
             self.storage.root, self.path, create=True, created=self._created
@@ -543,17 +594,16 @@ class _Pull:
 
     # --- step 2: the chunk list ----------------------------------------------------------------
 
-    def _check_free_space(self) -> None:
+    def _check_free_space(self, needed: int, what: str) -> None:
         try:
             fs = os.statvfs(self.storage.root)
         except OSError:
             return  # the pull itself will say what is wrong
         free = fs.f_bavail * fs.f_frsize
-        if fs.f_blocks and self.target.size > free:
+        if fs.f_blocks and needed > free:
             raise TransferFailed(
                 IO_ERROR,
-                f"ENOSPC: the file needs {self.target.size} bytes, the storage's file system "
-                f"has {free} free",
+                f"ENOSPC: {what} needs {needed} bytes, the storage's file system has {free} free",
             )
 
     async def _chunk_list(self) -> _ChunkListSpool:
@@ -564,12 +614,16 @@ class _Pull:
             # The chunker never cuts within MIN_CHUNK bytes (part of the contract between
             # peers): such a file is one chunk whose hash is the file's, or none when empty.
             # No need to ask: one round trip less for every small file.
+            self._check_free_space(target.size, "the file")
             if target.size:
                 chunks.extend([ChunkRef(0, target.size, target.hash)])
             return chunks
-        request = GetChunkList(self.storage.name, target.path, target.hash, request_id=_REQUEST_ID)
+        # A sparse file needs only its data on disk, known from its chunk list; before asking
+        # for the list, the most it can cost must fit (28 bytes a chunk, in a temp file).
         most = target.size // MIN_AVERAGE_CHUNK + 1
-        covered = 0
+        self._check_free_space(min(target.size, most * CHUNK_REF_SIZE), "the chunk list")
+        request = GetChunkList(self.storage.name, target.path, target.hash, request_id=_REQUEST_ID)
+        covered = zeros = 0
         try:
             async with _replies(self.link, request) as replies:
                 async for reply in replies:
@@ -579,17 +633,19 @@ class _Pull:
                         )
                     if reply.file_hash != target.hash or reply.path != target.path:
                         raise TransferFailed(BAD_CHUNK_LIST, "the peer sent another file's chunks")
-                    if len(chunks) + len(reply.chunks) > most:
+                    if len(chunks) + reply.chunk_count() > most:
                         raise TransferFailed(
                             BAD_CHUNK_LIST, f"more chunks than a file of {target.size} bytes has"
                         )
-                    covered = _check_coverage(reply.chunks, target.size, covered)
-                    chunks.extend(reply.chunks)
+                    refs = reply.all_chunks()
+                    covered, zeros = _check_coverage(refs, target.size, covered, zeros)
+                    chunks.extend(refs)
             if covered != target.size:
                 raise TransferFailed(
                     BAD_CHUNK_LIST,
                     f"the chunk list covers {covered} bytes of a {target.size}-byte file",
                 )
+            self._check_free_space(target.size - zeros, "the file's data")
         except BaseException:
             chunks.close()
             raise
@@ -616,7 +672,7 @@ class _Pull:
         target = self.target
         assert target.hash is not None
         fetcher = _Fetcher(self, (self.storage.name, target.path, target.hash))
-        planner = _Planner(self.db)
+        planner = _Planner(self.db, target.size)
         windows = chunks.windows(WINDOW_REFS)
         try:
             ahead = planner.plan(list(next(windows, ())))
@@ -629,6 +685,8 @@ class _Pull:
                     fetcher.add(ahead.batches)
                 await self._write_window(window, fetcher)
             await self._flush_in_thread()
+            assert self._fd is not None
+            os.ftruncate(self._fd, self._written)  # the size, when the file ends in a hole
         finally:
             await fetcher.close()
         self._report()
@@ -643,6 +701,9 @@ class _Pull:
                 if ref.offset not in received:
                     received = await fetcher.take()
                 full = self._write(received.pop(ref.offset), reused=False)
+            elif kind is _ZERO:
+                self._skip_zeros(ref.length)
+                full = False
             elif kind is _COPY:
                 full = self._write(self._read_back(plan.copy_from[i], ref), reused=True)
             else:
@@ -662,37 +723,73 @@ class _Pull:
 
     def _write(self, data: bytes | memoryview, *, reused: bool) -> bool:
         """Append a verified chunk to the write buffer; True when the buffer is full (then
-        the caller writes it, in one writev)."""
-        self._pending.append(data)
-        self._pending_bytes += len(data)
+        the caller writes it, in one pwritev per run). Its zero blocks are left out: holes."""
         self._hasher.update(data)
-        self._written += len(data)
         if reused:
             self.bytes_reused += len(data)
+        view = memoryview(data)
+        at, end = self._written, len(view)
+        self._written += end
+        start = 0  # of the bytes not yet buffered
+        if end and (not view[0] or not view[-1] or _has_zero_block_heads(view, at)):
+            for zeros_start, zeros_end in _zero_blocks(view, at):
+                if zeros_start > start:
+                    self._buffer(at + start, view[start:zeros_start])
+                start = zeros_end
+        if start < end:
+            self._buffer(at + start, view[start:])
         return self._pending_bytes >= WRITE_BUFFER_BYTES or len(self._pending) >= _MAX_IOV
+
+    def _buffer(self, offset: int, data: memoryview) -> None:
+        self._pending.append((offset, data))
+        self._pending_bytes += len(data)
+
+    def _skip_zeros(self, length: int) -> None:
+        """Leave a chunk of `length` zero bytes a hole; only the whole-file hash sees them."""
+        zeros = zero_bytes()
+        for start in range(0, length, len(zeros)):
+            self._hasher.update(zeros[: min(len(zeros), length - start)])
+        self._written += length
 
     def _flush(self) -> None:
         """Write what the buffer holds, here and now."""
-        self._writev_all(self._take_pending())
+        self._write_all(self._take_pending())
 
     async def _flush_in_thread(self) -> None:
         """Write what the buffer holds in a thread: the event loop goes on receiving."""
-        await in_thread(self._writev_all, self._take_pending())
+        await in_thread(self._write_all, self._take_pending())
 
-    def _take_pending(self) -> list[bytes | memoryview]:
+    def _take_pending(self) -> list[tuple[int, memoryview]]:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         return pending
 
-    def _writev_all(self, pending: list[bytes | memoryview]) -> None:
+    def _write_all(self, pending: list[tuple[int, memoryview]]) -> None:
+        """Write each piece at its offset: adjacent pieces in one pwritev, holes between them
+        skipped."""
         assert self._fd is not None
-        while pending:
-            done = os.writev(self._fd, pending)
+        i = 0
+        while i < len(pending):
+            offset, first = pending[i]
+            run = [first]
+            end = offset + len(first)
+            i += 1
+            while i < len(pending) and pending[i][0] == end and len(run) < _MAX_IOV:
+                run.append(pending[i][1])
+                end += len(pending[i][1])
+                i += 1
+            self._pwritev_all(run, offset)
+
+    def _pwritev_all(self, buffers: list[memoryview], offset: int) -> None:
+        assert self._fd is not None
+        while buffers:
+            done = os.pwritev(self._fd, buffers, offset)
             _crash_point("mid_chunk")
+            offset += done
             # A short write (rare on regular files) leaves the rest for the next round.
-            while pending and done >= len(pending[0]):
-                done -= len(pending.pop(0))
+            while buffers and done >= len(buffers[0]):
+                done -= len(buffers.pop(0))
             if done:
-                pending[0] = memoryview(pending[0])[done:]
+                buffers[0] = buffers[0][done:]
 
     def _read_back(self, offset: int, ref: ChunkRef) -> bytes:
         assert self._fd is not None
@@ -823,15 +920,51 @@ class _Pull:
             self._chunks = None
 
 
+def _block_heads(view: memoryview, at: int) -> tuple[int, int, bytes]:
+    """Where the whole HOLE_BLOCK-aligned blocks of the file in `view` (its bytes from offset
+    `at`) start and end, and the first byte of each, taken in C."""
+    end = len(view)
+    first = min(-at % HOLE_BLOCK, end)
+    tail = first + max(0, (end - first) // HOLE_BLOCK) * HOLE_BLOCK
+    return first, tail, view[first:tail:HOLE_BLOCK].tobytes()
+
+
+def _has_zero_block_heads(view: memoryview, at: int) -> bool:
+    """False when no whole block in `view` can be all zeros (most data: then no block is
+    looked at in Python)."""
+    return 0 in _block_heads(view, at)[2]
+
+
+def _zero_blocks(view: memoryview, at: int) -> Iterator[tuple[int, int]]:
+    """The [start, end) ranges of `view` (the file's bytes from offset `at`) that need not be
+    written: every HOLE_BLOCK-aligned block of zeros, and the zeros of the partial blocks at
+    its ends (the chunks beside them may be holes: then that block stays one too)."""
+    end = len(view)
+    first, tail, heads = _block_heads(view, at)
+    if first and not view[0] and view[:first].tobytes() == _ZEROS[:first]:
+        yield 0, first
+    i = heads.find(0)
+    while i >= 0:
+        block = first + i * HOLE_BLOCK
+        if view[block : block + HOLE_BLOCK].tobytes() == _ZEROS:
+            yield block, block + HOLE_BLOCK
+        i = heads.find(0, i + 1)
+    if tail < end and not view[-1] and view[tail:].tobytes() == _ZEROS[: end - tail]:
+        yield tail, end
+
+
 def _folders_of(path: str) -> list[str]:
     """The folders on the way to `path`, outermost first: "a/b/c" -> ["a", "a/b"]."""
     parts = path.split("/")[:-1]
     return ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
 
 
-def _check_coverage(refs: Sequence[ChunkRef], size: int, offset: int = 0) -> int:
+def _check_coverage(
+    refs: Sequence[ChunkRef], size: int, offset: int = 0, zeros: int = 0
+) -> tuple[int, int]:
     """Check that `refs` continue a chunk list at `offset` without gap, overlap, empty chunk
-    or going past `size`; return the offset they reach."""
+    or going past `size`; return the offset they reach and `zeros` plus their bytes in chunks
+    of zeros (holes to be)."""
     for ref in refs:
         if ref.offset != offset:
             raise TransferFailed(
@@ -844,7 +977,9 @@ def _check_coverage(refs: Sequence[ChunkRef], size: int, offset: int = 0) -> int
             raise TransferFailed(
                 BAD_CHUNK_LIST, f"the chunk list covers more than the {size}-byte file"
             )
-    return offset
+        if _is_zeros(ref, size):
+            zeros += ref.length
+    return offset, zeros
 
 
 @dataclass
@@ -865,18 +1000,30 @@ class _Planner:
     distinct hashes are remembered; a repeat of a later one is read or fetched again); else a
     chunk held locally is read locally; else it is fetched."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, size: int) -> None:
         self._db = db
+        self._size = size  # of the file
         self._first_at: dict[bytes, int] = {}  # chunk hash -> offset of its first occurrence
 
     def plan(self, refs: list[ChunkRef]) -> _WindowPlan:
         first_at = self._first_at
-        local = find_local_chunks(self._db, (ref.hash for ref in refs if ref.hash not in first_at))
+        zeros = [_is_zeros(ref, self._size) for ref in refs]
+        local = find_local_chunks(
+            self._db,
+            (
+                ref.hash
+                for ref, z in zip(refs, zeros, strict=True)
+                if not z and ref.hash not in first_at
+            ),
+        )
         plan = _WindowPlan(refs, [], local, {}, [])
         kinds, batches = plan.kinds, plan.batches
         batch: list[ChunkRef] = []
         batch_bytes = 0
         for i, ref in enumerate(refs):
+            if zeros[i]:
+                kinds.append(_ZERO)
+                continue
             first = first_at.get(ref.hash)
             if first is not None:
                 kinds.append(_COPY)
@@ -1022,8 +1169,13 @@ class _Fetcher:
                         CORRUPT, f"the peer sent a chunk at offset {reply.offset} not asked for"
                     )
                 data = reply.data
+                self._pull.bytes_from_peer += len(data)
+                lead = reply.leading_zeros
+                if lead + len(data) < ref.length:  # sent without the zeros at its ends
+                    data = b"".join((bytes(lead), data, bytes(ref.length - lead - len(data))))
                 if (
                     reply.hash != ref.hash
+                    or lead + len(reply.data) > ref.length
                     or len(data) != ref.length
                     or (content_hash(data) != ref.hash)
                 ):
@@ -1031,7 +1183,6 @@ class _Fetcher:
                         CORRUPT, f"the peer sent wrong bytes for the chunk at offset {ref.offset}"
                     )
                 got[ref.offset] = data
-                self._pull.bytes_from_peer += ref.length
         if len(got) != len(wanted):
             raise TransferFailed(
                 CORRUPT, f"the peer sent {len(got)} of the {len(wanted)} chunks asked for"
