@@ -140,7 +140,8 @@ def test_status_json_reports_storages_and_peers_for_scripts(desk: SyncNode, tmp_
         assert set(info) == {"node_id", "group", "database", "storages", "peers", "daemon"}
         (storage,) = info["storages"]
         assert {
-            "name", "root", "files", "bytes", "tombstones", "storage_hash", "sequence",
+            "name", "root", "files", "folders", "symlinks", "bytes", "tombstones", "storage_hash",
+            "sequence",
             "pending", "conflicts", "last_scan_at", "last_sync_at", "write_failures",
             "last_write_error",
         } == set(storage)  # fmt: skip

@@ -712,3 +712,18 @@ def test_a_gigabyte_sparse_file_is_hashed_without_reading_its_holes(tmp_path: Pa
     assert result.content.hash == whole.digest() and result.content.size == size
     assert read < 1024 * 1024, read  # the data and the chunk spool, not the holes
     assert elapsed < 10, elapsed  # ~0.1 s here; reading the holes took ~4 s
+
+
+def test_special_files_are_skipped_and_named_once(node: Node) -> None:
+    os.mkfifo(node.root / "pipe")
+    write(node.root, "real.txt", b"real")
+    with node.db() as db:
+        for _ in range(3):
+            report = scan_storage(db, "alpha", node.config().storages[0])
+            assert report.skipped == [("pipe", "not a regular file, folder or symlink")]
+        named = [e for e in ev.last_events(db, 100) if e.kind == "skipped"]
+        assert [(e.path, e.detail) for e in named] == [
+            ("pipe", {"reason": "not a regular file, folder or symlink"})
+        ]
+        storage = index.get_storage(db, "docs")
+        assert storage is not None and index.get_file(db, storage.id, "pipe") is None

@@ -120,6 +120,18 @@ def events_after(db: Database, seq: int, limit: int = 1000) -> list[Event]:
     return [_event(r) for r in rows]
 
 
+def was_logged(db: Database, kind: str, storage: str, path: str, reason: str) -> bool:
+    """Whether an event `kind` about `path` with this `reason` is in the log already."""
+    return (
+        db.scalar(
+            "SELECT 1 FROM events WHERE storage = ? AND path = ? AND kind = ?"
+            " AND json_extract(detail, '$.reason') = ? LIMIT 1",
+            (storage, path, kind, reason),
+        )
+        is not None
+    )
+
+
 def events_for_path(db: Database, storage: str, path: str) -> list[Event]:
     """Every event about one path, including moves to or from it."""
     rows = db.query(

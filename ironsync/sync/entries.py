@@ -84,7 +84,9 @@ def make_entry(root: Path, path: str, target: ResolvedFile) -> Stat:
                 raise _refused(path, exc) from None
             fd = os.open(name, _DIR_FLAGS, dir_fd=folder)  # ENOTDIR/ELOOP: not a folder there
             try:
-                os.fchmod(fd, target.mode & 0o777)
+                # writable by us until the pass has filled it (set_folder_times gives the
+                # row's mode then), so a read-only folder of the peer can receive its files
+                os.fchmod(fd, (target.mode & 0o777) | 0o700)
                 with contextlib.suppress(OSError):  # best effort; its contents move it anyway
                     os.utime(fd, ns=(target.mtime_ns, target.mtime_ns))
                 st = os.fstat(fd)
@@ -164,16 +166,18 @@ def remove_folder(root: Path, path: str) -> list[str] | None:
         os.close(folder)
 
 
-def set_folder_times(root: Path, folders: Iterable[tuple[str, int]]) -> None:
-    """Give folders their indexed mtimes once what they hold is in place, innermost first
-    (setting a folder's time does not move its parent's). Best effort: a folder that is gone
-    or cannot be changed is left as it is."""
-    for path, mtime_ns in sorted(folders, key=lambda item: item[0].count("/"), reverse=True):
+def set_folder_times(root: Path, folders: Iterable[tuple[str, int, int]]) -> None:
+    """Give folders (path, mode, mtime_ns) their indexed mode and mtime once what they hold
+    is in place, innermost first (setting a folder's time does not move its parent's). Best
+    effort for the time: a folder that is gone or cannot be changed is left as it is."""
+    for path, mode, mtime_ns in sorted(folders, key=lambda item: item[0].count("/"), reverse=True):
         try:
             fd = open_folder(root, path)
         except (OSError, UnsafePath):
             continue
         try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         except OSError:
             pass

@@ -538,7 +538,7 @@ class SyncEngine:
         rows = index.get_files(self.db, row.id, sorted(folders))
         entries.set_folder_times(
             storage.root,
-            [(p, r.mtime_ns) for p, r in rows.items() if r.kind == DIR and not r.deleted],
+            [(p, r.mode, r.mtime_ns) for p, r in rows.items() if r.kind == DIR and not r.deleted],
         )
 
     async def _pull_many(

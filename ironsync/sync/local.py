@@ -185,6 +185,14 @@ def scan_storage(
                 db, "skipped", storage=storage.name, path=path, status="warning",
                 detail={"reason": reason},
             )  # fmt: skip
+        for path, reason in report.skipped:  # sockets, FIFOs, devices, odd links: named once
+            if reason != BAD_NAME_REASON and not ev.was_logged(
+                db, "skipped", storage.name, path, reason
+            ):
+                ev.append_event(
+                    db, "skipped", storage=storage.name, path=path, status="warning",
+                    detail={"reason": reason},
+                )  # fmt: skip
         if report.changes or report.unreadable or report.bad_names:
             ev.append_event(db, "scanned", storage=storage.name, detail=_summary(report))
         index.mark_scanned(db, row.id, ev.iso_now())
