@@ -1,0 +1,70 @@
+"""Two real daemons with their watchers on, for the black-box tree tests (issue 11).
+
+Tests wait for conditions (with generous deadlines), never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.daemons import SyncNode
+
+DELAY = 0.5  # seconds of watcher debounce: short, so tests are quick
+DEADLINE = 60.0  # generous: the machine is shared, and only a stuck sync should take this long
+
+
+def start_pair(
+    tmp_path: Path, *, watcher: bool = True, delay: float = DELAY, **config: Any
+) -> tuple[SyncNode, SyncNode]:
+    """alpha and beta, each a peer of the other, daemons started; returns once they synced."""
+    a = SyncNode(tmp_path, "alpha", watcher=watcher, delay=delay)
+    b = SyncNode(tmp_path, "beta", watcher=watcher, delay=delay)
+    a.peers.append(b.address)
+    b.peers.append(a.address)
+    a.write_config(**config)
+    b.write_config(**config)
+    b.start()
+    a.start()
+    wait_until(
+        lambda: any((e["detail"] or {}).get("converged") for e in a.events("sync_finished")),
+        what="the first full sync",
+        context=lambda: logs(a, b),
+    )
+    return a, b
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float = DEADLINE,
+    what: str = "the condition",
+    context: Callable[[], str] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            extra = f"\n{context()}" if context is not None else ""
+            raise AssertionError(f"{what}: not within {timeout} s{extra}")
+        time.sleep(0.1)
+
+
+def logs(*nodes: SyncNode, lines: int = 40) -> str:
+    """The tail of each node's daemon log, for a failure message."""
+    out = []
+    for node in nodes:
+        tail = node.log().splitlines()[-lines:]
+        out.append(f"--- {node.node_id} daemon log (last {len(tail)} lines) ---")
+        out.extend(tail)
+    return "\n".join(out)
+
+
+def last_seq(node: SyncNode) -> int:
+    """The newest event's seq on `node` (0 when none): a mark to look only at what follows."""
+    events = node.events()
+    return events[-1]["seq"] if events else 0
+
+
+def events_after(node: SyncNode, seq: int, kind: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in node.events(kind) if e["seq"] > seq]
