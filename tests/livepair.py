@@ -5,34 +5,49 @@ Tests wait for conditions (with generous deadlines), never for a fixed time.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.daemons import SyncNode
+from tests.daemons import SyncNode, stop_all
 
 DELAY = 0.5  # seconds of watcher debounce: short, so tests are quick
-DEADLINE = 60.0  # generous: the machine is shared, and only a stuck sync should take this long
+DEADLINE = float(os.environ.get("TREES_DEADLINE", "60"))
+"""Seconds to wait for a condition: generous, as the machine may be shared and only a stuck
+sync should take this long (TREES_DEADLINE=10 fails fast while a feature is being written)."""
 
 
 def start_pair(
-    tmp_path: Path, *, watcher: bool = True, delay: float = DELAY, **config: Any
+    tmp_path: Path,
+    *,
+    watcher: bool = True,
+    delay: float = DELAY,
+    prepare: Callable[[SyncNode, SyncNode], None] | None = None,
+    **config: Any,
 ) -> tuple[SyncNode, SyncNode]:
-    """alpha and beta, each a peer of the other, daemons started; returns once they synced."""
+    """alpha and beta, each a peer of the other, daemons started; returns once they synced.
+    `prepare(a, b)` runs before the daemons start (e.g. to write an `.ignore`)."""
     a = SyncNode(tmp_path, "alpha", watcher=watcher, delay=delay)
     b = SyncNode(tmp_path, "beta", watcher=watcher, delay=delay)
     a.peers.append(b.address)
     b.peers.append(a.address)
     a.write_config(**config)
     b.write_config(**config)
-    b.start()
-    a.start()
-    wait_until(
-        lambda: any((e["detail"] or {}).get("converged") for e in a.events("sync_finished")),
-        what="the first full sync",
-        context=lambda: logs(a, b),
-    )
+    if prepare is not None:
+        prepare(a, b)
+    try:
+        b.start()
+        a.start()
+        wait_until(
+            lambda: any((e["detail"] or {}).get("converged") for e in a.events("sync_finished")),
+            what="the first full sync",
+            context=lambda: logs(a, b),
+        )
+    except BaseException:
+        stop_all(a, b)
+        raise
     return a, b
 
 
