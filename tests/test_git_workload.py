@@ -182,7 +182,9 @@ def test_a_git_repository_stays_a_healthy_repository_on_the_peer_through_its_his
     here, there = a.root / REPO, b.root / REPO
 
     def converged(checked: Path) -> Tree:
-        tree = wait_same_tree(a.root, b.root, timeout=DEADLINE, context=lambda: logs(a, b))
+        tree = wait_same_tree(
+            a.root, b.root, timeout=DEADLINE, context=lambda: logs(a, b), names=("alpha", "beta")
+        )
         git.healthy(checked)
         head = git(here, "rev-parse", "HEAD", read_only=True)
         assert git(there, "rev-parse", "HEAD", read_only=True) == head

@@ -45,8 +45,13 @@ def converge(
 ) -> Tree:
     """Wait until both trees are identical (and `also` holds); the common snapshot."""
     return wait_same_tree(
-        a.root, b.root, timeout=DEADLINE, also=also, skip=skip, context=lambda: logs(a, b)
-    )
+        a.root, b.root, timeout=DEADLINE, also=also, skip=skip, context=lambda: logs(a, b),
+        names=(a.node_id, b.node_id),
+    )  # fmt: skip
+
+
+def same_now(a: SyncNode, b: SyncNode) -> Tree:
+    return assert_same_tree(a.root, b.root, names=(a.node_id, b.node_id))
 
 
 def every_later_sync_exits_0(a: SyncNode, b: SyncNode) -> None:
@@ -56,7 +61,7 @@ def every_later_sync_exits_0(a: SyncNode, b: SyncNode) -> None:
         result = node.sync()
         assert result["exit"] == 0
         assert all(r["converged"] for r in result["results"] if "peer" in r), result
-    assert_same_tree(a.root, b.root)
+    same_now(a, b)
     assert snapshot(a.root) == before
 
 
@@ -214,6 +219,25 @@ def test_a_permission_only_change_of_a_file_is_synced(pair: tuple[SyncNode, Sync
     converge(a, b, also=lambda t: t["tool.sh"].mode == 0o644)
 
 
+def test_a_permission_only_change_is_found_and_synced_by_a_full_sync(tmp_path: Path) -> None:
+    """Watchers off: the change is found by the scans, and the storage hashes must differ."""
+    a, b = start_pair(tmp_path, watcher=False)
+    try:
+        script = write(a.root, "tool.sh", "#!/bin/sh\necho hello\n")
+        script.chmod(0o644)
+        (a.root / "bin").mkdir()
+        assert a.sync()["exit"] == 0
+        same_now(a, b)
+        script.chmod(0o755)
+        (a.root / "bin").chmod(0o700)
+        result = a.sync()
+        assert result["exit"] == 0, result
+        tree = same_now(a, b)
+        assert (tree["tool.sh"].mode, tree["bin"].mode) == (0o755, 0o700)
+    finally:
+        stop_all(a, b)
+
+
 # --- type changes ------------------------------------------------------------------------------
 
 
@@ -293,14 +317,14 @@ def test_every_type_change_at_once_is_applied_in_one_sync(tmp_path: Path, maker:
         for n, (old, _new) in enumerate(TYPE_CHANGES):
             make(here.root, f"p{n}", old, outside)
         assert a.sync()["exit"] == 0
-        assert_same_tree(a.root, b.root)
+        same_now(a, b)
         for n, (_old, new) in enumerate(TYPE_CHANGES):
             remove(here.root, f"p{n}")
             make(here.root, f"p{n}", new, outside)
         result = a.sync()
         assert result["exit"] == 0, result
         assert all(r["converged"] for r in result["results"] if "peer" in r), result
-        tree = assert_same_tree(a.root, b.root)
+        tree = same_now(a, b)
         assert {f"p{n}": tree[f"p{n}"].type for n in range(len(TYPE_CHANGES))} == {
             f"p{n}": entry_type(new) for n, (_old, new) in enumerate(TYPE_CHANGES)
         }

@@ -129,10 +129,15 @@ def diff(left: Tree, right: Tree, names: tuple[str, str] = ("left", "right")) ->
     return lines
 
 
-def assert_same_tree(left: Path, right: Path, skip: Callable[[str], bool] | None = None) -> Tree:
+def assert_same_tree(
+    left: Path,
+    right: Path,
+    skip: Callable[[str], bool] | None = None,
+    names: tuple[str, str] | None = None,
+) -> Tree:
     """Assert the trees under two roots are identical; returns the (common) snapshot."""
     a, b = snapshot(left, skip), snapshot(right, skip)
-    lines = diff(a, b, (str(left), str(right)))
+    lines = diff(a, b, names or (str(left), str(right)))
     if lines:
         shown = lines[:60] + ([f"  ... and {len(lines) - 60} more"] if len(lines) > 60 else [])
         raise AssertionError("trees differ:\n" + "\n".join(shown))
@@ -146,9 +151,11 @@ def wait_same_tree(
     skip: Callable[[str], bool] | None = None,
     also: Callable[[Tree], bool] | None = None,
     context: Callable[[], str] | None = None,
+    names: tuple[str, str] | None = None,
 ) -> Tree:
     """Poll until the two trees are identical (and `also(tree)` holds); on timeout, fail with
-    the last difference and `context()` (e.g. the daemons' logs). Returns the snapshot."""
+    the last difference (`names` for the two sides, their paths by default) and `context()`
+    (e.g. the daemons' logs). Returns the snapshot."""
     deadline = time.monotonic() + timeout
     while True:
         late = time.monotonic() > deadline
@@ -158,7 +165,8 @@ def wait_same_tree(
             if a == b and (also is None or also(a)):
                 return a
         if late:
-            lines = diff(a, b, (str(left), str(right))) or ["  (identical, but not as expected)"]
+            sides = names or (str(left), str(right))
+            lines = diff(a, b, sides) or ["  (identical, but not as expected)"]
             shown = lines[:60] + ([f"  ... and {len(lines) - 60} more"] if len(lines) > 60 else [])
             extra = f"\n{context()}" if context is not None else ""
             raise AssertionError(
