@@ -47,6 +47,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 from ironsync.config import Config, Storage
@@ -824,7 +825,7 @@ class SyncEngine:
             rescan_paths(self.db, self.node_id, storage, [path])
             report.changed += 1
             return
-        full = resolve_inside(storage.root, path)
+        full = _entry_inside(storage.root, path)
         if action is LocalAction.UPDATE_METADATA:
             if local.kind != SYMLINK:  # a link's mode means nothing on Linux
                 os.chmod(full, target.mode & 0o777, follow_symlinks=False)
@@ -1011,7 +1012,7 @@ class SyncEngine:
         known = index.known_stat(self.db, row.id, path)
         if local is None or local.deleted or (local.kind, local.hash) != copy.content:
             return False
-        src = resolve_inside(storage.root, path)
+        src = _entry_inside(storage.root, path)
         dst = resolve_inside(storage.root, copy.path)
         if not entries.disk_matches(storage.root, path, local, known):
             rescan_paths(self.db, self.node_id, storage, [path])
@@ -1098,6 +1099,14 @@ class _Step:
             ignored = True
         self.ignored += ignored
         return ignored
+
+
+def _entry_inside(root: Path, path: str) -> Path:
+    """The absolute path of the entry `path`, which may itself be a symlink (deleted, kept or
+    touched as a link, never followed): only the folders on the way must not be links."""
+    check_peer_path(path)
+    folder, _, name = path.rpartition("/")
+    return (resolve_inside(root, folder) if folder else Path(os.path.abspath(root))) / name
 
 
 def _under_any(path: str, folders: set[str]) -> bool:
