@@ -158,7 +158,8 @@ def test_a_folder_holding_only_an_ignored_file_on_the_peer_is_kept_with_it(
         # ... says why ...
         kept = [e for e in events_after(b, mark, "kept") if e["path"] == "build"]
         assert kept, f"no 'kept' event for build on beta: {events_after(b, mark)}"
-        assert "ignored" in json.dumps(kept[-1]["detail"]).lower(), kept[-1]
+        why = json.dumps(kept[-1]["detail"])
+        assert "debug.log" in why and ".ignore" in why, kept[-1]  # what it holds, and why
         # ... and both nodes agree on everything but the ignored file: the folder stays
         tree = converge(a, b, skip=lambda rel: rel.endswith(".log"))
         assert tree == {"build": Entry("dir", 0o755, None)}
@@ -338,8 +339,15 @@ def test_every_type_change_at_once_is_applied_in_one_sync(tmp_path: Path, maker:
         stop_all(a, b)
 
 
-@pytest.mark.parametrize("new", ["dir", "symlink"])
-def test_a_type_change_concurrent_with_an_edit_keeps_both(tmp_path: Path, new: str) -> None:
+CONCURRENT = [("dir", "edit"), ("symlink", "link"), ("symlink", "edit")]
+
+
+@pytest.mark.parametrize(
+    ("new", "newer"), CONCURRENT, ids=[f"to-{n}-{w}-newer" for n, w in CONCURRENT]
+)
+def test_a_type_change_concurrent_with_an_edit_keeps_both(
+    tmp_path: Path, new: str, newer: str
+) -> None:
     a, b = start_pair(tmp_path)
     try:
         write(a.root, "report", "the first draft")
@@ -352,21 +360,26 @@ def test_a_type_change_concurrent_with_an_edit_keeps_both(tmp_path: Path, new: s
         else:
             os.symlink("drafts/current", a.root / "report")
         write(b.root, "report", "beta's second draft")
+        older, later = 1_700_000_000 * 10**9, 1_700_000_100 * 10**9
+        edit_at, change_at = (later, older) if newer == "edit" else (older, later)
+        os.utime(a.root / "report", ns=(change_at, change_at), follow_symlinks=False)
+        os.utime(b.root / "report", ns=(edit_at, edit_at))
         b.start()
         tree = converge(a, b, also=lambda t: any(".sync-conflict-" in p for p in t))
-        sides = {
-            (e.type, e.content)
-            for p, e in tree.items()
-            if p == "report" or (p.startswith("report.sync-conflict-") and "/" not in p)
-        }
-        edited = ("file", sha("beta's second draft"))
+        (copy,) = [p for p in tree if p.startswith("report.sync-conflict-") and "/" not in p]
+        edited = Entry("file", 0o644, sha("beta's second draft"))
         if new == "dir":
-            # a folder always keeps the name (it may hold children); the edit is the copy
-            assert tree["report"].type == "dir"
+            # a folder always keeps the name (it may hold children), even against a newer
+            # edit; the edit is the copy
+            assert tree["report"] == Entry("dir", 0o755, None)
             assert tree["report/part1.txt"].content == sha("part one")
-            assert sides == {("dir", None), edited}
+            assert tree[copy] == edited
         else:
-            assert sides == {("symlink", "drafts/current"), edited}
+            link = Entry("symlink", None, "drafts/current")
+            # the newer mtime keeps the name, the other is kept beside it
+            assert (tree["report"], tree[copy]) == (
+                (edited, link) if newer == "edit" else (link, edited)
+            )
         every_later_sync_exits_0(a, b)
     finally:
         stop_all(a, b)
@@ -403,7 +416,9 @@ def test_symlinks_arrive_as_the_same_links_and_are_never_followed(
     # storage was written
     for node in (a, b):
         under = [
-            p for p in indexed_paths(node) if p.split("/")[0] in ("up", "etc", "abs", "dirlink")
+            p
+            for p in indexed_paths(node)
+            if "/" in p and p.split("/")[0] in ("up", "etc", "abs", "dirlink")
         ]
         assert under == [], f"{node.node_id} indexed paths through links: {under[:10]}"
     assert set(tree) == {*links, "sub", "sub/target.txt"}
