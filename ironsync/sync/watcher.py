@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,11 @@ class Watcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # watchdog 7 warns, on stderr and with the repr of every watched folder in the text,
+        # each time a folder is made again where one was watched (`git checkout` does it by the
+        # hundred): harmless to us, but it floods a journal, and where stderr is a pipe nobody
+        # reads, the write blocks watchdog's thread and the watcher silently stops.
+        warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
         observer = Observer()
         try:
             for storage in self.storages:
