@@ -6,6 +6,7 @@ Tests wait for conditions (with generous deadlines), never for a fixed time.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +39,8 @@ def start_pair(
     if prepare is not None:
         prepare(a, b)
     try:
-        b.start()
-        a.start()
+        start(b)
+        start(a)
         wait_until(
             lambda: any((e["detail"] or {}).get("converged") for e in a.events("sync_finished")),
             what="the first full sync",
@@ -49,6 +50,26 @@ def start_pair(
         stop_all(a, b)
         raise
     return a, b
+
+
+def start(node: SyncNode) -> None:
+    """Start `node`'s daemon and keep reading its stderr into `daemon.stderr` beside its log.
+
+    SyncNode gives the daemon a stderr pipe that nobody reads while it runs: once 64 KiB of
+    warnings fill it, the daemon's next write to stderr blocks that thread for good (watchdog's
+    inotify thread, warning each time `git checkout` re-creates a watched folder: the watcher
+    then silently stops)."""
+    node.start()
+    assert node.proc is not None and node.proc.stderr is not None
+    stream = node.proc.stderr
+
+    def drain() -> None:
+        with (node.base / "daemon.stderr").open("a", encoding="utf-8") as out:
+            for line in stream:
+                out.write(line)
+                out.flush()
+
+    threading.Thread(target=drain, name=f"stderr-{node.node_id}", daemon=True).start()
 
 
 def wait_until(
@@ -66,12 +87,17 @@ def wait_until(
 
 
 def logs(*nodes: SyncNode, lines: int = 40) -> str:
-    """The tail of each node's daemon log, for a failure message."""
+    """The tail of each node's daemon log (and stderr), for a failure message."""
     out = []
     for node in nodes:
         tail = node.log().splitlines()[-lines:]
         out.append(f"--- {node.node_id} daemon log (last {len(tail)} lines) ---")
         out.extend(tail)
+        stderr = node.base / "daemon.stderr"
+        if stderr.exists() and stderr.stat().st_size:
+            err = stderr.read_text(errors="replace").splitlines()[-5:]
+            out.append(f"--- {node.node_id} daemon stderr (last {len(err)} lines, cut) ---")
+            out.extend(line[:300] for line in err)
     return "\n".join(out)
 
 

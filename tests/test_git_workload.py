@@ -233,7 +233,7 @@ def test_a_git_repository_stays_a_healthy_repository_on_the_peer_through_its_his
     every_later_sync_exits_0()
 
     # 4. the other direction: a commit made on beta arrives on alpha
-    (there / "pkg00/sub0/m0.txt").write_text("edited on beta\n")
+    (there / "README.md").write_text("# proj\n\nedited on beta\n")
     (there / "beta-only").mkdir()
     (there / "beta-only/new.txt").write_text("a new file in a new folder\n")
     git(there, "add", "-A")
@@ -257,3 +257,6 @@ def test_a_git_repository_stays_a_healthy_repository_on_the_peer_through_its_his
     assert tree[f"{REPO}/.git/refs/heads"].type == "dir"
     every_later_sync_exits_0()
     git.healthy(here)
+    # the daemons log to their log file; nothing floods stderr (a journal, under systemd)
+    for node in (a, b):
+        assert (node.base / "daemon.stderr").read_text() == "", node.node_id

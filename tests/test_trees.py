@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import SyncNode, stop_all, write
-from tests.livepair import DEADLINE, events_after, last_seq, logs, start_pair, wait_until
+from tests.livepair import (
+    DEADLINE,
+    events_after,
+    last_seq,
+    logs,
+    start,
+    start_pair,
+    wait_until,
+)
 from tests.treesnap import Entry, Tree, assert_same_tree, entry_of, snapshot, wait_same_tree
 
 pytestmark = pytest.mark.slow
@@ -364,7 +372,7 @@ def test_a_type_change_concurrent_with_an_edit_keeps_both(
         edit_at, change_at = (later, older) if newer == "edit" else (older, later)
         os.utime(a.root / "report", ns=(change_at, change_at), follow_symlinks=False)
         os.utime(b.root / "report", ns=(edit_at, edit_at))
-        b.start()
+        start(b)
         tree = converge(a, b, also=lambda t: any(".sync-conflict-" in p for p in t))
         (copy,) = [p for p in tree if p.startswith("report.sync-conflict-") and "/" not in p]
         edited = Entry("file", 0o644, sha("beta's second draft"))
