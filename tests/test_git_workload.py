@@ -167,6 +167,14 @@ class Git:
         assert status == "", f"git status on the synced copy {repo}:\n{status}"
 
 
+@pytest.fixture(autouse=True)
+def usual_umask() -> Iterator[None]:
+    """The modes asserted here are those a umask of 022 gives, as on most systems."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[tuple[SyncNode, SyncNode]]:
     a, b = start_pair(tmp_path)

@@ -38,6 +38,14 @@ pytestmark = pytest.mark.slow
 EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 
 
+@pytest.fixture(autouse=True)
+def usual_umask() -> Iterator[None]:
+    """The modes asserted here are those a umask of 022 gives, as on most systems."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[SyncNode, SyncNode]]:
     a, b = start_pair(tmp_path)
