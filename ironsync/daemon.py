@@ -137,6 +137,9 @@ class Node:
     addresses: dict[str, str] = field(default_factory=dict)  # static address -> peer id
     _pull_wanted: dict[str, set[str]] = field(default_factory=dict)
     _pull_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # storage -> its sequence when the peers were last told of it (what moved past it since,
+    # a `restore` or `resolve` run beside the daemon say, is told at the next watcher event)
+    announced: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.engine = SyncEngine(self.db, self.config, progress=self.progress)
@@ -161,6 +164,7 @@ class Node:
         if row is None:
             return
         notice = ChangeNotice(storage, row.sequence)
+        self.announced[storage] = row.sequence
         for peer_id, session in list(self.sessions.items()):
             if peer_id == skip:
                 continue
@@ -191,8 +195,11 @@ class Node:
                         self._violation(link, exc.reason)
                     return
                 if report.changed:
+                    # relay; a pass that made versions of our own (a folder kept because it
+                    # still held files) has news for the peer it pulled from too
+                    skip = None if report.made_here else link.peer_id
                     for storage in sorted(wanted):
-                        await self.announce(storage, skip=link.peer_id)  # relay
+                        await self.announce(storage, skip=skip)
         finally:
             self._pull_tasks.pop(link.peer_id, None)
 
@@ -463,7 +470,11 @@ class Daemon:
             changes = (
                 rescan_paths(self.db, self.config.node_id, storage, changed) if changed else []
             )
-        if changes:
+            now = index.get_storage(self.db, storage.name)
+            # changes recorded by a command beside the daemon (restore, resolve, scan): the
+            # watcher saw their writes, the index has them already
+            moved = now is not None and now.sequence > node.announced.get(storage.name, 0)
+        if changes or moved:
             await node.announce(storage.name)
 
     async def _periodic_rescan(self) -> None:

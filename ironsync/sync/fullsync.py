@@ -135,6 +135,7 @@ class PullReport:
     deleted: int = 0
     conflicts: int = 0
     ignored: int = 0
+    made_here: int = 0  # new local versions a pass made (folders kept): news for the peer
     failed: list[tuple[str, str]] = field(default_factory=list)  # (storage:path, reason)
     # (storage, path, reason): names this node cannot store (paths.NotStorable), left out
     # of this pass and reported; the rest of the storage syncs (issue 11)
@@ -145,6 +146,7 @@ class PullReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.conflicts += other.conflicts
         self.ignored += other.ignored
+        self.made_here += other.made_here
         self.failed += other.failed
         self.skipped += [item for item in other.skipped if item not in self.skipped]
 
@@ -847,6 +849,7 @@ class SyncEngine:
                 inside = entries.remove_folder(storage.root, path)
                 if inside is not None:
                     self._keep_folder(link, storage, row, path, version, target, inside)
+                    report.made_here += 1
                     report.changed += 1
                     return
             elif self.config.keep_versions_days > 0:
@@ -923,6 +926,7 @@ class SyncEngine:
                     inside = entries.clear_way(storage.root, path, local, keep_versions=keep)
                     if inside is not None:
                         self._keep_folder(link, storage, row, path, local.version, target, inside)
+                        report.made_here += 1
                         report.changed += 1
                         return
             else:
@@ -976,6 +980,7 @@ class SyncEngine:
             inside = entries.clear_way(storage.root, dest, decided, keep_versions=keep)
             if inside is not None:
                 self._keep_folder(link, storage, row, dest, decided.version, target, inside)
+                report.made_here += 1
                 kept.append(dest)
                 return False
             return True
