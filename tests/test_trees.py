@@ -66,18 +66,21 @@ def converge(
     )  # fmt: skip
 
 
-def same_now(a: SyncNode, b: SyncNode) -> Tree:
-    return assert_same_tree(a.root, b.root, names=(a.node_id, b.node_id))
+def same_now(a: SyncNode, b: SyncNode, skip: Callable[[str], bool] | None = None) -> Tree:
+    return assert_same_tree(a.root, b.root, skip=skip, names=(a.node_id, b.node_id))
 
 
-def every_later_sync_exits_0(a: SyncNode, b: SyncNode) -> None:
-    """`ironsync sync` from each node exits 0 with every peer converged, and changes nothing."""
+def every_later_sync_exits_0(
+    a: SyncNode, b: SyncNode, skip: Callable[[str], bool] | None = None
+) -> None:
+    """`ironsync sync` from each node exits 0 with every peer converged, and changes nothing
+    (`skip`: paths one node ignores)."""
     before = snapshot(a.root)
     for node in (a, b, a):
         result = node.sync()
         assert result["exit"] == 0
         assert all(r["converged"] for r in result["results"] if "peer" in r), result
-    same_now(a, b)
+    same_now(a, b, skip)
     assert snapshot(a.root) == before
 
 
@@ -179,7 +182,7 @@ def test_a_folder_holding_only_an_ignored_file_on_the_peer_is_kept_with_it(
         # ... and both nodes agree on everything but the ignored file: the folder stays
         tree = converge(a, b, skip=lambda rel: rel.endswith(".log"))
         assert tree == {"build": Entry("dir", 0o755, None)}
-        every_later_sync_exits_0(a, b)
+        every_later_sync_exits_0(a, b, skip=lambda rel: rel.endswith(".log"))
         assert (b.root / "build/debug.log").exists()
     finally:
         stop_all(a, b)
