@@ -121,14 +121,17 @@ class SyncNode:
         sock = self.db_path.with_name(self.db_path.name + ".sock")
         # a daemon killed with SIGKILL leaves its socket: gone, or we would not wait below
         sock.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [*IRONSYNC, "daemon"], env=self.env(), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        # stderr to a file, never a pipe nobody reads: a daemon that writes 64 KiB of warnings
+        # to a full pipe would block the writing thread for good
+        with (self.base / "daemon.stderr").open("ab") as stderr:
+            self.proc = subprocess.Popen(
+                [*IRONSYNC, "daemon"], env=self.env(), stdout=subprocess.DEVNULL, stderr=stderr
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.node_id}: daemon exited\n{self.proc.stderr.read()}")
+                said = (self.base / "daemon.stderr").read_text(errors="replace")[-4000:]
+                raise AssertionError(f"{self.node_id}: daemon exited\n{said}")
             # the control socket appears once the daemon serves peers
             if sock.exists():
                 return

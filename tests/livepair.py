@@ -6,7 +6,6 @@ Tests wait for conditions (with generous deadlines), never for a fixed time.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,23 +52,8 @@ def start_pair(
 
 
 def start(node: SyncNode) -> None:
-    """Start `node`'s daemon and keep reading its stderr into `daemon.stderr` beside its log.
-
-    SyncNode gives the daemon a stderr pipe that nobody reads while it runs: once 64 KiB of
-    warnings fill it, the daemon's next write to stderr blocks that thread for good (watchdog's
-    inotify thread, warning each time `git checkout` re-creates a watched folder: the watcher
-    then silently stops)."""
+    """Start `node`'s daemon (its stderr goes to `daemon.stderr` beside its log)."""
     node.start()
-    assert node.proc is not None and node.proc.stderr is not None
-    stream = node.proc.stderr
-
-    def drain() -> None:
-        with (node.base / "daemon.stderr").open("a", encoding="utf-8") as out:
-            for line in stream:
-                out.write(line)
-                out.flush()
-
-    threading.Thread(target=drain, name=f"stderr-{node.node_id}", daemon=True).start()
 
 
 def wait_until(
