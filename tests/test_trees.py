@@ -572,3 +572,25 @@ def test_history_and_log_tail_show_folder_and_link_events_readably(
     converge(a, b, also=lambda t: not t)
     folder = b.run("history", "docs:albums/2024").stdout
     assert "deleted" in folder and FOLDER_WORD.search(folder), folder
+
+
+def test_with_sync_symlinks_off_a_node_leaves_links_alone_and_still_converges(
+    tmp_path: Path,
+) -> None:
+    def links_off_on_beta(_a: SyncNode, b: SyncNode) -> None:
+        b.write_config(sync_symlinks=False)
+        os.symlink("anywhere", b.root / "betas-own-link")
+
+    a, b = start_pair(tmp_path, watcher=False, prepare=links_off_on_beta)
+    try:
+        os.symlink("target.txt", a.root / "link")
+        write(a.root, "target.txt", "t")
+        result = b.sync()
+        assert result["exit"] == 0 and all(r["converged"] for r in result["results"])
+        assert (b.root / "target.txt").read_text() == "t"
+        assert not os.path.lexists(b.root / "link")  # not made where links are off
+        assert not os.path.lexists(a.root / "betas-own-link")  # nor sent from there
+        assert os.readlink(b.root / "betas-own-link") == "anywhere"  # and left alone
+        assert a.sync()["exit"] == 0
+    finally:
+        stop_all(a, b)
