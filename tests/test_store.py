@@ -50,6 +50,33 @@ def test_database_at_an_older_version_reaches_the_latest(tmp_path: Path, start: 
     assert schema_of(old) == schema_of(tmp_path / "fresh.db")
 
 
+def test_files_indexed_before_schema_3_stay_files_and_keep_their_versions(tmp_path: Path) -> None:
+    """Folders and links came with schema 3: an older index holds files only, so its rows are
+    files as they are (nothing to send again), and the storage hash is that of a new index."""
+    old = tmp_path / "old.db"
+    with open_database(old, migrate=False) as db:
+        migrate_database(db, target=2)
+        sid = index.ensure_storage(db, "docs", tmp_path).id
+        with db.atomic():
+            db.execute(
+                "INSERT INTO files (storage_id, path, size, mtime_ns, mode, hash, version,"
+                " modified_by, sequence) VALUES (?, 'a.txt', 5, 7, 420, ?, '{\"x\":3}', 'x', 1)",
+                (sid, b"\x01" * 16),
+            )
+    with open_database(old, "alpha") as db:
+        row = index.get_file(db, sid, "a.txt")
+        assert row is not None and (row.kind, row.target, row.version) == ("file", None, '{"x":3}')
+        with open_database(tmp_path / "new.db", "alpha") as new:
+            nid = index.ensure_storage(new, "docs", tmp_path).id
+            with new.atomic():
+                index.put_live_file(
+                    new, nid, "a.txt", Stat(5, 7, 0, 0, 420), b"\x01" * 16, (),
+                    version='{"x":3}', modified_by="x", indexed_at_ns=0,
+                )  # fmt: skip
+            assert index.storage_hash(db, sid) == index.storage_hash(new, nid)
+        assert db.query("SELECT path, type FROM live_files") == [("a.txt", "file")]
+
+
 def test_migrating_twice_is_a_no_op(tmp_path: Path) -> None:
     with open_database(tmp_path / "s.db", "alpha") as db:
         before = schema_of(tmp_path / "s.db")
