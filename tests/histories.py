@@ -1,31 +1,53 @@
-"""Seeded random histories over three real nodes, and kill -9 crash trials (issue 6, 1 and 2).
+"""Seeded random histories over three real nodes, and kill -9 crash trials (issues 6, 1, 2, 11).
 
 A history is a list of operations generated from a seed alone (`make_history`), so a seed
 replays the same operations: `bin/soak --seed S`. The operations run against real daemons
 (`tests.daemons.SyncNode`, watchers off) and real `ironsync sync` commands; then every node is
-synced to quiescence and checked (`check_history`).
+synced to quiescence and checked (`History.check`).
+
+The operations are those of a person at a shell, on one node's folder (issue 11 made folders,
+symlinks and permission bits part of what is synced): write a file (`create`), change it in
+place (`edit`, `append`, `truncate`), `rename`/`move` it, `delete` it, write the same file on
+two nodes (`concurrent`); `mkdir`, `rmdir`, `rmtree` (rm -r), `mvdir` (mv of a folder);
+`retype` (a path becomes a file, a folder, a folder holding a file, or a symlink, whatever it
+was: rm -r of a folder first), `typeclash` (two nodes retype one path to two kinds); `symlink`,
+`retarget`, `unlink` (targets relative inside the tree, `.` and `..`, absolute, dangling, and
+dangling outside the root); `chmod` (a permission-only change of a file or folder: size and
+mtime unchanged); `ignored` (a file matching the nodes' `.ignore`, `*.ign`, which is never
+synced). Nothing the harness does goes through a symlink: an op whose path has a link or a file
+where a folder should be does nothing. Then the daemon ops: `sync`, `stop`, `start`,
+`restart`, `kill` (-9).
 
 Live histories (`live=True`, `bin/soak --seed S --live`) run the daemons with their watchers
 on (a short delay, `LIVE_DELAY`), every daemon up from the start, and interleave `wait` ops
 with the others: a change made in a running daemon's folder reaches the other running daemons
 while the history goes on (ChangeNotice, then a pull), racing later ops, stops, kills and
-explicit syncs. After the last op the nodes settle (no file changes for a while), then are
-quiesced and checked exactly like the others. A file op holds the daemons of the nodes it
+explicit syncs. After the last op the nodes settle (no change in any tree for a while), then
+are quiesced and checked exactly like the others. A disk op holds the daemons of the nodes it
 touches stopped (SIGSTOP, `frozen`) while it reads and writes, so what the model records as
 replaced is exactly what that node's disk held at that moment, never a live pull's content
 that landed between the read and the write.
 
-The model (`ContentModel`) keys every content ever written by its bytes. A content is
-*superseded* when an operation on a node overwrote, truncated, appended to or deleted a file
-that held it on that node's disk at that moment (that node had seen it: causality is what the
-disk showed, not what we think sync did). After quiescence, every content that is written and
-not superseded must be in the tree of every node: under its name or as a conflict copy. A
-content found only in `.ironsync/versions/` fails: that folder is the right place only for a
-content a peer's change replaced, and such a content is superseded. Superseded contents may be
-anywhere or nowhere; they are counted (in versions, live, gone), not checked.
-
-Empty folders are not synced (ironsync syncs files only): mkdir/rmdir operations only shape the
-trees, and the trees are compared file by file.
+The checks, after quiescence:
+- the trees of all nodes are IDENTICAL (`_entries`): the same paths, each of the same type;
+  files with the same contents and permission bits, folders (empty ones too) with the same
+  permission bits, symlinks with the same target text. Not compared: folder mtimes (best
+  effort), symlink mode bits, ignored files (each node's own). File mtimes that differ are
+  counted (`file_mtime_differs`), not failed.
+- nothing written is lost (`ContentModel`): every content ever written is keyed by its bytes (a
+  symlink's by its target text). A content is *superseded* when an operation on a node
+  overwrote, truncated, appended to or removed what held it on that node's disk at that moment
+  (that node had seen it: causality is what the disk showed, not what we think sync did): a
+  write, move or rename over it, `delete`/`unlink`, `retarget` (the old target), `rmtree` and
+  `retype` (everything under the path they replaced), `mvdir` supersedes nothing. Every
+  content written and not superseded must be in the tree of every node, under its name or as
+  a conflict copy (`NAME.sync-conflict-...`, which is how a file or link that loses its name to
+  a folder is kept); an ignored file's content only on its own node. A content found only in
+  `.ironsync/versions/` fails: that folder is the right place only for a content a peer's
+  change replaced, and such a content is superseded. Superseded contents may be anywhere or
+  nowhere; they are counted (in versions, live, gone), not checked.
+- no temporary file is left; every database passes `PRAGMA integrity_check`; every sync exits
+  0, 1 or 3, and the quiescence syncs end in a row of syncs that exit 0 and change nothing.
 
 Crash trials (`crash_trial`): a receiver running `ironsync sync` standalone is killed with
 SIGKILL at a named point of a pull (`IRONSYNC_TEST_CRASH_AT`, read in one place:
@@ -47,6 +69,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -61,6 +84,20 @@ from tests.daemons import SyncNode, tree, write
 NODES = ("n0", "n1", "n2")
 FILES = ("f0.txt", "f1.txt", "a/f2.txt", "a/b/f3.txt", "c/f4.bin", "d/f5.txt")
 DIRS = ("a", "a/b", "c", "d", "e", "e/f")
+LINKS = ("l0", "a/l1", "e/f/l2")
+PATHS = FILES + DIRS + LINKS  # what `retype`, `typeclash` and `chmod` pick from
+MOVED_DIRS = (*DIRS, "g", "a/h", "e/f/i")  # where `mvdir` moves a folder
+# what `retype` makes of a path: "dirfile" is a folder holding one new file, `IN_FOLDER`
+TYPES = ("file", "dir", "dirfile", "symlink")
+IN_FOLDER = "in.txt"
+# link targets: relative ones inside the tree (files, folders, its own folder and the parent:
+# a loop for anything that follows links), beside absolute, dangling and escaping ones
+INSIDE_TARGETS = ("f0.txt", "../f1.txt", "f2.txt", "b/f3.txt", "a", "../c", ".", "..")
+FILE_MODES = ("600", "640", "644", "664", "700", "750", "755", "775")  # octal, as chmod reads
+DIR_MODES = ("700", "711", "750", "755", "775")  # the owner keeps rwx: a daemon writes inside
+MODE_BITS = 0o777  # what is synced: setuid, setgid and sticky are not
+IGNORE_RULES = "*.ign\n"  # every node's `.ignore`
+IGNORED_NAME = "x.ign"  # what an `ignored` op writes in a folder
 CONFLICT_MARKER = ".sync-conflict-"
 VERSIONS = Path(".ironsync") / "versions"
 CRASH_POINTS = (
@@ -71,9 +108,16 @@ CRASH_POINTS = (
     "after_rename",
     "mid_transaction",
 )
-FILE_OPS = (
-    "create", "edit", "append", "truncate", "rename", "move", "delete", "mkdir", "rmdir",
-    "concurrent",
+# ops that change a node's folder: `apply` freezes the daemons of the nodes they touch
+DISK_OPS = (
+    "create", "edit", "append", "truncate", "rename", "move", "delete", "concurrent",
+    "mkdir", "rmdir", "rmtree", "mvdir", "retype", "typeclash", "symlink", "retarget", "unlink",
+    "chmod", "ignored",
+)  # fmt: skip
+# the ops issue 11 added: folders, links, types, modes (counted apart in `bin/soak`)
+TREE_OPS = (
+    "mkdir", "rmdir", "rmtree", "mvdir", "retype", "typeclash", "symlink", "retarget", "unlink",
+    "chmod", "ignored",
 )  # fmt: skip
 LIVE_DELAY = 0.3  # s: the watchers' debounce in live histories
 SETTLE_MAX_S = 30.0
@@ -103,25 +147,36 @@ def make_history(seed: int, length: int = 14, *, live: bool = False) -> list[Op]
         "rename": 2,
         "move": 2,
         "delete": 3,
-        "mkdir": 1,
-        "rmdir": 1,
         "concurrent": 3,
-        "sync": 7,
+        "mkdir": 2,
+        "rmdir": 1,
+        "rmtree": 2,
+        "mvdir": 2,
+        "retype": 3,
+        "typeclash": 2,
+        "symlink": 2,
+        "retarget": 1,
+        "unlink": 1,
+        "chmod": 3,
+        "ignored": 1,
+        "sync": 9,
         "stop": 1,
         "start": 2,
         "restart": 1,
         "kill": 1,
     }
     if live:
-        weights.update(sync=3, start=3, wait=8)
+        weights.update(sync=4, start=3, wait=10)
     kinds = list(weights)
-    # a start: a few files on each node and one daemon up (every daemon when live), so later
-    # ops find files to change
+    # a start: a few files on each node, a folder and a link somewhere, and one daemon up
+    # (every daemon when live), so later ops find things to change
     for i, node in enumerate(NODES):
         rel = rng.choice(FILES)
         ops.append(
             ["create", node, rel, f"<{seed}:p{i}>", rng.randint(1, 3000), rng.getrandbits(32)]
         )
+    ops.append(["mkdir", rng.choice(NODES), rng.choice(DIRS)])
+    ops.append(["symlink", rng.choice(NODES), rng.choice(LINKS), _target(rng, f"<{seed}:p>")])
     if live:
         ops += [["start", node] for node in rng.sample(NODES, len(NODES))]
     else:
@@ -149,8 +204,28 @@ def make_history(seed: int, length: int = 14, *, live: bool = False) -> list[Op]
             ops.append([kind, node, src, dst])
         elif kind == "move":
             ops.append([kind, node, rng.choice(FILES), rng.choice(FILES)])
-        elif kind in ("mkdir", "rmdir"):
+        elif kind in ("mkdir", "rmdir", "rmtree"):
             ops.append([kind, node, rng.choice(DIRS)])
+        elif kind == "mvdir":
+            ops.append([kind, node, rng.choice(DIRS), rng.choice(MOVED_DIRS)])
+        elif kind == "retype":
+            rel, to = rng.choice(PATHS), rng.choice(TYPES)
+            size, salt = rng.randint(1, 3000), rng.getrandbits(32)
+            ops.append([kind, node, rel, to, tag, size, salt, _target(rng, tag)])
+        elif kind == "typeclash":  # two kinds (two folders are no clash, but may come)
+            other = rng.choice([n for n in NODES if n != node])
+            rel, (to, other_to) = rng.choice(PATHS), rng.sample(TYPES, 2)
+            salt = rng.getrandbits(32)
+            ops.append([kind, node, other, rel, to, other_to, tag, salt, _target(rng, tag)])
+        elif kind in ("symlink", "retarget", "unlink"):
+            rel = rng.choice(LINKS) if rng.random() < 0.7 else rng.choice(PATHS)
+            ops.append([kind, node, rel] + ([] if kind == "unlink" else [_target(rng, tag)]))
+        elif kind == "chmod":
+            rel = rng.choice(FILES + DIRS)
+            ops.append([kind, node, rel, rng.choice(DIR_MODES if rel in DIRS else FILE_MODES)])
+        elif kind == "ignored":
+            folder = rng.choice(("", *DIRS))
+            ops.append([kind, node, folder, tag, rng.randint(1, 3000), rng.getrandbits(32)])
         elif kind == "sync":
             other = rng.choice([n for n in NODES if n != node])
             ops.append([kind, node, other])
@@ -162,6 +237,18 @@ def make_history(seed: int, length: int = 14, *, live: bool = False) -> list[Op]
     return ops
 
 
+def _target(rng: random.Random, tag: str) -> str:
+    """A symlink target: inside the tree (relative), absolute, dangling, or out of the root."""
+    how = rng.choices(("inside", "absolute", "dangling", "outside"), [6, 1, 2, 1])[0]
+    if how == "inside":
+        return rng.choice(INSIDE_TARGETS)
+    if how == "absolute":  # one that exists (harmless if followed) or a dangling one
+        return rng.choice(("/dev/null", f"/nonexistent/ironsync{tag}"))
+    if how == "dangling":
+        return f"missing/{tag}"
+    return f"../../../outside{tag}"  # relative, out of the root: text, never resolved
+
+
 # --- the model -------------------------------------------------------------------------------
 
 
@@ -169,24 +256,165 @@ def digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=10).hexdigest()
 
 
+def link_key(target: str) -> str:
+    """The model's key of a symlink's content, its target text (never a file's digest)."""
+    return f"symlink -> {target}"
+
+
 @dataclass
 class ContentModel:
-    """Every content ever written (by digest), and which are superseded."""
+    """Every content ever written (a file's by digest, a link's by `link_key`), which are
+    superseded, and which were written as ignored files (on which node)."""
 
-    written: dict[str, str] = field(default_factory=dict)  # digest -> "op i on node"
+    written: dict[str, str] = field(default_factory=dict)  # key -> "op i kind on node"
     superseded: set[str] = field(default_factory=set)
+    ignored_on: dict[str, str] = field(default_factory=dict)  # key -> node
 
-    def wrote(self, data: bytes, how: str) -> None:
-        key = digest(data)
+    def wrote(self, key: str, how: str) -> None:
         self.written.setdefault(key, how)
         self.superseded.discard(key)  # written again (a truncation back to an old prefix)
 
-    def supersede(self, data: bytes | None) -> None:
-        if data is not None:
-            self.superseded.add(digest(data))
+    def supersede(self, key: str | None) -> None:
+        if key is not None:
+            self.superseded.add(key)
 
     def required(self) -> set[str]:
         return set(self.written) - self.superseded
+
+
+# --- what a tree holds -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One path of a tree as the checks compare it (folder mtimes and link modes left out)."""
+
+    kind: str  # "file", "dir", "symlink" or "other"
+    mode: int | None  # the permission bits of a file or a folder
+    payload: bytes | str | None  # a file's bytes, a link's target text
+    mtime_ns: int = field(default=0, compare=False)
+
+    @property
+    def key(self) -> str | None:
+        """The model's key of what this entry holds; None for a folder."""
+        if self.kind == "file" and isinstance(self.payload, bytes):
+            return digest(self.payload)
+        if self.kind == "symlink" and isinstance(self.payload, str):
+            return link_key(self.payload)
+        return None
+
+    def describe(self) -> str:
+        if self.kind == "file" and isinstance(self.payload, bytes):
+            return f"file {self.mode:o} {len(self.payload)} B {digest(self.payload)[:8]}"
+        if self.kind == "dir":
+            return f"folder {self.mode:o}"
+        if self.kind == "symlink":
+            return f"symlink -> {self.payload!r}"
+        return self.kind
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".ironsync-") and name.endswith(".tmp")
+
+
+def _is_ignored(rel: str) -> bool:
+    """Matched by `IGNORE_RULES` (`*.ign`, at any depth)."""
+    return rel.rpartition("/")[2].endswith(".ign")
+
+
+def _entry(path: str, st: os.stat_result) -> Entry:
+    """The `Entry` of `path` whose lstat is `st`; a file read without following a link."""
+    if stat.S_ISLNK(st.st_mode):
+        return Entry("symlink", None, os.readlink(path), st.st_mtime_ns)
+    mode = stat.S_IMODE(st.st_mode) & MODE_BITS
+    if stat.S_ISDIR(st.st_mode):
+        return Entry("dir", mode, None, st.st_mtime_ns)
+    if stat.S_ISREG(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd, "rb") as f:
+            return Entry("file", mode, f.read(), st.st_mtime_ns)
+    return Entry("other", mode, None, st.st_mtime_ns)
+
+
+def _entries(root: Path) -> tuple[dict[str, Entry], list[str]]:
+    """Every path under `root` (not .ironsync/, not .ignore, not temporary files; ignored files
+    included) with its `Entry`, never following a link; and the temporary files found."""
+    out: dict[str, Entry] = {}
+    temps: list[str] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        try:
+            found = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return  # removed while we looked
+        for item in found:
+            rel = prefix + item.name
+            if rel in (".ironsync", ".ignore"):
+                continue
+            if _is_temp(item.name):
+                temps.append(rel)
+                continue
+            try:
+                entry = out[rel] = _entry(item.path, os.lstat(item.path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if entry.kind == "dir":
+                walk(item.path, rel + "/")
+
+    walk(str(root), "")
+    return out, temps
+
+
+def _synced(entries: dict[str, Entry]) -> dict[str, Entry]:
+    return {rel: e for rel, e in entries.items() if not _is_ignored(rel)}
+
+
+def _kind(root: Path, rel: str) -> str | None:
+    """What `rel` is under `root`, never following a link: "file", "dir", "symlink", "other";
+    None when it is absent and could be made (every folder on the way is a real folder or
+    absent); "blocked" when something on the way is a link or not a folder."""
+    path = root
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if i < len(parts) - 1:
+            if not stat.S_ISDIR(st.st_mode):
+                return "blocked"
+        elif stat.S_ISLNK(st.st_mode):
+            return "symlink"
+        elif stat.S_ISDIR(st.st_mode):
+            return "dir"
+        elif stat.S_ISREG(st.st_mode):
+            return "file"
+        else:
+            return "other"
+    return "dir"
+
+
+def _read_at(root: Path, rel: str) -> bytes | None:
+    """The bytes of the regular file `rel`, reached without a link; None if it is not one."""
+    if _kind(root, rel) != "file":
+        return None
+    try:
+        fd = os.open(root / rel, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with open(fd, "rb") as f:
+        return f.read()
+
+
+def _keys_under(root: Path, rel: str) -> list[str]:
+    """The model's keys of every file and link at or under `rel` (a folder's whole subtree)."""
+    path = root / rel
+    entry = _entry(str(path), os.lstat(path))
+    if entry.kind != "dir":
+        return [entry.key] if entry.key else []
+    entries, _ = _entries(path)
+    return [e.key for e in entries.values() if e.key]
 
 
 # --- running a history -----------------------------------------------------------------------
@@ -201,6 +429,7 @@ class HistoryResult:
     conflicts: int = 0
     failures: list[str] = field(default_factory=list)
     notes: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)  # ops applied, by kind
     timings: dict[str, int] = field(default_factory=dict)  # ms per op kind
     superseded_live: list[str] = field(default_factory=list)  # to look at: resurrections?
     live: bool = False
@@ -208,6 +437,14 @@ class HistoryResult:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    @property
+    def tree_ops(self) -> int:
+        """How many of the ops applied were folder, link, type or mode ops (issue 11)."""
+        return sum(n for kind, n in self.kinds.items() if kind in TREE_OPS)
+
+    def note(self, key: str, n: int = 1) -> None:
+        self.notes[key] = self.notes.get(key, 0) + n
 
     def replay(self) -> str:
         return f"{replay_command(self.seed, self.length, self.live)}  # ops: {json.dumps(self.ops)}"
@@ -249,120 +486,239 @@ class History:
         for name, node in self.nodes.items():
             node.peers = [o.address for n, o in self.nodes.items() if n != name]
             node.write_config()
+            (node.root / ".ignore").write_text(IGNORE_RULES)
         self.all_peers = {name: list(node.peers) for name, node in self.nodes.items()}
 
     # every op reads the disk first: what it replaces is what that node had seen. A running
     # daemon (a live pull) could replace a file between that read and the op's write: `apply`
     # holds the daemons of the nodes an op touches stopped (SIGSTOP) while it reads and writes.
-
-    def _write_file(self, node: SyncNode, rel: str, data: bytes, how: str) -> None:
-        path = node.root / rel
-        if path.is_dir():
-            return
-        self.model.supersede(_read(path))
-        try:
-            write(node.root, rel, data)
-        except (NotADirectoryError, FileExistsError, IsADirectoryError):
-            return  # a file where a folder should be: the op does nothing
-        self.model.wrote(data, how)
-        self.result.applied += 1
+    # Nothing here goes through a link: `_kind` says "blocked" for a path with one on the way.
 
     def apply(self, i: int, op: Op) -> None:
         kind, name = op[0], op[1]
-        if kind in FILE_OPS:
-            touched = [self.nodes[name]] + ([self.nodes[op[2]]] if kind == "concurrent" else [])
-            with frozen(*touched):
-                self._apply(i, op)
-        else:
-            self._apply(i, op)
+        touched = [self.nodes[name]]
+        if kind in ("concurrent", "typeclash"):
+            touched.append(self.nodes[op[2]])
+        with frozen(*touched) if kind in DISK_OPS else contextlib.nullcontext():
+            applied = self._apply(i, op)
+        if applied:
+            self.result.applied += 1
+            self.result.kinds[kind] = self.result.kinds.get(kind, 0) + 1
 
-    def _apply(self, i: int, op: Op) -> None:
+    def _apply(self, i: int, op: Op) -> bool:
+        """Run `op`; False when it did nothing (its path absent, of another kind, blocked)."""
         kind, name = op[0], op[1]
         node = self.nodes[name]
+        root = node.root
         how = f"op {i} {kind} on {name}"
         if kind == "create":
             _, _, rel, tag, size, salt = op
-            self._write_file(node, rel, _data(tag, size, salt), how)
-        elif kind in ("edit", "append", "truncate"):
+            return self._write_file(root, rel, _data(tag, size, salt), how)
+        if kind in ("edit", "append", "truncate"):
             _, _, rel, tag, size, salt = op
-            old = _read(node.root / rel)
-            if old is None:
-                return
-            patch = _data(tag, min(size, 200), salt)
-            if kind == "edit":  # in place: same length unless the patch is longer
-                at = random.Random(salt).randint(0, max(0, len(old) - len(patch)))
-                new = old[:at] + patch + old[at + len(patch) :]
-            elif kind == "append":
-                new = old + patch
-            else:
-                new = old[: random.Random(salt).randint(0, len(old) - 1)] if old else b""
-            path = node.root / rel
-            self.model.supersede(old)
-            with open(path, "r+b") as f:  # in place: same inode
-                if kind == "truncate":
-                    f.truncate(len(new))
-                else:
-                    f.write(new)
-            self.model.wrote(new, how)
-            self.result.applied += 1
-        elif kind == "concurrent":
+            return self._change_in_place(
+                root, rel, kind, _data(tag, min(size, 200), salt), salt, how
+            )
+        if kind == "concurrent":
             _, _, other, rel, tag, salt = op
+            done = False
             for n, who in enumerate((name, other)):
                 target = self.nodes[who]
-                if _read(target.root / rel) is not None or n == 0:
+                if _read_at(target.root, rel) is not None or n == 0:
                     data = _data(f"{tag}{who}", 300 + n, salt + n)
-                    self._write_file(target, rel, data, f"{how} ({who})")
+                    done = self._write_file(target.root, rel, data, f"{how} ({who})") or done
                     time.sleep(0.01)  # distinct mtimes
-        elif kind in ("rename", "move"):
+            return done
+        if kind in ("rename", "move"):
             _, _, src, dst = op
-            source, dest = node.root / src, node.root / dst
-            if _read(source) is None or src == dst or dest.is_dir():
-                return
-            self.model.supersede(_read(dest))  # a rename over a file replaces it
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            source.rename(dest)
-            self.result.applied += 1
-        elif kind == "delete":
-            path = node.root / op[2]
-            old = _read(path)
-            if old is None:
-                return
-            self.model.supersede(old)
-            path.unlink()
-            self.result.applied += 1
-        elif kind == "mkdir":
+            if (
+                _kind(root, src) != "file"
+                or src == dst
+                or _kind(root, dst) not in (None, "file", "symlink")
+            ):
+                return False
+            self._supersede(root, dst)  # a rename over a file or a link replaces it
+            (root / dst).parent.mkdir(parents=True, exist_ok=True)
+            (root / src).rename(root / dst)
+            return True
+        if kind in ("delete", "unlink"):
+            if _kind(root, op[2]) not in (
+                ("file", "symlink") if kind == "delete" else ("symlink",)
+            ):
+                return False
+            self._supersede(root, op[2])
+            (root / op[2]).unlink()
+            return True
+        if kind == "mkdir":
+            if _kind(root, op[2]) is not None:
+                return False
+            (root / op[2]).mkdir(parents=True)
+            return True
+        if kind == "rmdir":
+            if _kind(root, op[2]) != "dir":
+                return False
             try:
-                (node.root / op[2]).mkdir(parents=True, exist_ok=True)
-                self.result.applied += 1
-            except (FileExistsError, NotADirectoryError):
-                pass
-        elif kind == "rmdir":
-            try:
-                (node.root / op[2]).rmdir()
-                self.result.applied += 1
+                (root / op[2]).rmdir()
             except OSError:
-                pass  # not empty, absent or a file
-        elif kind == "sync":
+                return False  # not empty
+            return True
+        if kind == "rmtree":
+            if _kind(root, op[2]) != "dir":
+                return False
+            self._remove(root, op[2])
+            return True
+        if kind == "mvdir":
+            _, _, src, dst = op
+            if _kind(root, src) != "dir" or dst == src or dst.startswith(src + "/"):
+                return False
+            if _kind(root, dst) not in (None, "dir") or (
+                _kind(root, dst) == "dir" and any((root / dst).iterdir())
+            ):
+                return False  # mv refuses a file or a folder that is not empty
+            (root / dst).parent.mkdir(parents=True, exist_ok=True)
+            (root / src).rename(root / dst)  # over an empty folder: replaces it
+            return True
+        if kind == "retype":
+            _, _, rel, to, tag, size, salt, target = op
+            return self._retype(root, rel, to, _data(tag, size, salt), target, how)
+        if kind == "typeclash":
+            _, _, other, rel, to, other_to, tag, salt, target = op
+            done = self._retype(root, rel, to, _data(f"{tag}{name}", 400, salt), target, how)
+            time.sleep(0.01)  # distinct mtimes
+            theirs = self.nodes[other].root
+            data = _data(f"{tag}{other}", 401, salt + 1)
+            other_target = f"{target}.{other}"  # a link of its own, if both make links
+            return (
+                self._retype(theirs, rel, other_to, data, other_target, f"{how} ({other})") or done
+            )
+        if kind in ("symlink", "retarget"):
+            _, _, rel, target = op
+            if _kind(root, rel) != (None if kind == "symlink" else "symlink"):
+                return False
+            self._make(root, rel, "symlink", b"", target, how)
+            return True
+        if kind == "chmod":
+            _, _, rel, octal = op
+            found = _kind(root, rel)
+            if found not in ("file", "dir"):
+                return False
+            mode = int(octal, 8) | (0o700 if found == "dir" else 0)
+            if stat.S_IMODE(os.lstat(root / rel).st_mode) == mode:
+                return False
+            os.chmod(root / rel, mode)  # neither size nor mtime change
+            return True
+        if kind == "ignored":
+            _, _, folder, tag, size, salt = op
+            rel = f"{folder}/{IGNORED_NAME}" if folder else IGNORED_NAME
+            data = _data(tag, size, salt)
+            if not self._write_file(root, rel, data, how):
+                return False
+            self.model.ignored_on[digest(data)] = name
+            return True
+        if kind == "sync":
             self.sync_pair(node, self.nodes[op[2]])
-            self.result.applied += 1
-        elif kind in ("stop", "kill"):
-            if node.proc is not None:
-                node.stop(signal.SIGKILL if kind == "kill" else signal.SIGTERM)
-                self.result.applied += 1
-        elif kind == "start":
+            return True
+        if kind in ("stop", "kill"):
             if node.proc is None:
-                self.start(node)
-                self.result.applied += 1
-        elif kind == "restart":
+                return False
+            node.stop(signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+            return True
+        if kind == "start":
+            if node.proc is not None:
+                return False
+            self.start(node)
+            return True
+        if kind == "restart":
             if node.proc is not None:
                 node.stop()
             self.start(node)
-            self.result.applied += 1
-        elif kind == "wait":
+            return True
+        if kind == "wait":
             time.sleep(op[2] / 1000)
-            self.result.applied += 1
+            return True
+        raise ValueError(f"unknown op {op!r}")
+
+    def _write_file(self, root: Path, rel: str, data: bytes, how: str) -> bool:
+        """Write `rel` (a new file or over a file; never a folder or a link)."""
+        if _kind(root, rel) not in (None, "file"):
+            return False  # a folder, a link, or something in the way
+        self._supersede(root, rel)
+        write(root, rel, data)
+        self.model.wrote(digest(data), how)
+        return True
+
+    def _change_in_place(
+        self, root: Path, rel: str, kind: str, patch: bytes, salt: int, how: str
+    ) -> bool:
+        old = _read_at(root, rel)
+        if old is None:
+            return False
+        if kind == "edit":  # in place: same length unless the patch is longer
+            at = random.Random(salt).randint(0, max(0, len(old) - len(patch)))
+            new = old[:at] + patch + old[at + len(patch) :]
+        elif kind == "append":
+            new = old + patch
         else:
-            raise ValueError(f"unknown op {op!r}")
+            new = old[: random.Random(salt).randint(0, len(old) - 1)] if old else b""
+        self.model.supersede(digest(old))
+        with open(root / rel, "r+b") as f:  # in place: same inode
+            if kind == "truncate":
+                f.truncate(len(new))
+            else:
+                f.write(new)
+        self.model.wrote(digest(new), how)
+        return True
+
+    def _retype(self, root: Path, rel: str, to: str, data: bytes, target: str, how: str) -> bool:
+        """Make `rel` a `to` (`TYPES`), whatever it was: a file written over, a link
+        retargeted, a folder kept (given its file for "dirfile"), anything else removed first
+        (rm -r of a folder)."""
+        found = _kind(root, rel)
+        if found in ("blocked", "other"):
+            return False
+        if found == "dir" and to in ("dir", "dirfile"):
+            if to == "dir":
+                return False
+            return self._write_file(root, f"{rel}/{IN_FOLDER}", data, how)
+        if found == "file" and to == "file":
+            return self._write_file(root, rel, data, how)
+        if found is not None:
+            self.result.note("type_changes" if found != to else "retargets")
+            self._remove(root, rel)
+        self._make(root, rel, to, data, target, how)
+        return True
+
+    def _make(self, root: Path, rel: str, to: str, data: bytes, target: str, how: str) -> None:
+        """Make `rel` (absent, or a link when `to` is one: replaced) a `to`, parents first."""
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if to == "symlink":
+            if path.is_symlink():
+                self._supersede(root, rel)
+                path.unlink()
+            os.symlink(target, path)
+            self.model.wrote(link_key(target), how)
+        elif to == "file":
+            self._write_file(root, rel, data, how)
+        else:
+            path.mkdir()
+            if to == "dirfile":
+                self._write_file(root, f"{rel}/{IN_FOLDER}", data, how)
+
+    def _supersede(self, root: Path, rel: str) -> None:
+        """What `rel` holds (everything under it, for a folder) is replaced on this disk."""
+        if _kind(root, rel) in ("file", "symlink", "dir"):
+            for key in _keys_under(root, rel):
+                self.model.supersede(key)
+
+    def _remove(self, root: Path, rel: str) -> None:
+        """rm -r `rel`: what it held is superseded."""
+        self._supersede(root, rel)
+        path = root / rel
+        if _kind(root, rel) == "dir":
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
     def start(self, node: SyncNode) -> None:
         before = _count_events(node, "sync_finished")
@@ -389,12 +745,11 @@ class History:
         self._count_sync(x, proc)
 
     def _count_sync(self, x: SyncNode, proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-        notes = self.result.notes
-        key = f"sync_exit_{proc.returncode}"
-        notes[key] = notes.get(key, 0) + 1
+        self.result.note(f"sync_exit_{proc.returncode}")
         if proc.returncode not in (0, 1, 3):
             self.result.failures.append(
-                f"{x.node_id}: sync exited {proc.returncode}: {proc.stderr[-2000:]}"
+                f"{x.node_id}: sync exited {proc.returncode}: {proc.stdout[-1000:]} "
+                f"{proc.stderr[-2000:]}"
             )
             return {}
         try:
@@ -413,17 +768,21 @@ class History:
         deadline = time.monotonic() + SETTLE_MAX_S
         last, since = None, time.monotonic()
         while time.monotonic() < deadline:
-            now = [_snapshot(node.root) for node in self.nodes.values()]
+            now = self._snapshots()
             if now != last:
                 last, since = now, time.monotonic()
             elif time.monotonic() - since >= quiet_for:
                 return
             time.sleep(0.1)
-        self.result.notes["settle_timeout"] = self.result.notes.get("settle_timeout", 0) + 1
+        self.result.note("settle_timeout")
+
+    def _snapshots(self) -> list[dict[str, tuple[int, int, int, int]]]:
+        return [_snapshot(node.root) for node in self.nodes.values()]
 
     def quiesce(self) -> None:
         """Every daemon up; `sync` on each node in turn until QUIET_SYNCS syncs in a row (every
-        node at least once, each with both peers) changed nothing and converged."""
+        node at least once, each with both peers) exited 0 and changed nothing: neither by
+        their report nor on any disk (a folder made or removed, a mode set)."""
         for node in self.nodes.values():
             if node.proc is None:
                 self.start(node)
@@ -431,11 +790,15 @@ class History:
         order = list(self.nodes.values())
         for n in range(QUIESCENCE_SYNCS):
             node = order[n % len(order)]
+            before = self._snapshots()
             proc = node.run("sync", "--json", check=False)
             out = self._count_sync(node, proc)
             changed = 0 if proc.returncode == 0 else 1
             for r in out.get("results", []):
                 changed += r.get("pulled", 0) + r.get("deleted", 0) + r.get("peer_changed", 0)
+            if not changed and self._snapshots() != before:
+                changed = 1
+                self.result.note("quiet_sync_changed_a_disk")
             quiet = quiet + 1 if changed == 0 else 0
             if quiet == QUIET_SYNCS:
                 return
@@ -446,36 +809,26 @@ class History:
         for node in self.nodes.values():
             if node.proc is not None:
                 node.stop()
-        trees = {name: tree(node.root) for name, node in self.nodes.items()}
-        first = trees[NODES[0]]
-        for name in NODES[1:]:
-            if trees[name] != first:
-                diff = sorted(
-                    p for p in set(first) | set(trees[name]) if first.get(p) != trees[name].get(p)
-                )
-                fail(f"trees of {NODES[0]} and {name} differ at {diff}")
+        everything: dict[str, dict[str, Entry]] = {}
         for name, node in self.nodes.items():
-            temps = [
-                str(Path(d, f).relative_to(node.root))
-                for d, _, files in os.walk(node.root)
-                for f in files
-                if f.startswith(".ironsync-") and f.endswith(".tmp")
-            ]
+            everything[name], temps = _entries(node.root)
             if temps:
                 fail(f"{name}: temporary files left: {temps}")
             _check_integrity(node, fail)
+        trees = {name: _synced(entries) for name, entries in everything.items()}
+        self._check_identical(trees)
         for name, node in self.nodes.items():
-            live = {digest(data): rel for rel, data in trees[name].items()}
+            live = {e.key: rel for rel, e in everything[name].items() if e.key}
             kept = _versions(node.root)
             for key in sorted(self.model.required()):
+                if self.model.ignored_on.get(key, name) != name:
+                    continue  # another node's ignored file: never synced
                 if key in live:
                     if CONFLICT_MARKER in live[key]:
-                        self.result.notes["required_in_conflict_copy"] = (
-                            self.result.notes.get("required_in_conflict_copy", 0) + 1
-                        )
+                        self.result.note("required_in_conflict_copy")
                     continue
                 where = "only in .ironsync/versions" if key in kept else "nowhere"
-                fail(f"{name}: content of {self.model.written[key]} is lost ({where})")
+                fail(f"{name}: content of {self.model.written[key]} is lost ({where}): {key}")
             for key in self.model.superseded & set(self.model.written):
                 if key in live and name == NODES[0]:
                     self.result.superseded_live.append(f"{self.model.written[key]} at {live[key]}")
@@ -484,7 +837,35 @@ class History:
                     else "superseded_in_versions" if key in kept
                     else "superseded_gone"
                 )  # fmt: skip
-                self.result.notes[bucket] = self.result.notes.get(bucket, 0) + 1
+                self.result.note(bucket)
+        first = trees[NODES[0]]
+        for rel, entry in first.items():
+            if CONFLICT_MARKER in rel:
+                self.result.note(f"conflict_copies_{entry.kind}")
+            self.result.note(f"final_{entry.kind}")
+        for node in self.nodes.values():
+            self.result.note("kept_events", _count_events(node, "kept"))
+
+    def _check_identical(self, trees: dict[str, dict[str, Entry]]) -> None:
+        """The same paths on every node, each with the same `Entry` (file mtimes counted)."""
+        first = trees[NODES[0]]
+        differ = sorted(
+            rel
+            for rel in set().union(*trees.values())
+            if any(t.get(rel) != first.get(rel) for t in trees.values())
+        )
+        for rel in differ[:12]:
+            seen = ", ".join(
+                f"{name} {t[rel].describe() if rel in t else 'absent'}" for name, t in trees.items()
+            )
+            self.result.failures.append(f"trees differ at {rel}: {seen}")
+        if len(differ) > 12:
+            self.result.failures.append(f"trees differ at {len(differ) - 12} more paths")
+        for rel, entry in first.items():
+            if entry.kind == "file" and any(
+                rel in t and t[rel].mtime_ns != entry.mtime_ns for t in trees.values()
+            ):
+                self.result.note("file_mtime_differs")
 
     def close(self) -> None:
         for node in self.nodes.values():
@@ -528,14 +909,20 @@ def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
     raise TimeoutError(f"process {pid} did not stop")
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every file under `root` (temporary files and .ironsync/ included) by size, mtime, inode."""
+def _snapshot(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Every path under `root` (temporary files and .ironsync/ included, links not followed)
+    by mode, size, mtime and inode."""
     out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
+    for dirpath, dirnames, files in os.walk(root):
+        for name in dirnames + files:  # a link to a folder is among the dirnames
             with contextlib.suppress(FileNotFoundError):
                 st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
-                out[os.path.join(dirpath, name)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+                out[os.path.join(dirpath, name)] = (
+                    st.st_mode,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                )
     return out
 
 
@@ -554,13 +941,11 @@ def _old_or_new(
 
 
 def _versions(root: Path) -> set[str]:
-    found = set()
-    for d, _, files in os.walk(root / VERSIONS):
-        for f in files:
-            data = _read(Path(d, f))
-            if data is not None:
-                found.add(digest(data))
-    return found
+    """The model's keys of every file and link in the node's versions folder."""
+    if not (root / VERSIONS).is_dir():
+        return set()
+    entries, _ = _entries(root / VERSIONS)
+    return {e.key for e in entries.values() if e.key}
 
 
 def _count_events(node: SyncNode, kind: str) -> int:
@@ -584,30 +969,31 @@ def run_history(
     prefix = f"ironsync-{'l' if live else 'h'}{seed}-"
     base = Path(tempfile.mkdtemp(prefix=prefix)) if base is None else base
     history = History(base, seed, ops, length, live=live)
+    timings = history.result.timings
     try:
         for i, op in enumerate(ops):
+            t0 = time.monotonic()
             try:
-                t0 = time.monotonic()
                 history.apply(i, op)
-                key = f"ms_{op[0]}"
-                ms = int((time.monotonic() - t0) * 1000)
-                history.result.timings[key] = history.result.timings.get(key, 0) + ms
             except Exception as exc:  # a node that would not start, a command that hung
                 history.result.failures.append(f"op {i} {op!r}: {exc!r}"[:3000])
-                return history.result
-        if live:
+                break
+            key = f"ms_{op[0]}"
+            timings[key] = timings.get(key, 0) + int((time.monotonic() - t0) * 1000)
+        else:
+            if live:
+                t0 = time.monotonic()
+                history.settle()
+                timings["ms_settle"] = int((time.monotonic() - t0) * 1000)
+                history.result.notes["writes_before_quiescence"] = sum(
+                    _count_events(node, "write_finished") for node in history.nodes.values()
+                )  # before the quiescence syncs: by start-up syncs, explicit syncs, live pulls
             t0 = time.monotonic()
-            history.settle()
-            history.result.timings["ms_settle"] = int((time.monotonic() - t0) * 1000)
-            history.result.notes["writes_before_quiescence"] = sum(
-                _count_events(node, "write_finished") for node in history.nodes.values()
-            )  # before the quiescence syncs: by start-up syncs, explicit syncs, live pulls
-        t0 = time.monotonic()
-        history.quiesce()
-        history.result.timings["ms_quiesce"] = int((time.monotonic() - t0) * 1000)
-        t0 = time.monotonic()
-        history.check()
-        history.result.timings["ms_check"] = int((time.monotonic() - t0) * 1000)
+            history.quiesce()
+            timings["ms_quiesce"] = int((time.monotonic() - t0) * 1000)
+            t0 = time.monotonic()
+            history.check()
+            timings["ms_check"] = int((time.monotonic() - t0) * 1000)
     finally:
         history.close()
         if owned and history.result.ok:

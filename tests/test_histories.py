@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import SyncNode, stop_all, tree, write
-from tests.histories import crash_trial, run_history, sender_crash_trial
+from tests.histories import (
+    DISK_OPS,
+    History,
+    crash_trial,
+    link_key,
+    make_history,
+    run_history,
+    sender_crash_trial,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -121,3 +129,61 @@ def test_a_second_conflict_copy_of_one_node_in_one_second_does_not_replace_the_f
         ]
     finally:
         stop_all(a, b)
+
+
+# --- the harness itself (no daemon runs): what the model records for the tree ops -----------
+
+
+def test_every_op_kind_is_generated_and_a_seed_replays_the_same_history() -> None:
+    kinds = {op[0] for seed in range(60) for op in make_history(seed, 14)}
+    assert kinds >= set(DISK_OPS) | {"sync", "stop", "start", "restart", "kill"}
+    assert "wait" in {op[0] for seed in range(10) for op in make_history(seed, 14, live=True)}
+    assert make_history(7, 14) == make_history(7, 14) != make_history(7, 14, live=True)
+
+
+def test_no_disk_op_goes_through_a_symlink(tmp_path: Path) -> None:
+    history = History(tmp_path / "h", 0, [], 0)
+    root = history.nodes["n0"].root
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "a").symlink_to(outside)  # every path under a/ has a link on the way
+    (root / "f0.txt").symlink_to(outside / "target.txt")
+    ops = [
+        ["create", "n0", "a/f2.txt", "<t>", 10, 1],
+        ["create", "n0", "f0.txt", "<t>", 10, 1],
+        ["mkdir", "n0", "a/b"],
+        ["retype", "n0", "a/b", "dirfile", "<t>", 10, 1, "x"],
+        ["symlink", "n0", "a/l1", "x"],
+        ["chmod", "n0", "a", "700"],
+        ["ignored", "n0", "a", "<t>", 10, 1],
+        ["mvdir", "n0", "a", "g"],  # a link, not a folder: mv of a folder does nothing
+        ["rmtree", "n0", "a"],
+    ]
+    for i, op in enumerate(ops):
+        history.apply(i, op)
+    assert list(outside.iterdir()) == []
+    assert history.result.applied == 0
+    assert (root / "a").is_symlink() and (root / "f0.txt").is_symlink()
+
+
+def test_rm_r_and_type_changes_supersede_what_they_replace_and_mv_keeps_it(
+    tmp_path: Path,
+) -> None:
+    history = History(tmp_path / "h", 0, [], 0)
+    model = history.model
+    ops = [
+        ["create", "n0", "a/f2.txt", "<f2>", 10, 1],
+        ["symlink", "n0", "a/l1", "../f0.txt"],
+        ["create", "n0", "f0.txt", "<f0>", 10, 2],
+        ["mvdir", "n0", "a", "g"],  # supersedes nothing
+        ["retype", "n0", "f0.txt", "dirfile", "<in>", 10, 3, "x"],  # f0's content replaced
+        ["chmod", "n0", "f0.txt", "700"],
+    ]
+    for i, op in enumerate(ops):
+        history.apply(i, op)
+    assert len(model.required()) == 3  # g/f2.txt, g/l1, f0.txt/in.txt
+    assert link_key("../f0.txt") in model.required()
+    history.apply(6, ["rmtree", "n0", "g"])
+    assert [model.written[k] for k in model.required()] == ["op 4 retype on n0"]
+    assert history.result.kinds == {"create": 2, "symlink": 1, "mvdir": 1, "retype": 1,
+                                    "chmod": 1, "rmtree": 1}  # fmt: skip
