@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         crash_seeds = list(range(args.first, args.first + args.crashes))
         sender_seeds = list(range(args.first, args.first + args.sender_crashes))
     started = time.monotonic()
-    ops = conflicts = 0
+    ops = conflicts = with_tree_ops = 0
     notes: dict[str, int] = {}
+    kinds: dict[str, int] = {}
     failures: list[str] = []
     for live, seed in [(False, s) for s in seeds] + [(True, s) for s in live_seeds]:
         name = f"{'live ' if live else ''}history {seed}"
@@ -63,11 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         result = run_history(seed, length=args.ops, live=live)
         ops += result.applied
         conflicts += result.conflicts
+        with_tree_ops += result.tree_ops > 0
         for key, value in result.notes.items():
             notes[key] = notes.get(key, 0) + value
+        for key, value in result.kinds.items():
+            kinds[key] = kinds.get(key, 0) + value
         status = "ok" if result.ok else "FAIL"
         took = time.monotonic() - t0
-        print(f"{name}: {status} ({result.applied} ops applied, {took:.1f} s)", flush=True)
+        print(
+            f"{name}: {status} ({result.applied} ops applied, {result.tree_ops} of them on "
+            f"folders, links, types or modes, {took:.1f} s)",
+            flush=True,
+        )
         if not result.ok:
             for failure in result.failures:
                 print(f"  {failure}", flush=True)
@@ -105,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{conflicts} conflicts seen, {len(crash_seeds)} crash trials, "
         f"{len(sender_seeds)} sender crash trials, {len(failures)} failure(s), "
         f"{time.monotonic() - started:.0f} s"
+    )
+    print(
+        f"{with_tree_ops} of {len(seeds) + len(live_seeds)} histories applied folder, link, "
+        f"type or mode ops; ops applied by kind: {json.dumps(kinds, sort_keys=True)}"
     )
     print(f"notes: {json.dumps(notes, sort_keys=True)}")
     print(f"crash outcomes: {json.dumps(crashes, sort_keys=True)}")
