@@ -187,3 +187,23 @@ def test_rm_r_and_type_changes_supersede_what_they_replace_and_mv_keeps_it(
     assert [model.written[k] for k in model.required()] == ["op 4 retype on n0"]
     assert history.result.kinds == {"create": 2, "symlink": 1, "mvdir": 1, "retype": 1,
                                     "chmod": 1, "rmtree": 1}  # fmt: skip
+
+
+# issue 11, histories 6 and 13: a symlink removed (the `unlink` op) made every later scan of
+# that node raise KeyError (ironsync/sync/local.py _MoveSources took the vanished link for a
+# file), so its daemon answered no sync again; and a peer refused to delete (or update, or keep
+# as a conflict copy) a link, "unsafe: symlink on the way" (fullsync.py resolved the link
+# itself as a folder on the way).
+def test_a_symlink_removed_between_two_scans_is_a_deletion(tmp_path: Path) -> None:
+    a, b = SyncNode(tmp_path, "alpha"), SyncNode(tmp_path, "beta")
+    a.add_peers(b)
+    try:
+        (a.root / "l0").symlink_to("missing/target")
+        b.start()
+        a.sync()
+        assert os.readlink(b.root / "l0") == "missing/target"
+        (a.root / "l0").unlink()
+        a.sync()
+        assert not os.path.lexists(b.root / "l0")
+    finally:
+        stop_all(a, b)

@@ -586,7 +586,8 @@ class _MoveSources:
         self._by_inode: dict[tuple[int, int, int], str] = {}
         for path in vanished:
             old = self._rows.get(path)
-            if old is not None and old.hash is not None and old.size > 0:
+            # only files are move sources (`known` holds files; a vanished link has a size)
+            if old is not None and old.kind == FILE and old.hash is not None and old.size > 0:
                 self.by_hash.setdefault(old.hash, []).append(path)
                 _, size, mtime_ns, _, inode, _ = known[path]
                 self._by_inode[(inode, size, mtime_ns)] = path
