@@ -87,6 +87,7 @@ DIRS = ("a", "a/b", "c", "d", "e", "e/f")
 LINKS = ("l0", "a/l1", "e/f/l2")
 PATHS = FILES + DIRS + LINKS  # what `retype`, `typeclash` and `chmod` pick from
 MOVED_DIRS = (*DIRS, "g", "a/h", "e/f/i")  # where `mvdir` moves a folder
+NAMES = tuple(dict.fromkeys(PATHS + MOVED_DIRS))  # what an op on an absent path picks from
 # what `retype` makes of a path: "dirfile" is a folder holding one new file, `IN_FOLDER`
 TYPES = ("file", "dir", "dirfile", "symlink")
 IN_FOLDER = "in.txt"
@@ -432,6 +433,7 @@ class HistoryResult:
     kinds: dict[str, int] = field(default_factory=dict)  # ops applied, by kind
     timings: dict[str, int] = field(default_factory=dict)  # ms per op kind
     superseded_live: list[str] = field(default_factory=list)  # to look at: resurrections?
+    remarks: list[str] = field(default_factory=list)  # odd but not failed: to look at
     live: bool = False
 
     @property
@@ -541,13 +543,18 @@ class History:
             (root / dst).parent.mkdir(parents=True, exist_ok=True)
             (root / src).rename(root / dst)
             return True
-        if kind in ("delete", "unlink"):
-            if _kind(root, op[2]) not in (
-                ("file", "symlink") if kind == "delete" else ("symlink",)
-            ):
+        if kind == "delete":
+            if _kind(root, op[2]) not in ("file", "symlink"):
                 return False
             self._supersede(root, op[2])
             (root / op[2]).unlink()
+            return True
+        if kind == "unlink":
+            rel = self._pick(root, i, op, ("symlink",))
+            if rel is None:
+                return False
+            self._supersede(root, rel)
+            (root / rel).unlink()
             return True
         if kind == "mkdir":
             if _kind(root, op[2]) is not None:
@@ -563,13 +570,14 @@ class History:
                 return False  # not empty
             return True
         if kind == "rmtree":
-            if _kind(root, op[2]) != "dir":
+            rel = self._pick(root, i, op, ("dir",))
+            if rel is None:
                 return False
-            self._remove(root, op[2])
+            self._remove(root, rel)
             return True
         if kind == "mvdir":
-            _, _, src, dst = op
-            if _kind(root, src) != "dir" or dst == src or dst.startswith(src + "/"):
+            src, dst = self._pick(root, i, op, ("dir",)), op[3]
+            if src is None or dst == src or dst.startswith(src + "/"):
                 return False
             if _kind(root, dst) not in (None, "dir") or (
                 _kind(root, dst) == "dir" and any((root / dst).iterdir())
@@ -579,7 +587,8 @@ class History:
             (root / src).rename(root / dst)  # over an empty folder: replaces it
             return True
         if kind == "retype":
-            _, _, rel, to, tag, size, salt, target = op
+            _, _, _, to, tag, size, salt, target = op
+            rel = self._pick(root, i, op, ("file", "dir", "symlink")) or op[2]
             return self._retype(root, rel, to, _data(tag, size, salt), target, how)
         if kind == "typeclash":
             _, _, other, rel, to, other_to, tag, salt, target = op
@@ -591,20 +600,25 @@ class History:
             return (
                 self._retype(theirs, rel, other_to, data, other_target, f"{how} ({other})") or done
             )
-        if kind in ("symlink", "retarget"):
+        if kind == "symlink":
             _, _, rel, target = op
-            if _kind(root, rel) != (None if kind == "symlink" else "symlink"):
+            if _kind(root, rel) is not None:
                 return False
             self._make(root, rel, "symlink", b"", target, how)
             return True
+        if kind == "retarget":
+            rel = self._pick(root, i, op, ("symlink",))
+            if rel is None:
+                return False
+            self._make(root, rel, "symlink", b"", op[3], how)
+            return True
         if kind == "chmod":
-            _, _, rel, octal = op
-            found = _kind(root, rel)
-            if found not in ("file", "dir"):
+            rel = self._pick(root, i, op, ("file", "dir"))
+            if rel is None:
                 return False
-            mode = int(octal, 8) | (0o700 if found == "dir" else 0)
+            mode = int(op[3], 8) | (0o700 if _kind(root, rel) == "dir" else 0)
             if stat.S_IMODE(os.lstat(root / rel).st_mode) == mode:
-                return False
+                mode ^= 0o050  # a change all the same: group r-x toggled
             os.chmod(root / rel, mode)  # neither size nor mtime change
             return True
         if kind == "ignored":
@@ -637,6 +651,16 @@ class History:
             time.sleep(op[2] / 1000)
             return True
         raise ValueError(f"unknown op {op!r}")
+
+    def _pick(self, root: Path, i: int, op: Op, kinds: tuple[str, ...]) -> str | None:
+        """The path `op` acts on: its own (`op[2]`) if that is one of `kinds` on this disk,
+        else one of `NAMES` that is (chosen by the op and its index), else None. So rm -r, mv,
+        chmod, retarget, unlink and retype mostly find something to act on, where the
+        generator, blind to the disks, named a path absent there."""
+        if _kind(root, op[2]) in kinds:
+            return op[2]
+        found = [rel for rel in NAMES if _kind(root, rel) in kinds]
+        return random.Random(f"{i}:{json.dumps(op)}").choice(found) if found else None
 
     def _write_file(self, root: Path, rel: str, data: bytes, how: str) -> bool:
         """Write `rel` (a new file or over a file; never a folder or a link)."""
@@ -866,6 +890,8 @@ class History:
                 rel in t and t[rel].mtime_ns != entry.mtime_ns for t in trees.values()
             ):
                 self.result.note("file_mtime_differs")
+                mtimes = ", ".join(f"{n} {t[rel].mtime_ns}" for n, t in trees.items() if rel in t)
+                self.result.remarks.append(f"file mtimes differ at {rel}: {mtimes}")
 
     def close(self) -> None:
         for node in self.nodes.values():

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             f"folders, links, types or modes, {took:.1f} s)",
             flush=True,
         )
+        for remark in result.remarks:
+            print(f"  remark: {remark}", flush=True)
         if not result.ok:
             for failure in result.failures:
                 print(f"  {failure}", flush=True)

@@ -152,7 +152,7 @@ def test_no_disk_op_goes_through_a_symlink(tmp_path: Path) -> None:
         ["create", "n0", "a/f2.txt", "<t>", 10, 1],
         ["create", "n0", "f0.txt", "<t>", 10, 1],
         ["mkdir", "n0", "a/b"],
-        ["retype", "n0", "a/b", "dirfile", "<t>", 10, 1, "x"],
+        ["typeclash", "n0", "n1", "a/b", "dirfile", "file", "<t>", 1, "x"],  # n1: no a/
         ["symlink", "n0", "a/l1", "x"],
         ["chmod", "n0", "a", "700"],
         ["ignored", "n0", "a", "<t>", 10, 1],
@@ -162,7 +162,8 @@ def test_no_disk_op_goes_through_a_symlink(tmp_path: Path) -> None:
     for i, op in enumerate(ops):
         history.apply(i, op)
     assert list(outside.iterdir()) == []
-    assert history.result.applied == 0
+    assert history.result.kinds == {"typeclash": 1}
+    assert (history.nodes["n1"].root / "a" / "b").is_file()
     assert (root / "a").is_symlink() and (root / "f0.txt").is_symlink()
 
 
