@@ -1,14 +1,16 @@
-"""Randomized multi-node histories and kill -9 crash points (issue 6), bounded for CI.
+"""Randomized multi-node histories and kill -9 crash points (issues 6 and 11), bounded for CI.
 
 Each history is seeded: a failure prints `bin/soak --seed S` (`--live` for a live history),
-which replays it. `bin/soak` runs many more (see tests/histories.py for what is generated and
-what is checked).
+which replays it. The operations cover files, folders, symlinks, type changes and chmod; the
+check compares the nodes' whole trees and that nothing written is lost. `bin/soak` runs many
+more (see tests/histories.py for what is generated and what is checked).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from tests.daemons import SyncNode, stop_all, tree, write
 from tests.histories import (
     DISK_OPS,
+    NODES,
     History,
     crash_trial,
     link_key,
@@ -208,3 +211,44 @@ def test_a_symlink_removed_between_two_scans_is_a_deletion(tmp_path: Path) -> No
         assert not os.path.lexists(b.root / "l0")
     finally:
         stop_all(a, b)
+
+
+def test_the_check_fails_on_a_mode_an_empty_folder_a_link_target_or_a_lost_content(
+    tmp_path: Path,
+) -> None:
+    def checked(change: Callable[[Path], object] | None = None) -> list[str]:
+        history = History(tmp_path / f"h{len(list(tmp_path.iterdir()))}", 0, [], 0)
+        for name in NODES:  # the same tree on every node, as the ops would make it on n0
+            ops = [
+                ["create", name, "a/f2.txt", "<f2>", 10, 1],
+                ["mkdir", name, "e/f"],
+                ["symlink", name, "l0", "a"],
+                ["chmod", name, "a/f2.txt", "755"],
+            ]
+            for i, op in enumerate(ops):
+                history.apply(i, op)
+        if change is not None:
+            change(history.nodes["n2"].root)
+        history.check()
+        return history.result.failures
+
+    assert checked() == []
+    assert checked(lambda root: (root / "a/f2.txt").chmod(0o644)) == [
+        "trees differ at a/f2.txt: n0 file 755 10 B e8f3c6f6, n1 file 755 10 B e8f3c6f6, "
+        "n2 file 644 10 B e8f3c6f6"
+    ]
+    assert checked(lambda root: (root / "e/f").rmdir()) == [
+        "trees differ at e/f: n0 folder 755, n1 folder 755, n2 absent"
+    ]
+
+    def retarget(root: Path) -> None:
+        (root / "l0").unlink()
+        (root / "l0").symlink_to("c")
+
+    failures = checked(retarget)
+    assert failures[0] == (
+        "trees differ at l0: n0 symlink -> 'a', n1 symlink -> 'a', n2 symlink -> 'c'"
+    )
+    assert failures[1].startswith("n2: content of op 2 symlink on n0 is lost (nowhere)")
+    failures = checked(lambda root: (root / "a/f2.txt").write_bytes(b"other"))
+    assert failures[1].startswith("n2: content of op 0 create on n0 is lost (nowhere)")
