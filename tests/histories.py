@@ -113,8 +113,13 @@ CRASH_POINTS = (
 DISK_OPS = (
     "create", "edit", "append", "truncate", "rename", "move", "delete", "concurrent",
     "mkdir", "rmdir", "rmtree", "mvdir", "retype", "typeclash", "symlink", "retarget", "unlink",
-    "chmod", "ignored",
+    "chmod", "ignored", "pair",
 )  # fmt: skip
+# `pair`: an op on a folder on one node, and one under that folder on another, with no sync
+# between them (rm -r, mv, a type change or chmod of the folder; a file, link, folder or
+# ignored file made, or a file changed, inside it)
+PAIR_FOLDER_OPS = ("rmtree", "mvdir", "retype", "chmod")
+PAIR_INNER_OPS = ("create", "edit", "append", "symlink", "mkdir", "ignored", "chmod")
 # the ops issue 11 added: folders, links, types, modes (counted apart in `bin/soak`)
 TREE_OPS = (
     "mkdir", "rmdir", "rmtree", "mvdir", "retype", "typeclash", "symlink", "retarget", "unlink",
@@ -160,6 +165,7 @@ def make_history(seed: int, length: int = 14, *, live: bool = False) -> list[Op]
         "unlink": 1,
         "chmod": 3,
         "ignored": 1,
+        "pair": 4,
         "sync": 9,
         "stop": 1,
         "start": 2,
@@ -224,6 +230,11 @@ def make_history(seed: int, length: int = 14, *, live: bool = False) -> list[Op]
         elif kind == "chmod":
             rel = rng.choice(FILES + DIRS)
             ops.append([kind, node, rel, rng.choice(DIR_MODES if rel in DIRS else FILE_MODES)])
+        elif kind == "pair":
+            other = rng.choice([n for n in NODES if n != node])
+            folder = rng.choice(DIRS)
+            ops.append([kind, node, other, _folder_op(rng, node, folder, tag),
+                        _inner_op(rng, other, folder, tag)])  # fmt: skip
         elif kind == "ignored":
             folder = rng.choice(("", *DIRS))
             ops.append([kind, node, folder, tag, rng.randint(1, 3000), rng.getrandbits(32)])
@@ -236,6 +247,39 @@ def make_history(seed: int, length: int = 14, *, live: bool = False) -> list[Op]
         else:
             ops.append([kind, node])
     return ops
+
+
+def _folder_op(rng: random.Random, node: str, folder: str, tag: str) -> Op:
+    """An op of `pair` on `folder` itself (`PAIR_FOLDER_OPS`)."""
+    kind = rng.choice(PAIR_FOLDER_OPS)
+    if kind == "rmtree":
+        return [kind, node, folder]
+    if kind == "mvdir":
+        return [kind, node, folder, rng.choice([d for d in MOVED_DIRS if d != folder])]
+    if kind == "retype":  # the folder becomes a file or a link
+        to = rng.choice(("file", "symlink"))
+        return [kind, node, folder, to, f"{tag}f", rng.randint(1, 3000), rng.getrandbits(32),
+                _target(rng, tag)]  # fmt: skip
+    return [kind, node, folder, rng.choice(DIR_MODES)]
+
+
+def _inner_op(rng: random.Random, node: str, folder: str, tag: str) -> Op:
+    """An op of `pair` under `folder` (`PAIR_INNER_OPS`): on a file of `FILES` there, or on
+    a new name."""
+    kind = rng.choice(PAIR_INNER_OPS)
+    inside = [f for f in FILES if f.startswith(folder + "/")] or [f"{folder}/p.txt"]
+    size, salt = rng.randint(1, 3000), rng.getrandbits(32)
+    if kind == "create":
+        return [kind, node, rng.choice([*inside, f"{folder}/p.txt"]), f"{tag}i", size, salt]
+    if kind in ("edit", "append"):
+        return [kind, node, rng.choice(inside), f"{tag}i", size, salt]
+    if kind == "symlink":
+        return [kind, node, f"{folder}/pl", _target(rng, tag)]
+    if kind == "mkdir":
+        return [kind, node, f"{folder}/pd"]
+    if kind == "ignored":
+        return [kind, node, folder, f"{tag}i", size, salt]
+    return [kind, node, rng.choice(inside), rng.choice(FILE_MODES)]
 
 
 def _target(rng: random.Random, tag: str) -> str:
@@ -498,6 +542,13 @@ class History:
 
     def apply(self, i: int, op: Op) -> None:
         kind, name = op[0], op[1]
+        if kind == "pair":  # each op applied (and counted) as such, the pair counted too
+            before = self.result.applied
+            self.apply(i, op[3])
+            self.apply(i, op[4])
+            if self.result.applied > before:
+                self.result.kinds[kind] = self.result.kinds.get(kind, 0) + 1
+            return
         touched = [self.nodes[name]]
         if kind in ("concurrent", "typeclash"):
             touched.append(self.nodes[op[2]])
@@ -823,6 +874,17 @@ class History:
             if not changed and self._snapshots() != before:
                 changed = 1
                 self.result.note("quiet_sync_changed_a_disk")
+                after = self._snapshots()
+                moved = sorted(
+                    p
+                    for b, a in zip(before, after, strict=True)
+                    for p in set(a) | set(b)
+                    if a.get(p) != b.get(p)
+                )
+                self.result.remarks.append(
+                    f"sync {n} on {node.node_id} exited 0, reported no change, and changed "
+                    f"{moved[:6]}"
+                )
             quiet = quiet + 1 if changed == 0 else 0
             if quiet == QUIET_SYNCS:
                 return
