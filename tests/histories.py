@@ -46,8 +46,9 @@ The checks, after quiescence:
   `.ironsync/versions/` fails: that folder is the right place only for a content a peer's
   change replaced, and such a content is superseded. Superseded contents may be anywhere or
   nowhere; they are counted (in versions, live, gone), not checked.
-- no temporary file is left; every database passes `PRAGMA integrity_check`; every sync exits
-  0, 1 or 3, and the quiescence syncs end in a row of syncs that exit 0 and change nothing.
+- no temporary file is left; every database passes `PRAGMA integrity_check`; a scan of every
+  node (daemons stopped) finds nothing its index missed; every sync exits 0, 1 or 3, and the
+  quiescence syncs end in a row of syncs that exit 0 and change nothing.
 
 Crash trials (`crash_trial`): a receiver running `ironsync sync` standalone is killed with
 SIGKILL at a named point of a pull (`IRONSYNC_TEST_CRASH_AT`, read in one place:
@@ -901,6 +902,7 @@ class History:
             if temps:
                 fail(f"{name}: temporary files left: {temps}")
             _check_integrity(node, fail)
+            self._check_index_matches_disk(node)
         trees = {name: _synced(entries) for name, entries in everything.items()}
         self._check_identical(trees)
         for name, node in self.nodes.items():
@@ -931,6 +933,23 @@ class History:
             self.result.note(f"final_{entry.kind}")
         for node in self.nodes.values():
             self.result.note("kept_events", _count_events(node, "kept"))
+
+    def _check_index_matches_disk(self, node: SyncNode) -> None:
+        """A scan after quiescence finds nothing to record: what the daemons wrote (and what
+        their watchers saw) is what their index says, so no restart makes a new version."""
+        proc = node.run("scan", "--json", check=False)
+        try:
+            changes = [c for r in json.loads(proc.stdout) for c in r["changes"]]
+        except (ValueError, KeyError, TypeError):
+            self.result.failures.append(
+                f"{node.node_id}: scan exited {proc.returncode}: {proc.stderr[-1500:]}"
+            )
+            return
+        if changes:
+            self.result.failures.append(
+                f"{node.node_id}: a scan after quiescence found changes the index missed: "
+                f"{changes[:8]}"
+            )
 
     def _check_identical(self, trees: dict[str, dict[str, Entry]]) -> None:
         """The same paths on every node, each with the same `Entry` (file mtimes counted)."""

@@ -229,7 +229,8 @@ def test_the_check_fails_on_a_mode_an_empty_folder_a_link_target_or_a_lost_conte
                 history.apply(i, op)
         if change is not None:
             change(history.nodes["n2"].root)
-        history.check()
+        history._check_index_matches_disk = lambda node: None  # type: ignore[method-assign]
+        history.check()  # (no daemon ever indexed these trees)
         return history.result.failures
 
     assert checked() == []
