@@ -882,10 +882,11 @@ class History:
                     for p in set(a) | set(b)
                     if a.get(p) != b.get(p)
                 )
-                self.result.remarks.append(
-                    f"sync {n} on {node.node_id} exited 0, reported no change, and changed "
-                    f"{moved[:6]}"
-                )
+                if n >= len(order):  # (the first round may race the daemons' start-up syncs)
+                    self.result.remarks.append(
+                        f"sync {n} on {node.node_id} exited 0, reported no change, and changed "
+                        f"{[os.path.relpath(p, self.base) for p in moved[:6]]}"
+                    )
             quiet = quiet + 1 if changed == 0 else 0
             if quiet == QUIET_SYNCS:
                 return
