@@ -314,15 +314,17 @@ class ContentModel:
 
     written: dict[str, str] = field(default_factory=dict)  # key -> "op i kind on node"
     superseded: set[str] = field(default_factory=set)
+    superseded_by: dict[str, str] = field(default_factory=dict)  # key -> the last op that did
     ignored_on: dict[str, str] = field(default_factory=dict)  # key -> node
 
     def wrote(self, key: str, how: str) -> None:
         self.written.setdefault(key, how)
         self.superseded.discard(key)  # written again (a truncation back to an old prefix)
 
-    def supersede(self, key: str | None) -> None:
+    def supersede(self, key: str | None, by: str = "") -> None:
         if key is not None:
             self.superseded.add(key)
+            self.superseded_by[key] = by
 
     def required(self) -> set[str]:
         return set(self.written) - self.superseded
@@ -528,6 +530,7 @@ class History:
         self.live = live
         self.result = HistoryResult(seed, ops, length, live=live)
         self.model = ContentModel()
+        self.doing = ""  # the op being applied, for the model's record of what superseded
         watch: dict[str, Any] = {"watcher": True, "delay": LIVE_DELAY} if live else {}
         self.nodes = {name: SyncNode(base, name, **watch) for name in NODES}
         for name, node in self.nodes.items():
@@ -564,7 +567,7 @@ class History:
         kind, name = op[0], op[1]
         node = self.nodes[name]
         root = node.root
-        how = f"op {i} {kind} on {name}"
+        how = self.doing = f"op {i} {kind} on {name}"
         if kind == "create":
             _, _, rel, tag, size, salt = op
             return self._write_file(root, rel, _data(tag, size, salt), how)
@@ -736,7 +739,7 @@ class History:
             new = old + patch
         else:
             new = old[: random.Random(salt).randint(0, len(old) - 1)] if old else b""
-        self.model.supersede(digest(old))
+        self.model.supersede(digest(old), how)
         with open(root / rel, "r+b") as f:  # in place: same inode
             if kind == "truncate":
                 f.truncate(len(new))
@@ -785,7 +788,7 @@ class History:
         """What `rel` holds (everything under it, for a folder) is replaced on this disk."""
         if _kind(root, rel) in ("file", "symlink", "dir"):
             for key in _keys_under(root, rel):
-                self.model.supersede(key)
+                self.model.supersede(key, self.doing)
 
     def _remove(self, root: Path, rel: str) -> None:
         """rm -r `rel`: what it held is superseded."""
@@ -920,7 +923,10 @@ class History:
                 fail(f"{name}: content of {self.model.written[key]} is lost ({where}): {key}")
             for key in self.model.superseded & set(self.model.written):
                 if key in live and name == NODES[0]:
-                    self.result.superseded_live.append(f"{self.model.written[key]} at {live[key]}")
+                    self.result.superseded_live.append(
+                        f"{self.model.written[key]}, superseded by "
+                        f"{self.model.superseded_by[key]}, at {live[key]}"
+                    )
                 bucket = (
                     "superseded_live" if key in live
                     else "superseded_in_versions" if key in kept

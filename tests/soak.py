@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sender-crash-seed", type=int, help="replay this one sender trial")
     parser.add_argument("--small", action="store_true", help="crash trials with small files (CI)")
     parser.add_argument("--print-ops", action="store_true", help="print each history's ops")
+    parser.add_argument(
+        "--show-superseded",
+        action="store_true",
+        help="list the superseded contents still live on n0 (to look for resurrections)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: every history's `finally` stops its daemons
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -78,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         for remark in result.remarks:
             print(f"  remark: {remark}", flush=True)
+        if args.show_superseded:
+            for line in result.superseded_live:
+                print(f"  superseded, live: {line}", flush=True)
         if not result.ok:
             for failure in result.failures:
                 print(f"  {failure}", flush=True)
