@@ -663,8 +663,8 @@ class History:
             return True
         if kind == "retarget":
             rel = self._pick(root, i, op, ("symlink",))
-            if rel is None:
-                return False
+            if rel is None or os.readlink(root / rel) == op[3]:
+                return False  # a link made again with its target is no change (no version)
             self._make(root, rel, "symlink", b"", op[3], how)
             return True
         if kind == "chmod":
@@ -761,6 +761,8 @@ class History:
             return self._write_file(root, f"{rel}/{IN_FOLDER}", data, how)
         if found == "file" and to == "file":
             return self._write_file(root, rel, data, how)
+        if found == "symlink" and to == "symlink" and os.readlink(root / rel) == target:
+            return False  # no change: a link's content is its target (its mtime makes none)
         if found is not None:
             self.result.note("type_changes" if found != to else "retargets")
             self._remove(root, rel)
