@@ -454,6 +454,20 @@ def test_runs_of_written_zeros_arrive_as_holes(alpha: Side, beta: Side) -> None:
     assert allocated(beta.root / "zeros.bin") <= 5000 + 3000 + 10 + 5 * 4096
 
 
+def test_a_chunk_that_starts_with_zeros_and_ends_with_data_arrives(alpha: Side, beta: Side) -> None:
+    # sent as leading_zeros and the rest, with no trailing zeros to leave out (CI, issue 11:
+    # the receiver put the zeros back only when the end had been cut too)
+    data = bytes(5000) + random_bytes(3000, seed=52)  # one chunk: below MIN_CHUNK
+    alpha.write("lead.bin", data)
+    alpha.scan()
+
+    result = pull(beta, link_to(alpha), alpha.target("lead.bin"))
+
+    assert result.ok, result.reason
+    assert beta.read("lead.bin") == data
+    assert result.bytes_from_peer == 3000
+
+
 def test_a_chunk_of_zeros_is_served_without_reading_the_file(alpha: Side) -> None:
     write_sparse(alpha, "disk.img", 4 * MiB, {0: random_bytes(5000, seed=50)})
     alpha.scan()

@@ -1171,11 +1171,12 @@ class _Fetcher:
                 data = reply.data
                 self._pull.bytes_from_peer += len(data)
                 lead = reply.leading_zeros
-                if lead + len(data) < ref.length:  # sent without the zeros at its ends
-                    data = b"".join((bytes(lead), data, bytes(ref.length - lead - len(data))))
+                trail = ref.length - lead - len(data)
+                if trail >= 0 and (lead or trail):  # sent without the zeros at its ends
+                    data = b"".join((bytes(lead), data, bytes(trail)))
                 if (
                     reply.hash != ref.hash
-                    or lead + len(reply.data) > ref.length
+                    or trail < 0
                     or len(data) != ref.length
                     or (content_hash(data) != ref.hash)
                 ):
