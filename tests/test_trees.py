@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -231,12 +232,37 @@ def test_a_permission_only_change_of_a_file_is_synced(pair: tuple[SyncNode, Sync
     script.chmod(0o755)  # chmod +x: size and mtime unchanged
     after = script.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    mark = last_seq(b)
     tree = converge(a, b, also=lambda t: t["tool.sh"].mode == 0o755)
     assert tree["tool.sh"].content == sha("#!/bin/sh\necho hello\n")
     assert (b.root / "tool.sh").stat().st_mtime_ns == after.st_mtime_ns
+    # the receiving node says what it applied (issue 12)
+    wait_until(lambda: metadata_events(b, mark, "tool.sh"), what="b's modified event")
+    (applied,) = metadata_events(b, mark, "tool.sh")
+    assert applied["peer"] == a.node_id
+    assert applied["detail"] == {"content_changed": False, "mode": "644 -> 755"}
     # and back: chmod -x
     script.chmod(0o644)
     converge(a, b, also=lambda t: t["tool.sh"].mode == 0o644)
+    # touch alone: a new mtime, same content and mode
+    mark = last_seq(b)
+    os.utime(script, ns=(after.st_atime_ns, after.st_mtime_ns + 7 * 10**9))
+    touched = after.st_mtime_ns + 7 * 10**9
+    wait_until(lambda: (b.root / "tool.sh").stat().st_mtime_ns == touched, what="b's mtime")
+    wait_until(lambda: metadata_events(b, mark, "tool.sh"), what="b's modified event")
+    (applied,) = metadata_events(b, mark, "tool.sh")
+    assert applied["peer"] == a.node_id and "mode" not in applied["detail"]
+    assert applied["detail"]["mtime"].startswith(
+        datetime.fromtimestamp(after.st_mtime_ns / 1e9 + 7, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    )
+
+
+def metadata_events(node: SyncNode, since: int, path: str) -> list[dict[str, object]]:
+    """`node`'s `modified` events of `path` after `since` that changed no content."""
+    return [
+        e for e in events_after(node, since, "modified")
+        if e["path"] == path and (e["detail"] or {}).get("content_changed") is False
+    ]  # fmt: skip
 
 
 def test_a_permission_only_change_is_found_and_synced_by_a_full_sync(tmp_path: Path) -> None:

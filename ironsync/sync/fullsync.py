@@ -47,6 +47,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -843,6 +844,10 @@ class SyncEngine:
                     self.db, row.id, path, st, version=version,
                     modified_by=target.modified_by, indexed_at_ns=self.clock(),
                 )  # fmt: skip
+                ev.append_event(
+                    self.db, "modified", storage=storage.name, path=path, peer=link.peer_id,
+                    detail=_metadata_detail(local, target),
+                )  # fmt: skip
             report.changed += 1
         elif action is LocalAction.DELETE_HERE:
             if local.kind == DIR:
@@ -1171,3 +1176,15 @@ def _result_counts(reply: SyncResult) -> dict[str, int]:
     if not isinstance(data, dict):
         return {}
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}
+
+
+def _metadata_detail(local: index.FileRow, target: ResolvedFile) -> dict[str, object]:
+    """The detail of the `modified` event of a change of mode or mtime alone, as applied."""
+    detail: dict[str, object] = {"content_changed": False}
+    if local.kind != FILE:
+        detail["type"] = local.kind
+    if local.kind != SYMLINK and (local.mode & 0o7777) != (target.mode & 0o7777):
+        detail["mode"] = f"{local.mode & 0o7777:o} -> {target.mode & 0o7777:o}"
+    if local.mtime_ns != target.mtime_ns:
+        detail["mtime"] = datetime.fromtimestamp(target.mtime_ns / 1e9, UTC).isoformat()
+    return detail
