@@ -7,6 +7,7 @@ thing per line, unless a TTY asks for progress; `--json` gives machine-readable 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from ironsync.config import (
 from ironsync.model import DIR, FILE, SYMLINK, kind_label
 from ironsync.store import Database, DatabaseError, index, open_database
 from ironsync.store import events as ev
-from ironsync.sync.local import ScanReport, StorageUnavailable, scan_storage
+from ironsync.sync.local import Change, ScanReport, StorageUnavailable, scan_storage
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -452,6 +453,10 @@ def scan(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
                 else:
                     click.echo(f"ironsync: error: {exc}", err=True)
                 continue
+            if report.changes:  # the running daemon tells its peers at once
+                import asyncio
+
+                asyncio.run(_tell_daemon(config, storage.name, []))
             if as_json:
                 results.append(_report_json(report))
             else:
@@ -1018,7 +1023,6 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
 
     What PATH holds now (if anything) is kept as a version first. A deleted folder comes back
     with every file the versions folder holds under it."""
-    from ironsync.sync.local import rescan_paths
     from ironsync.sync.versions import version_at, versioned_under
 
     config = app.config()
@@ -1038,25 +1042,56 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
             found = version_at(storage.root, member, moment)
             assert found is not None
             _put_back(storage.root, member, found.file)
-        with app.database(config) as db:
-            changes = rescan_paths(
-                db, config.node_id, storage, [*_folders_to(rel, inside), *inside]
-            )
+        changes, told = _record_changed(app, config, storage, [*_folders_to(rel, inside), *inside])
         click.echo(
             f"restored {storage_name}:{rel}/ with {len(inside)} file(s) from the versions "
-            f"folder{when} ({len(changes)} change(s)); they reach the peers with the next sync "
-            "(at once when the daemon's watcher is on)"
+            f"folder{when} ({len(changes)} change(s)); {_reach(told)}"
         )
         return
     _put_back(storage.root, rel, version.file)
-    with app.database(config) as db:
-        changes = rescan_paths(db, config.node_id, storage, [rel])
+    changes, told = _record_changed(app, config, storage, [rel])
     kind = changes[0].kind if changes else "unchanged"
     click.echo(
         f"restored {storage_name}:{rel} from the version of "
-        f"{version.stamp:%Y-%m-%dT%H:%M:%SZ} ({kind}); it reaches the peers with the next "
-        "sync (at once when the daemon's watcher is on)"
+        f"{version.stamp:%Y-%m-%dT%H:%M:%SZ} ({kind}); {_reach(told)}"
     )
+
+
+def _record_changed(
+    app: AppContext, config: Config, storage: Any, paths: list[str]
+) -> tuple[list[Change], bool]:
+    """Index `paths` of `storage`, which a command just changed on disk: through the
+    running daemon when one answers (it tells its peers at once), else here. Returns the
+    changes and whether the daemon recorded them."""
+    import asyncio
+
+    from ironsync.sync.local import rescan_paths
+
+    reply = asyncio.run(_tell_daemon(config, storage.name, paths))
+    if reply is not None and "changes" in reply:
+        return [Change(*item) for item in reply["changes"]], True
+    with app.database(config) as db:
+        return rescan_paths(db, config.node_id, storage, paths), False
+
+
+async def _tell_daemon(config: Config, storage: str, paths: list[str]) -> dict[str, Any] | None:
+    """The running daemon's answer to `changed` (None when no daemon answers)."""
+    from ironsync.control import ask_daemon
+
+    request = {"cmd": "changed", "storage": storage, "paths": paths}
+    try:
+        async with contextlib.aclosing(ask_daemon(config, request)) as replies:
+            async for reply in replies:
+                return reply
+    except (TimeoutError, OSError):
+        return None
+    return None
+
+
+def _reach(told: bool) -> str:
+    if told:
+        return "the running daemon has told its peers"
+    return "no daemon is running here: it reaches the peers with the next sync"
 
 
 def _put_back(root: Path, rel: str, kept: Path) -> None:
@@ -1148,13 +1183,23 @@ def resolve(app: AppContext, path: str, keep: str, name: str | None) -> None:
             raise click.ClickException(f"no conflict copy of {storage_name}:{rel}")
         original = mine[0].path
         group = [c for c in find_conflicts(db, storage) if c.path == original]
+        told = False
+
+        def record(paths: list[str]) -> list[Change]:
+            nonlocal told
+            changes, told = _record_changed(app, config, storage, paths)
+            return changes
+
         try:
-            changes = settle(db, config.node_id, storage, group, keep)
+            changes = settle(db, config.node_id, storage, group, keep, record)
         except ValueError as exc:
             raise UsageFailure(str(exc)) from None
     for change in changes:
         click.echo(f"{storage_name}: {change.kind:<9} {change.path}")
-    click.echo(f"resolved {storage_name}:{original} (kept {keep}); the other side is in versions")
+    click.echo(
+        f"resolved {storage_name}:{original} (kept {keep}); the other side is in versions; "
+        f"{_reach(told)}"
+    )
 
 
 # --- service and completion --------------------------------------------------------------------

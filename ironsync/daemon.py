@@ -43,7 +43,7 @@ from ironsync.store import events as ev
 from ironsync.store import peers as peer_store
 from ironsync.sync.fullsync import PeerViolation, SyncEngine, SyncOutcome, SyncProgress
 from ironsync.sync.link import PeerError
-from ironsync.sync.local import index_matches_disk, rescan_paths
+from ironsync.sync.local import Change, index_matches_disk, rescan_paths
 from ironsync.sync.service import SyncService
 from ironsync.sync.transfer import remove_stale_temp_files
 from ironsync.sync.versions import prune_versions
@@ -140,6 +140,9 @@ class Node:
     # storage -> its sequence when the peers were last told of it (what moved past it since,
     # a `restore` or `resolve` run beside the daemon say, is told at the next watcher event)
     announced: dict[str, int] = field(default_factory=dict)
+    # peer -> held while we pull from it: a notice's pull waits for a full sync's, never runs
+    # beside it (the two would fetch the same files at once)
+    _pulling: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.engine = SyncEngine(self.db, self.config, progress=self.progress)
@@ -187,7 +190,8 @@ class Node:
         try:
             while wanted := self._pull_wanted.pop(link.peer_id, None):
                 try:
-                    report = await self.engine.pull_from(link, sorted(wanted))
+                    async with self._pull_lock(link.peer_id):
+                        report = await self.engine.pull_from(link, sorted(wanted))
                 except (PeerError, PeerViolation) as exc:
                     log.info("live pull from %s failed: %s", link.peer_id, exc)
                     if isinstance(exc, PeerViolation):
@@ -202,6 +206,9 @@ class Node:
                         await self.announce(storage, skip=skip)
         finally:
             self._pull_tasks.pop(link.peer_id, None)
+
+    def _pull_lock(self, peer_id: str) -> asyncio.Lock:
+        return self._pulling.setdefault(peer_id, asyncio.Lock())
 
     def _violation(self, link: Any, reason: str) -> None:
         log.warning("peer %s: %s; disconnecting", link.peer_id, reason)
@@ -273,7 +280,8 @@ class Node:
     async def sync_with(
         self, session: PeerSession, storages: tuple[str, ...] | None
     ) -> SyncOutcome:
-        outcome = await self.engine.full_sync(session, storages)
+        async with self._pull_lock(session.peer_id):
+            outcome = await self.engine.full_sync(session, storages)
         if outcome.violation is not None:  # it sent what no honest node sends: log, hang up
             log.warning("peer %s: %s; disconnecting", session.peer_id, outcome.violation)
             self.record("peer_refused", session.peer_id, "error", reason=outcome.violation)
@@ -414,7 +422,7 @@ class Daemon:
                 )  # fmt: skip
                 await self.watcher.start()
                 watcher = self.watcher
-                node.service.watcher_healthy = lambda: watcher.healthy
+                node.service.catch_up = watcher.catch_up
             self._spawn(self._periodic_rescan())
             await self.stop.wait()
             log.info("stopping")
@@ -448,14 +456,15 @@ class Daemon:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def _watched(self, storage: Storage, paths: set[str], folders: set[str]) -> None:
-        """Settled watcher events: record them (the scanner's index update), tell the peers."""
+    async def _watched(self, storage: Storage, paths: set[str], folders: set[str]) -> list[Change]:
+        """Settled watcher events, or the paths a command changed (`changed` on the control
+        socket): record them (the scanner's index update), tell the peers."""
         assert self.node is not None
         node = self.node
         async with node.engine.apply_lock:
             row = index.get_storage(self.db, storage.name)
             if row is None:
-                return
+                return []
             wanted = set(paths) | set(folders)
             for folder in folders:
                 wanted.update(tree.live_paths_under(self.db, row.id, folder))
@@ -476,6 +485,7 @@ class Daemon:
             moved = now is not None and now.sequence > node.announced.get(storage.name, 0)
         if changes or moved:
             await node.announce(storage.name)
+        return changes
 
     async def _periodic_rescan(self) -> None:
         """A safety net under the watcher: rescan every `rescan_interval` seconds (every minute
@@ -612,6 +622,17 @@ class Daemon:
         os.chmod(path, 0o600)
         return server
 
+    async def _changed(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A command beside the daemon changed a storage (`restore`, `resolve`, `scan`):
+        record `paths` as the watcher would (at once, no debounce) and tell the peers of
+        whatever the storage holds that they have not been told of."""
+        name, paths = request.get("storage"), request.get("paths") or []
+        storage = next((s for s in self.config.storages if s.name == name), None)
+        if storage is None or not all(isinstance(p, str) for p in paths):
+            return {"error": f"no storage {name!r} here, or paths that are not strings"}
+        changes = await self._watched(storage, set(paths), set())
+        return {"changes": [[c.kind, c.path, c.from_path, c.entry] for c in changes]}
+
     def live_status(self) -> dict[str, Any]:
         """What only the running daemon knows: who is connected, how the watcher is."""
         node = self.node
@@ -648,6 +669,11 @@ class Daemon:
             request = json.loads(line or b"{}")
             if request.get("cmd") == "status":
                 writer.write(json.dumps(self.live_status()).encode() + b"\n")
+                await writer.drain()
+                return
+            if request.get("cmd") == "changed":
+                reply = await self._changed(request)
+                writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
                 return
             if request.get("cmd") != "sync":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ironsync.config import Storage
+from ironsync.sync.watcher import Watcher
 from tests.daemons import SyncNode, stop_all, tree, write
 
 pytestmark = pytest.mark.slow
@@ -148,3 +151,57 @@ def test_a_peer_killed_and_restarted_gets_only_what_changed_while_it_was_down(
         assert kinds.count("peer_connected") >= 2 and "peer_disconnected" in kinds
     finally:
         stop_all(a, b)
+
+
+# --- catching up (issue 12): what a full sync sees ----------------------------------------------
+
+
+def test_catch_up_records_every_change_made_before_it_without_the_debounce(
+    tmp_path: Path,
+) -> None:
+    """In process, with a debounce of an hour: without catch_up nothing would be recorded."""
+    roots = {name: tmp_path / name for name in ("docs", "photos")}
+    for root in roots.values():
+        (root / "sub").mkdir(parents=True)
+    seen: list[tuple[str, set[str], set[str]]] = []
+
+    async def on_changes(storage: Storage, paths: set[str], folders: set[str]) -> None:
+        seen.append((storage.name, paths, folders))
+
+    async def body() -> None:
+        storages = [Storage(name, root) for name, root in roots.items()]
+        watcher = Watcher(storages, 3600, on_changes, lambda _storage: None)
+        await watcher.start()
+        try:
+            assert watcher.healthy
+            write(roots["docs"], "sub/new.txt", "new")
+            (roots["photos"] / "album").mkdir()
+
+            assert await watcher.catch_up()
+
+            recorded = {(name, p) for name, paths, _ in seen for p in paths}
+            recorded |= {(name, f) for name, _, folders in seen for f in folders}
+            assert ("docs", "sub/new.txt") in recorded
+            assert ("photos", "album") in recorded
+            # the barrier files are gone, and were never a change of the storage
+            assert not [p for _, p in recorded if p.startswith(".ironsync")]
+            for root in roots.values():
+                assert not [n for n in os.listdir(root / ".ironsync") if "barrier" in n]
+            seen.clear()
+            assert await watcher.catch_up()  # nothing new: nothing recorded
+            assert seen == []
+        finally:
+            await watcher.stop()
+
+    asyncio.run(body())
+
+
+def test_catch_up_says_no_when_the_watcher_does_not_run(tmp_path: Path) -> None:
+    async def on_changes(storage: Storage, paths: set[str], folders: set[str]) -> None:
+        raise AssertionError("nothing is recorded")
+
+    async def body() -> None:
+        watcher = Watcher([Storage("docs", tmp_path)], 1.0, on_changes, lambda _s: None)
+        assert not await watcher.catch_up()  # never started: the caller scans instead
+
+    asyncio.run(body())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -94,10 +95,16 @@ def find_conflicts(db: Database, storage: Storage) -> list[Conflict]:
 
 
 def resolve(
-    db: Database, node_id: str, storage: Storage, conflicts: list[Conflict], keep: str
+    db: Database,
+    node_id: str,
+    storage: Storage,
+    conflicts: list[Conflict],
+    keep: str,
+    record: Callable[[list[str]], list[Change]] | None = None,
 ) -> list[Change]:
     """Settle the conflicts of one name: `keep` is "mine", "theirs" (the only copy) or the
-    path of the copy to keep. Every side not kept goes to the versions folder."""
+    path of the copy to keep. Every side not kept goes to the versions folder. The paths
+    touched are indexed by `record` (the running daemon's, say), else here."""
     if not conflicts:
         raise ValueError("no conflict to resolve")
     if keep == "theirs":
@@ -119,6 +126,8 @@ def resolve(
         if conflict.theirs.path != keep:
             keep_version(root, conflict.theirs.path, move=True)
             touched.append(conflict.theirs.path)
+    if record is not None:
+        return record(touched)
     return rescan_paths(db, node_id, storage, touched)
 
 

@@ -3,14 +3,15 @@
 The one `RequestHandler` of a node (see link.py); ironsync.net calls it for every request.
 
 Storage hashes: asked by a peer starting a full sync (`GetStorageHashes.rescan`, and the first
-request of every session), a node first brings its own index up to date (a scan), unless its
-file watcher is running and healthy: a change made before the request is never missed. The
-scan runs in a thread (with its own database connection), never on the event loop, and scans
-are coalesced (`SyncEngine.scan_fresh`): at most one runs at a time; a request that arrives
-while one runs waits for the next one, which starts after the request (so the promise holds),
-and every request arriving during the same scan shares that next one. A peer asking in a loop
-keeps at most one scan busy and delays nobody else's answers; each asker waits for at most
-two scans.
+request of every session), a node first brings its own index up to date: its file watcher, when
+it runs and is healthy, records at once every change it has seen until then, debounced or not
+(`catch_up`); otherwise a scan runs. Either way a change made before the request is never
+missed, and a peer's `sync` that says "converged" means it. The scan runs in a thread (with
+its own database connection), never on the event loop, and scans are coalesced
+(`SyncEngine.scan_fresh`): at most one runs at a time; a request that arrives while one runs
+waits for the next one, which starts after the request (so the promise holds), and every
+request arriving during the same scan shares that next one. A peer asking in a loop keeps at
+most one scan busy and delays nobody else's answers; each asker waits for at most two scans.
 
 Paths: a peer that names an unsafe path, in its index (`SyncRequest`, checked by the sync
 engine) or in a request for chunks (`GetChunkList`, `GetChunks`), breaks the rules no honest
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 from ironsync.config import Config
@@ -64,14 +65,15 @@ class SyncService:
         config: Config,
         engine: SyncEngine,
         *,
-        watcher_healthy: Callable[[], bool] = lambda: False,
+        catch_up: Callable[[], Awaitable[bool]] | None = None,
         on_notice: Callable[[PeerLink, ChangeNotice], None] | None = None,
         on_violation: Callable[[PeerLink, str], None] | None = None,
     ) -> None:
         self.db = db
         self.config = config
         self.engine = engine
-        self.watcher_healthy = watcher_healthy
+        # records what the file watcher has seen; False when it cannot promise that
+        self.catch_up = catch_up
         self.on_notice = on_notice
         self.on_violation = on_violation
         self._seen: weakref.WeakSet[object] = weakref.WeakSet()
@@ -103,7 +105,7 @@ class SyncService:
         # does too, whatever it says (see the module docstring).
         first = link not in self._seen
         self._seen.add(link)
-        if (request.rescan or first) and not self.watcher_healthy():
+        if (request.rescan or first) and not (self.catch_up and await self.catch_up()):
             await self.engine.scan_fresh()
         names = [s.name for s in self.config.storages]
         return StorageHashes(self.engine.our_hashes(names), request_id=request.request_id)

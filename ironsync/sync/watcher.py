@@ -12,6 +12,13 @@ change seen by the watcher and the same change found by a scan are recorded iden
 the daemon's own writes (temporary files, its renames, conflict copies) find the index already
 up to date and record nothing: they never echo back as local changes.
 
+Catching up (`catch_up`): a peer starting a full sync must see every change made here
+before it asked, not only those whose debounce has run out. inotify delivers one watch's
+events in order, so the watcher writes a barrier file in each storage's state folder and waits
+for its event: every change made before then has reached `_pending` by that time, and all
+of it is recorded at once, unsettled or not. Without a healthy watcher, or if the barrier does
+not come back within BARRIER_TIMEOUT_S, `catch_up` says False and the caller scans instead.
+
 If the watcher cannot watch (inotify limits) or the kernel's event queue overflowed (events
 were lost), it says so through `healthy` and `on_overflow`; the daemon then rescans and keeps
 rescanning periodically — a missed event is never a lost change.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -38,6 +46,10 @@ from ironsync.ignore import IGNORE_FILE, STATE_DIR, is_temp_name
 log = logging.getLogger(__name__)
 
 OnChanges = Callable[[Storage, set[str], set[str]], Awaitable[None]]
+
+BARRIER_TIMEOUT_S = 5.0
+"""How long `catch_up` waits for its barrier events before it gives up (and a scan runs)."""
+BARRIER_PREFIX = "watch-barrier-"
 
 
 @dataclass
@@ -83,6 +95,8 @@ class Watcher:
         self._task: asyncio.Task[None] | None = None
         self._alarm = _OverflowAlarm(self._overflowed)
         self.failure: str | None = None
+        self._barriers: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._barrier_ids = itertools.count(1)
 
     @property
     def healthy(self) -> bool:
@@ -96,6 +110,39 @@ class Watcher:
         if self.failure and self.failure.startswith("events lost"):
             self.failure = None
 
+    async def catch_up(self, timeout: float = BARRIER_TIMEOUT_S) -> bool:
+        """Record every change made on disk before this call, without waiting for its
+        debounce (see the module docstring); False when that cannot be promised."""
+        loop = self._loop
+        if loop is None or not self.healthy:
+            return False
+        waiting: list[asyncio.Future[None]] = []
+        keys = []
+        try:
+            for storage in self.storages:
+                name = f"{BARRIER_PREFIX}{os.getpid()}-{next(self._barrier_ids)}"
+                key = (storage.name, f"{STATE_DIR}/{name}")
+                self._barriers[key] = future = loop.create_future()
+                keys.append(key)
+                waiting.append(future)
+                folder = storage.root / STATE_DIR
+                if not folder.is_dir():  # made now, it may not be watched yet: no promise
+                    folder.mkdir()
+                    return False
+                barrier = folder / name
+                barrier.touch()
+                barrier.unlink()
+            await asyncio.wait_for(asyncio.gather(*waiting), timeout)
+        except (OSError, TimeoutError) as exc:
+            log.info("watcher cannot catch up (%s); scanning instead", exc or "no barrier event")
+            return False
+        finally:
+            for key in keys:
+                self._barriers.pop(key, None)
+        for storage in self.storages:
+            await self._record(storage, settled_before=None)
+        return True
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         # watchdog 7 warns, on stderr and with the repr of every watched folder in the text,
@@ -104,6 +151,9 @@ class Watcher:
         # reads, the write blocks watchdog's thread and the watcher silently stops.
         warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
         observer = Observer()
+        for storage in self.storages:  # where catch_up's barriers go: watched from the start
+            with contextlib.suppress(OSError):
+                (storage.root / STATE_DIR).mkdir(exist_ok=True)
         try:
             for storage in self.storages:
                 observer.schedule(_Handler(self, storage), str(storage.root), recursive=True)
@@ -146,6 +196,12 @@ class Watcher:
         self.on_overflow(None)
 
     def _note(self, storage: Storage, event: FileSystemEvent) -> None:
+        if self._barriers:
+            barrier = self._barriers.pop(
+                (storage.name, _relative(storage.root, event.src_path) or ""), None
+            )
+            if barrier is not None and not barrier.done():
+                barrier.set_result(None)
         if event.event_type in ("opened", "closed_no_write"):
             return
         pending = self._pending[storage.name]
@@ -195,24 +251,30 @@ class Watcher:
         return min(times) + self.delay if times else None
 
     async def _flush(self) -> None:
-        now = self.clock()
+        cutoff = self.clock() - self.delay
         for storage in self.storages:
-            pending = self._pending[storage.name]
-            settled = {p for p, t in pending.paths.items() if now - t >= self.delay}
-            folders = {p for p, t in pending.folders.items() if now - t >= self.delay}
-            rules = pending.rules_changed is not None and now - pending.rules_changed >= self.delay
-            for p in settled:
-                del pending.paths[p]
-            for p in folders:
-                del pending.folders[p]
-            if rules:
-                pending.rules_changed = None
-                folders.add("")  # new .ignore patterns: look at the whole storage again
-            if settled or folders:
-                try:
-                    await self.on_changes(storage, settled, folders)
-                except Exception:
-                    log.exception("storage '%s': recording watched changes failed", storage.name)
+            await self._record(storage, settled_before=cutoff)
+
+    async def _record(self, storage: Storage, settled_before: float | None) -> None:
+        """Hand the paths of `storage` whose last event is older than `settled_before` (all
+        of them when None) to `on_changes`."""
+        pending = self._pending[storage.name]
+        cutoff = float("inf") if settled_before is None else settled_before
+        settled = {p for p, t in pending.paths.items() if t <= cutoff}
+        folders = {p for p, t in pending.folders.items() if t <= cutoff}
+        rules = pending.rules_changed is not None and pending.rules_changed <= cutoff
+        for p in settled:
+            del pending.paths[p]
+        for p in folders:
+            del pending.folders[p]
+        if rules:
+            pending.rules_changed = None
+            folders.add("")  # new .ignore patterns: look at the whole storage again
+        if settled or folders:
+            try:
+                await self.on_changes(storage, settled, folders)
+            except Exception:
+                log.exception("storage '%s': recording watched changes failed", storage.name)
 
 
 class _Handler(FileSystemEventHandler):
