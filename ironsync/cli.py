@@ -534,7 +534,13 @@ def _show_status(app: AppContext, as_json: bool) -> None:
     info["daemon"] = _ask_daemon_status(config)
     live = (info["daemon"] or {}).get("connected", {})
     for peer in info["peers"]:
-        peer["connected"] = peer["node_id"] in live
+        session = live.get(peer["node_id"])
+        peer["connected"] = session is not None
+        if session is not None:  # the open sessions' figures, live, on top of the ended ones'
+            peer["bytes_in"] += session["bytes_in"]
+            peer["bytes_out"] += session["bytes_out"]
+            peer["last_seen"] = info["daemon"].get("now", peer["last_seen"])
+            peer["address"] = peer["address"] or session["address"]
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -573,9 +579,10 @@ def _show_status(app: AppContext, as_json: bool) -> None:
         click.echo("peers: none seen yet")
     for p in info["peers"]:
         state = "connected" if p["connected"] else "not connected"
+        seen = "now" if p["connected"] else p["last_seen"] or "never"
         click.echo(
-            f"peer {p['node_id']}: {state}, {p['address'] or '?'}, last seen "
-            f"{p['last_seen'] or 'never'}, last sync {p['last_sync_at'] or 'never'}, "
+            f"peer {p['node_id']}: {state}, {p['address'] or 'address unknown'}, last seen "
+            f"{seen}, last sync {p['last_sync_at'] or 'never'}, "
             f"{p['bytes_in']} bytes in, {p['bytes_out']} bytes out"
         )
 

@@ -140,9 +140,9 @@ class Node:
     # storage -> its sequence when the peers were last told of it (what moved past it since,
     # a `restore` or `resolve` run beside the daemon say, is told at the next watcher event)
     announced: dict[str, int] = field(default_factory=dict)
-    # peer -> held while we pull from it: a notice's pull waits for a full sync's, never runs
-    # beside it (the two would fetch the same files at once)
-    _pulling: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # peer -> held during a full sync with it: a notice's pull from that peer waits for the
+    # sync to end (the sync's report then counts what it pulled, and the pull finds nothing)
+    _syncing: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.engine = SyncEngine(self.db, self.config, progress=self.progress)
@@ -190,7 +190,7 @@ class Node:
         try:
             while wanted := self._pull_wanted.pop(link.peer_id, None):
                 try:
-                    async with self._pull_lock(link.peer_id):
+                    async with self._sync_lock(link.peer_id):
                         report = await self.engine.pull_from(link, sorted(wanted))
                 except (PeerError, PeerViolation) as exc:
                     log.info("live pull from %s failed: %s", link.peer_id, exc)
@@ -207,8 +207,8 @@ class Node:
         finally:
             self._pull_tasks.pop(link.peer_id, None)
 
-    def _pull_lock(self, peer_id: str) -> asyncio.Lock:
-        return self._pulling.setdefault(peer_id, asyncio.Lock())
+    def _sync_lock(self, peer_id: str) -> asyncio.Lock:
+        return self._syncing.setdefault(peer_id, asyncio.Lock())
 
     def _violation(self, link: Any, reason: str) -> None:
         log.warning("peer %s: %s; disconnecting", link.peer_id, reason)
@@ -243,7 +243,7 @@ class Node:
         if address is not None:
             self.addresses[address] = peer_id
         with self.db.atomic():
-            peer_store.touch_peer(self.db, peer_id, address)
+            peer_store.touch_peer(self.db, peer_id, address, session.host)
             ev.append_event(
                 self.db, "peer_connected", peer=peer_id,
                 detail={"address": address} if address else None,
@@ -280,7 +280,7 @@ class Node:
     async def sync_with(
         self, session: PeerSession, storages: tuple[str, ...] | None
     ) -> SyncOutcome:
-        async with self._pull_lock(session.peer_id):
+        async with self._sync_lock(session.peer_id):
             outcome = await self.engine.full_sync(session, storages)
         if outcome.violation is not None:  # it sent what no honest node sends: log, hang up
             log.warning("peer %s: %s; disconnecting", session.peer_id, outcome.violation)
@@ -637,19 +637,22 @@ class Daemon:
         """What only the running daemon knows: who is connected, how the watcher is."""
         node = self.node
         sessions = node.sessions if node is not None else {}
+        open_sessions = node.open_sessions if node is not None else {}
         watcher: dict[str, Any] = {"enabled": self.config.enable_file_watcher}
         if self.watcher is not None:
             watcher |= {"healthy": self.watcher.healthy, "failure": self.watcher.failure}
         return {
             "pid": os.getpid(),
+            # figures of the sessions open now, which the database counts only when they end
             "connected": {
                 peer: {
                     "address": session.address,
-                    "bytes_in": session.bytes_in,
-                    "bytes_out": session.bytes_out,
+                    "bytes_in": sum(s.bytes_in for s in open_sessions.get(peer, [session])),
+                    "bytes_out": sum(s.bytes_out for s in open_sessions.get(peer, [session])),
                 }
                 for peer, session in sorted(sessions.items())
             },
+            "now": ev.iso_now(),
             "watcher": watcher,
         }
 

@@ -9,6 +9,7 @@ its watcher when a full sync asks. Nobody runs `sync` by hand unless the test is
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,5 +134,39 @@ def test_sync_right_after_a_write_on_a_watching_peer_pulls_it(
         (peer,) = [r for r in result["results"] if "peer" in r]
         assert peer["converged"] and peer["pulled"] == 1, (result, b.log()[-3000:])
         assert (a.root / "fresh.bin").read_bytes() == data
+    finally:
+        stop_all(a, b)
+
+
+def test_status_is_live_and_true_from_both_ends_of_a_session(tmp_path: Path) -> None:
+    # alpha dials, beta only accepts: beta too knows where alpha is and when they last synced
+    a = SyncNode(tmp_path, "alpha")
+    b = SyncNode(tmp_path, "beta")
+    a.add_peers(b)
+    try:
+        b.start()
+        a.start()
+        wait_until(lambda: a.events("sync_finished"), what="alpha's first full sync")
+
+        def peer_of(node: SyncNode) -> dict[str, object]:
+            (peer,) = json.loads(node.run("status", "--json").stdout)["peers"]
+            return peer
+
+        wait_until(lambda: peer_of(b)["last_sync_at"] is not None, what="beta's last sync")
+        seen_by_b = peer_of(b)
+        assert seen_by_b["connected"] is True
+        assert seen_by_b["address"] == "127.0.0.1 (incoming)"
+        assert peer_of(a)["address"] == b.address and peer_of(a)["last_sync_at"] is not None
+        assert (
+            "peer alpha: connected, 127.0.0.1 (incoming), last seen now" in b.run("status").stdout
+        )
+        # bytes move while the session stays open, not only when it ends
+        before = peer_of(b)["bytes_in"]
+        assert isinstance(before, int) and before > 0
+        write(a.root, "big.bin", os.urandom(3_000_000))
+        a.run("scan")
+        wait_until(lambda: (b.root / "big.bin").exists(), what="big.bin on beta")
+        after = peer_of(b)
+        assert after["connected"] is True and after["bytes_in"] >= before + 3_000_000
     finally:
         stop_all(a, b)

@@ -322,11 +322,26 @@ def test_send_returns_one_bytes_object_even_for_chunk_data() -> None:
 PINNED: list[tuple[Message, str]] = [
     (
         GetStorageHashes(rescan=True, request_id=1),
-        "00000004"  # frame length 4
-        "93"  # array of 3
+        "00000005"  # frame length 5
+        "94"  # array of 4
         "0a"  # type code: GetStorageHashes
         "01"  # request_id 1
-        "c3",  # rescan: true
+        "c3"  # rescan: true
+        "80",  # hashes: {} (the asker's own)
+    ),
+    (
+        GetStorageHashes(hashes={"pics": HASH_B, "docs": HASH_A}, request_id=2),
+        "00000033"  # frame length 51
+        "94"  # array of 4
+        "0a"  # type code: GetStorageHashes
+        "02"  # request_id 2
+        "c2"  # rescan: false
+        "82"  # map of 2, keys sorted
+        "a4646f6373"
+        "c410"
+        + HASH_A.hex()  # "docs": bin 16
+        + "a470696373"
+        "c410" + HASH_B.hex(),  # "pics": bin 16
     ),
     (
         hello("alpha"),
@@ -770,7 +785,8 @@ def test_end_of_stream_between_frames_closes_their_side() -> None:
         (framed(b"\xc1\x01"), "not a msgpack array"),
         (raw_frame([99, 1]), "unknown message type"),
         (raw_frame([10]), "not a msgpack array"),
-        (raw_frame([10, 1, False, "extra"]), "GetStorageHashes has 1 fields, the frame has 2"),
+        (raw_frame([10, 1, False, {}, "x"]), "GetStorageHashes has 2 fields, the frame has 3"),
+        (raw_frame([10, 1, False, {"docs": b"short"}]), "must be 16 bytes, not 5"),
         (raw_frame([10, 1], tail=b"\x00"), "undecodable"),
         (raw_frame([4, 0, "docs", -1]), "sequence must be in"),
         (raw_frame([4, 0, "docs", True]), "sequence must be an int"),

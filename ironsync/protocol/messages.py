@@ -415,12 +415,17 @@ class GetStorageHashes(Request):
     """Ask for the hash of every storage the peer shares.
 
     `rescan`: the asker is starting a full sync, so bring your index up to date with your
-    disk first (a scan), unless a healthy file watcher keeps it current."""
+    disk first (its file watcher catching up, or a scan).
+    `hashes`: the asker's own storage hashes as its index holds them now (alias → hash, as in
+    StorageHashes; may be empty), so that the end that answers knows too when both hold the
+    same (its "last sync" with the asker)."""
 
     rescan: bool = False
+    hashes: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
 
     def _validate(self) -> None:
         _check_bool("rescan", self.rescan)
+        _check_hashes(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,14 +435,19 @@ class StorageHashes(Reply):
     hashes: Mapping[str, bytes]
 
     def _validate(self) -> None:
-        if not isinstance(self.hashes, Mapping):
-            raise LocalProtocolError(f"hashes must be a mapping, not {type(self.hashes).__name__}")
-        if len(self.hashes) > MAX_STORAGES:
-            raise LocalProtocolError(f"hashes must have at most {MAX_STORAGES} storages")
-        for alias, digest in self.hashes.items():
-            _check_name("hashes alias", alias)
-            _check_hash(f"hashes[{alias!r}]", digest)
-        _set(self, "hashes", MappingProxyType(dict(self.hashes)))
+        _check_hashes(self)
+
+
+def _check_hashes(message: GetStorageHashes | StorageHashes) -> None:
+    hashes = message.hashes
+    if not isinstance(hashes, Mapping):
+        raise LocalProtocolError(f"hashes must be a mapping, not {type(hashes).__name__}")
+    if len(hashes) > MAX_STORAGES:
+        raise LocalProtocolError(f"hashes must have at most {MAX_STORAGES} storages")
+    for alias, digest in hashes.items():
+        _check_name("hashes alias", alias)
+        _check_hash(f"hashes[{alias!r}]", digest)
+    _set(message, "hashes", MappingProxyType(dict(hashes)))
 
 
 # --- index -----------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Body
       CHUNK_REF_SIZE = 28 bytes: offset u64, length u32, hash (16 bytes), big-endian.
     - ChunkList.repeats: one bin of packed records, each CHUNK_REPEAT_SIZE = 8 bytes: index
       u32, count u32, big-endian.
-    - StorageHashes.hashes: a map alias → bin, keys sorted (so the encoding is unique).
+    - GetStorageHashes.hashes, StorageHashes.hashes: a map alias → bin, keys sorted (so the
+      encoding is unique).
 
     ChunkData is the one exception, so that chunk bytes are never re-encoded or copied: the
     array is only the header `[17, request_id, offset, hash, leading_zeros]` and the raw chunk

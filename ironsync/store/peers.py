@@ -28,18 +28,36 @@ class PeerFileRow:
     target: str | None = None  # a live symlink's target
 
 
-def touch_peer(db: Database, node_id: str, address: str | None) -> None:
-    """Record that `node_id` was seen now (at `address`, if known)."""
+INCOMING = " (incoming)"
+"""Marks an address a peer dialed us from (its host): where we reach it is not known."""
+
+
+def touch_peer(db: Database, node_id: str, address: str | None, host: str | None = None) -> None:
+    """Record that `node_id` was seen now: at `address` (where we dialed it), or dialing
+    us from `host`, which is kept only while no address we dialed is known."""
+    if address is None and host is not None:
+        address = host + INCOMING
+        keep = "CASE WHEN peers.address IS NULL OR peers.address LIKE '%' || ? THEN"
+        keep += " excluded.address ELSE peers.address END"
+        args: tuple[object, ...] = (node_id, address, iso_now(), INCOMING)
+    else:
+        keep = "coalesce(excluded.address, peers.address)"
+        args = (node_id, address, iso_now())
     db.execute(
         "INSERT INTO peers (node_id, address, last_seen) VALUES (?, ?, ?)"
-        " ON CONFLICT (node_id) DO UPDATE SET last_seen = excluded.last_seen,"
-        " address = coalesce(excluded.address, peers.address)",
-        (node_id, address, iso_now()),
+        f" ON CONFLICT (node_id) DO UPDATE SET last_seen = excluded.last_seen, address = {keep}",
+        args,
     )
 
 
-def mark_peer_synced(db: Database, node_id: str) -> None:
-    db.execute("UPDATE peers SET last_sync_at = ? WHERE node_id = ?", (iso_now(), node_id))
+def mark_peer_synced(db: Database, node_id: str, storage_ids: Iterable[int] = ()) -> None:
+    """A full sync with `node_id` found both sides holding the same: the peer's and each of
+    `storage_ids`' last sync is now."""
+    now = iso_now()
+    db.execute("UPDATE peers SET last_sync_at = ? WHERE node_id = ?", (now, node_id))
+    db.conn.executemany(
+        "UPDATE storages SET last_sync_at = ? WHERE id = ?", [(now, i) for i in storage_ids]
+    )
 
 
 def add_peer_traffic(db: Database, node_id: str, bytes_in: int, bytes_out: int) -> None:

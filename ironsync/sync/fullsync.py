@@ -234,6 +234,7 @@ class SyncEngine:
         self._scans: Coalescer[list[str]] = Coalescer(self._scan_job)
         # (peer, storage) -> {path: reason} skipped in the last pass: logged when new
         self._skipped_logged: dict[tuple[str, str], dict[str, str]] = {}
+        self._pulling: dict[str, asyncio.Lock] = {}  # peer -> held during a pull pass from it
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -301,7 +302,11 @@ class SyncEngine:
             ev.append_event(self.db, "sync_started", peer=peer, detail={"storages": wanted})
         # The peer's rescan (asked for with the first storage hashes) runs while we scan.
         first = asyncio.ensure_future(
-            link.request(GetStorageHashes(rescan=True, request_id=PLACEHOLDER_ID))
+            link.request(
+                GetStorageHashes(
+                    rescan=True, hashes=self.our_hashes(wanted), request_id=PLACEHOLDER_ID
+                )
+            )
         )
         try:
             unavailable = [n for n in await self.scan_fresh() if n in wanted] if scan else []
@@ -350,14 +355,8 @@ class SyncEngine:
             outcome.error = f"storage(s) not scanned: {', '.join(unavailable)}"
         with self.db.atomic():
             if outcome.converged:
-                peers.mark_peer_synced(self.db, peer)
-                for name in wanted:
-                    row = index.get_storage(self.db, name)
-                    if row is not None:
-                        self.db.execute(
-                            "UPDATE storages SET last_sync_at = ? WHERE id = ?",
-                            (ev.iso_now(), row.id),
-                        )
+                rows = [index.get_storage(self.db, name) for name in wanted]
+                peers.mark_peer_synced(self.db, peer, [r.id for r in rows if r is not None])
             ev.append_event(
                 self.db,
                 "sync_finished",
@@ -378,7 +377,9 @@ class SyncEngine:
 
     async def divergent_storages(self, link: PeerLink, wanted: list[str]) -> list[str]:
         """The storages of `wanted` whose hash the peer says differs from ours, now."""
-        reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
+        reply = await link.request(
+            GetStorageHashes(hashes=self.our_hashes(wanted), request_id=PLACEHOLDER_ID)
+        )
         return self._divergent(wanted, reply)
 
     def _divergent(self, wanted: list[str], reply: Reply) -> list[str]:
@@ -394,7 +395,13 @@ class SyncEngine:
     # --- one pull pass -----------------------------------------------------------------------
 
     async def pull_from(self, link: PeerLink, names: list[str] | tuple[str, ...]) -> PullReport:
-        """Fetch the peer's index for `names` and apply every decision that is ours to make."""
+        """Fetch the peer's index for `names` and apply every decision that is ours to make.
+        One pass per peer at a time: a notice's pass waits for a full sync's (or the pass a
+        SyncRequest asked for), never runs beside it fetching the same files."""
+        async with self._pulling.setdefault(link.peer_id, asyncio.Lock()):
+            return await self._pull_pass(link, names)
+
+    async def _pull_pass(self, link: PeerLink, names: list[str] | tuple[str, ...]) -> PullReport:
         report = PullReport()
         hashes_reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
         assert isinstance(hashes_reply, StorageHashes)

@@ -44,7 +44,7 @@ from ironsync.protocol import (
     SyncResult,
 )
 from ironsync.protocol.wire import MAX_INDEX_PAGE_OVERHEAD, index_entry_size
-from ironsync.store import Database, index
+from ironsync.store import Database, index, peers
 from ironsync.store import events as ev
 from ironsync.sync.fullsync import PeerViolation, SyncEngine
 from ironsync.sync.link import PeerError, PeerLink, Responder
@@ -108,7 +108,15 @@ class SyncService:
         if (request.rescan or first) and not (self.catch_up and await self.catch_up()):
             await self.engine.scan_fresh()
         names = [s.name for s in self.config.storages]
-        return StorageHashes(self.engine.our_hashes(names), request_id=request.request_id)
+        hashes = self.engine.our_hashes(names)
+        # the serving end of a full sync: the asker's storages all hold what ours hold, so
+        # this end's last sync with it is now too (the asker records its own as it converges)
+        shared = [name for name in request.hashes if name in hashes]
+        if shared and all(request.hashes[name] == hashes[name] for name in shared):
+            rows = [index.get_storage(self.db, name) for name in shared]
+            with self.db.atomic():
+                peers.mark_peer_synced(self.db, link.peer_id, [r.id for r in rows if r])
+        return StorageHashes(hashes, request_id=request.request_id)
 
     async def index_pages(self, link: PeerLink, request: GetIndex, respond: Responder) -> None:
         row = self._storage(link, request.storage)
