@@ -1016,8 +1016,9 @@ def _describe_row(row: index.FileRow) -> str:
 def restore(app: AppContext, path: str, at: str | None, name: str | None) -> None:
     """Put a kept version of PATH back, as a new local change that syncs to every peer.
 
-    What PATH holds now (if anything) is kept as a version first. A deleted folder comes back
-    with every file the versions folder holds under it."""
+    What PATH holds now (if anything) is kept as a version first, unless a kept version holds
+    it already. A PATH that holds the version already is left alone ("unchanged"). A deleted
+    folder comes back with every file the versions folder holds under it."""
     from ironsync.sync.local import rescan_paths
     from ironsync.sync.versions import version_at, versioned_under
 
@@ -1034,21 +1035,28 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
         if not inside:
             raise click.ClickException(f"no kept version of {storage_name}:{rel}{when}")
         (storage.root / rel).mkdir(parents=True, exist_ok=True)
+        unchanged = 0
         for member in inside:
             found = version_at(storage.root, member, moment)
             assert found is not None
-            _put_back(storage.root, member, found.file)
+            unchanged += not _put_back(storage.root, member, found.file)
         with app.database(config) as db:
             changes = rescan_paths(
                 db, config.node_id, storage, [*_folders_to(rel, inside), *inside]
             )
+        same = f", {unchanged} of them unchanged" if unchanged else ""
         click.echo(
             f"restored {storage_name}:{rel}/ with {len(inside)} file(s) from the versions "
-            f"folder{when} ({len(changes)} change(s)); they reach the peers with the next sync "
-            "(at once when the daemon's watcher is on)"
+            f"folder{when} ({len(changes)} change(s){same}); they reach the peers with the "
+            "next sync (at once when the daemon's watcher is on)"
         )
         return
-    _put_back(storage.root, rel, version.file)
+    if not _put_back(storage.root, rel, version.file):
+        click.echo(
+            f"{storage_name}:{rel} unchanged: it holds the version of "
+            f"{version.stamp:%Y-%m-%dT%H:%M:%SZ} already; nothing written, no version kept"
+        )
+        return
     with app.database(config) as db:
         changes = rescan_paths(db, config.node_id, storage, [rel])
     kind = changes[0].kind if changes else "unchanged"
@@ -1059,19 +1067,25 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
     )
 
 
-def _put_back(root: Path, rel: str, kept: Path) -> None:
-    """Copy the kept version `kept` to `rel` (what is there now is kept as a version first)."""
-    from ironsync.sync.versions import keep_version
+def _put_back(root: Path, rel: str, kept: Path) -> bool:
+    """Copy the kept version `kept` to `rel`, unless `rel` holds the same bytes already
+    (False). What is there now is kept as a version first, unless the newest version or one
+    with its stamp holds it already."""
+    from ironsync.sync.versions import keep_version, same_content, version_at
 
     target = root / rel
+    if same_content(target, kept):
+        return False
+    newest = version_at(root, rel, None)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.parent / f".ironsync-restore-{os.getpid()}.tmp"
     try:
         shutil.copy2(kept, temp, follow_symlinks=False)
-        keep_version(root, rel, move=False)
+        keep_version(root, rel, move=False, like=newest.file if newest else None)
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
+    return True
 
 
 def _folders_to(folder: str, paths: list[str]) -> list[str]:

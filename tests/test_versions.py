@@ -16,6 +16,7 @@ from ironsync.sync.versions import (
     kept_name,
     list_versions,
     prune_versions,
+    same_content,
     version_at,
 )
 from tests.daemons import SyncNode, stop_all, tree, write
@@ -46,6 +47,44 @@ def test_a_kept_version_is_named_by_its_mtime_and_found_again(tmp_path: Path) ->
     assert version_at(tmp_path, "dir/report.txt", None) == versions[-1]
     assert version_at(tmp_path, "dir/report.txt", datetime(2020, 1, 1, tzinfo=UTC)) is None
     assert list_versions(tmp_path, "dir/report") == []  # a name prefix is not a match
+
+
+def test_what_a_version_with_its_stamp_holds_already_is_not_kept_twice(tmp_path: Path) -> None:
+    path = write(tmp_path, "report.txt", "v1")
+    os.utime(path, ns=(MTIME, MTIME))
+    first = keep_version(tmp_path, "report.txt", move=False)
+    assert first is not None
+    os.utime(first, ns=(MTIME, MTIME))  # ctime now, as when it was kept
+    kept_at = os.lstat(first).st_ctime_ns
+
+    # the same bytes under the same stamp: that version, kept again now (pruning restarts)
+    assert keep_version(tmp_path, "report.txt", move=False) == first
+    assert os.lstat(first).st_ctime_ns >= kept_at
+    assert keep_version(tmp_path, "report.txt", move=True) == first
+    assert not path.exists()
+    # other bytes with the same stamp are kept beside it; those bytes again are not
+    os.utime(write(tmp_path, "report.txt", "v2"), ns=(MTIME, MTIME))
+    second = keep_version(tmp_path, "report.txt", move=False)
+    assert second is not None and second.name == "report.txt~20231114-221320-1"
+    assert keep_version(tmp_path, "report.txt", move=False) == second
+    # `like`: a version with another stamp that holds the same bytes (restore: the newest)
+    os.utime(path, ns=(MTIME + 10**9, MTIME + 10**9))
+    assert keep_version(tmp_path, "report.txt", move=False, like=second) == second
+    assert [v.file.read_text() for v in list_versions(tmp_path, "report.txt")] == ["v1", "v2"]
+
+
+def test_same_content_compares_bytes_of_files_and_targets_of_links(tmp_path: Path) -> None:
+    a = write(tmp_path, "a", "same bytes")
+    assert same_content(a, write(tmp_path, "b", "same bytes"))
+    assert not same_content(a, write(tmp_path, "c", "same bytez"))
+    assert not same_content(a, write(tmp_path, "d", "other size"[:4]))
+    assert not same_content(a, tmp_path / "missing")
+    (tmp_path / "link1").symlink_to("a")
+    (tmp_path / "link2").symlink_to("a")
+    (tmp_path / "link3").symlink_to("b")
+    assert same_content(tmp_path / "link1", tmp_path / "link2")
+    assert not same_content(tmp_path / "link1", tmp_path / "link3")
+    assert not same_content(tmp_path / "link1", a)  # a link is never followed
 
 
 def test_a_name_too_long_to_take_the_stamp_is_kept_shortened_and_found_again(
@@ -134,6 +173,42 @@ def test_a_replaced_file_is_kept_and_restore_at_picks_by_time(
     ]
     text = b.run("history", "docs:doc.txt").stdout
     assert text.count("kept version") == 2
+
+
+@pytest.mark.slow
+def test_restore_of_what_the_file_holds_already_writes_nothing_and_keeps_no_second_version(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = pair
+    path = write(a.root, "doc.txt", "first draft")
+    os.utime(path, ns=(MTIME, MTIME))
+    b.start()
+    a.sync()
+    write(a.root, "doc.txt", "second draft")
+    a.sync()
+    b.stop()
+    b.run("restore", "docs:doc.txt", "--at", "2023-11-15")
+    kept = sorted(v.file.name for v in list_versions(b.root, "doc.txt"))
+    assert len(kept) == 2 and "doc.txt~20231114-221320" in kept
+    restored = os.stat(b.root / "doc.txt")
+
+    again = b.run("restore", "docs:doc.txt", "--at", "2023-11-15").stdout
+    assert again == (
+        "docs:doc.txt unchanged: it holds the version of 2023-11-14T22:13:20Z already; "
+        "nothing written, no version kept\n"
+    )
+    assert sorted(v.file.name for v in list_versions(b.root, "doc.txt")) == kept
+    now = os.stat(b.root / "doc.txt")
+    assert (now.st_ino, now.st_mtime_ns, now.st_ctime_ns) == (
+        restored.st_ino,
+        restored.st_mtime_ns,
+        restored.st_ctime_ns,
+    )
+    # the newest is the second draft; the first, put aside now, is kept already: not again
+    b.run("restore", "docs:doc.txt")
+    assert (b.root / "doc.txt").read_text() == "second draft"
+    assert sorted(v.file.name for v in list_versions(b.root, "doc.txt")) == kept
+    assert b.run("history", "docs:doc.txt").stdout.count("kept version") == 2
 
 
 def make_conflict(a: SyncNode, b: SyncNode) -> None:
