@@ -1104,36 +1104,67 @@ def _folders_to(folder: str, paths: list[str]) -> list[str]:
 @json_option
 @click.pass_obj
 def conflicts(app: AppContext, as_json: bool) -> None:
-    """List conflict copies per storage, with both sides' node, time and size."""
+    """List conflicts per name: the file under the name, then each conflict copy, each with
+    the node that wrote it, its time and size."""
     from ironsync.sync.conflicts import find_conflicts
 
     config = app.config()
     with app.database(config) as db:
         found = [c for s in config.storages for c in find_conflicts(db, s)]
+    by_name: dict[tuple[str, str], list[Any]] = {}
+    for c in found:
+        by_name.setdefault((c.storage, c.path), []).append(c)
     if as_json:
-        click.echo(json.dumps([_conflict_json(c) for c in found], indent=2))
+        listed = [_conflict_json(*name, group) for name, group in by_name.items()]
+        click.echo(json.dumps(listed, indent=2))
         return
     if not found:
         click.echo("no conflicts")
-    for c in found:
-        mine = (
-            f"{c.mine.node} {c.mine.mtime:%Y-%m-%dT%H:%M:%SZ} {c.mine.size} bytes"
-            if c.mine
-            else "deleted"
-        )
-        theirs = f"{c.theirs.node} {c.theirs.mtime:%Y-%m-%dT%H:%M:%SZ} {c.theirs.size} bytes"
-        click.echo(f"{c.storage}:{c.path}")
-        click.echo(f"  mine:   {mine}")
-        click.echo(f"  theirs: {theirs}  ({c.theirs.path})")
+    for (storage, path), group in by_name.items():
+        click.echo(f"{storage}:{_shown(path)}")
+        rows = _conflict_rows(group)
+        width = max(len(shown) for shown, _ in rows)
+        for shown, said in rows:
+            click.echo(f"  {shown:<{width}}  {said}")
 
 
-def _conflict_json(c: Any) -> dict[str, Any]:
-    def side(s: Any) -> dict[str, Any] | None:
-        if s is None:
-            return None
-        return {"path": s.path, "node": s.node, "mtime": s.mtime.isoformat(), "size": s.size}
+def _conflict_rows(group: list[Any]) -> list[tuple[str, str]]:
+    """(path, what it holds and who wrote it) for the name of `group` and each of its copies."""
+    original = group[0].original
+    sides = [c.copy for c in group]
+    rows = []
+    if original is None:
+        rows.append((_shown(group[0].path), "not in the index"))
+    else:
+        sides.insert(0, original)
+    node_width = max(len(side.node) for side in sides)
+    for side in sides:
+        if side.deleted:
+            said = f"deleted by {side.node}"
+        else:
+            said = (
+                f"written by {side.node:<{node_width}} "
+                f"{side.mtime:%Y-%m-%dT%H:%M:%SZ}  {side.size} bytes"
+            )
+        rows.append((_shown(side.path), said))
+    return rows
 
-    return {"storage": c.storage, "path": c.path, "mine": side(c.mine), "theirs": side(c.theirs)}
+
+def _conflict_json(storage: str, path: str, group: list[Any]) -> dict[str, Any]:
+    def side(s: Any, copy: bool) -> dict[str, Any]:
+        return {
+            "path": s.path,
+            "node": s.node,
+            "deleted": s.deleted,
+            "mtime": None if s.deleted else s.mtime.isoformat(),
+            "size": None if s.deleted else s.size,
+            "conflict_copy": copy,
+        }
+
+    original = group[0].original
+    sides = [] if original is None else [side(original, False)]
+    sides += [side(c.copy, True) for c in group]
+    return {"storage": storage, "path": path, "sides": sides}
 
 
 @cli.command()
@@ -1142,7 +1173,9 @@ def _conflict_json(c: Any) -> dict[str, Any]:
     "--keep",
     required=True,
     metavar="mine|theirs|CONFLICT_FILE",
-    help="Which side keeps the name; every other side goes to the versions folder.",
+    help="Which side keeps the name: mine = the file under the original name, theirs = the "
+    "conflict copy (when there is one), or the conflict copy named. Every other side goes to "
+    "the versions folder.",
 )
 @click.option("--storage", "name", help="The storage (default: found from PATH).")
 @click.pass_obj
@@ -1157,10 +1190,10 @@ def resolve(app: AppContext, path: str, keep: str, name: str | None) -> None:
     if keep not in ("mine", "theirs"):
         keep = _locate(config, keep, storage_name)[1]
     with app.database(config) as db:
-        mine = [c for c in find_conflicts(db, storage) if rel in (c.path, c.theirs.path)]
-        if not mine:
+        matching = [c for c in find_conflicts(db, storage) if rel in (c.path, c.copy.path)]
+        if not matching:
             raise click.ClickException(f"no conflict copy of {storage_name}:{rel}")
-        original = mine[0].path
+        original = matching[0].path
         group = [c for c in find_conflicts(db, storage) if c.path == original]
         try:
             changes = settle(db, config.node_id, storage, group, keep)

@@ -211,6 +211,41 @@ def test_restore_of_what_the_file_holds_already_writes_nothing_and_keeps_no_seco
     assert b.run("history", "docs:doc.txt").stdout.count("kept version") == 2
 
 
+def test_conflicts_names_the_writer_of_each_side_and_a_name_deleted_since(
+    tmp_path: Path,
+) -> None:
+    node = SyncNode(tmp_path, "gamma")
+    write(node.root, "sub/report.txt", "gamma's")
+    copy = "sub/report.sync-conflict-20231114-221320-alpha-0123abcd.txt"
+    os.utime(write(node.root, copy, "alpha's!"), ns=(MTIME, MTIME))
+    node.run("scan")
+    said = node.run("conflicts").stdout.splitlines()
+    assert said[0] == "docs:sub/report.txt"
+    assert said[1].startswith("  sub/report.txt ") and "written by gamma " in said[1]
+    assert said[2] == f"  {copy}  written by alpha 2023-11-14T22:13:20Z  8 bytes"
+
+    (node.root / "sub/report.txt").unlink()
+    node.run("scan")
+    padding = " " * (len(copy) - len("sub/report.txt"))
+    assert node.run("conflicts").stdout == (
+        "docs:sub/report.txt\n"
+        f"  sub/report.txt{padding}  deleted by gamma\n"
+        f"  {copy}  written by alpha 2023-11-14T22:13:20Z  8 bytes\n"
+    )
+    (c,) = json.loads(node.run("conflicts", "--json").stdout)
+    assert c["sides"][0] == {
+        "path": "sub/report.txt",
+        "node": "gamma",
+        "deleted": True,
+        "mtime": None,
+        "size": None,
+        "conflict_copy": False,
+    }
+    assert [side["node"] for side in c["sides"]] == ["gamma", "alpha"]
+    said = " ".join(node.run("resolve", "--help").stdout.split())
+    assert "mine = the file under the original name, theirs = the conflict copy" in said
+
+
 def make_conflict(a: SyncNode, b: SyncNode) -> None:
     write(a.root, "shared.txt", "original")
     b.start()
@@ -230,14 +265,39 @@ def test_conflicts_lists_both_sides_and_resolve_keep_theirs_settles_it_everywher
 ) -> None:
     a, b = pair
     make_conflict(a, b)
-    listed = json.loads(a.run("conflicts", "--json").stdout)
-    assert len(listed) == 1
-    (c,) = listed
-    assert c["path"] == "shared.txt"
-    assert c["mine"]["node"] == "beta" and c["mine"]["size"] == len("beta's edit")
-    assert c["theirs"]["node"] == "alpha" and c["theirs"]["size"] == len("alpha's edit")
-    assert c["theirs"]["path"] == ALPHA_COPY
-    assert "theirs: alpha 2023-11-14T22:13:20Z" in a.run("conflicts").stdout
+    # Each side by its path and the node that wrote it, the same on both nodes: on alpha, the
+    # file under the name is beta's edit, not "mine".
+    for node in (a, b):
+        assert json.loads(node.run("conflicts", "--json").stdout) == [
+            {
+                "storage": "docs",
+                "path": "shared.txt",
+                "sides": [
+                    {
+                        "path": "shared.txt",
+                        "node": "beta",
+                        "deleted": False,
+                        "mtime": "2023-11-14T22:13:21+00:00",
+                        "size": len("beta's edit"),
+                        "conflict_copy": False,
+                    },
+                    {
+                        "path": ALPHA_COPY,
+                        "node": "alpha",
+                        "deleted": False,
+                        "mtime": "2023-11-14T22:13:20+00:00",
+                        "size": len("alpha's edit"),
+                        "conflict_copy": True,
+                    },
+                ],
+            }
+        ]
+        padding = " " * (len(ALPHA_COPY) - len("shared.txt"))
+        assert node.run("conflicts").stdout == (
+            "docs:shared.txt\n"
+            f"  shared.txt{padding}  written by beta  2023-11-14T22:13:21Z  11 bytes\n"
+            f"  {ALPHA_COPY}  written by alpha 2023-11-14T22:13:20Z  12 bytes\n"
+        )
     out = a.run("resolve", "docs:shared.txt", "--keep", "theirs").stdout
     assert "resolved docs:shared.txt (kept theirs)" in out
     a.sync()
