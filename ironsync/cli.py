@@ -1028,8 +1028,9 @@ def _describe_row(row: index.FileRow) -> str:
 def restore(app: AppContext, path: str, at: str | None, name: str | None) -> None:
     """Put a kept version of PATH back, as a new local change that syncs to every peer.
 
-    What PATH holds now (if anything) is kept as a version first. A deleted folder comes back
-    with every file the versions folder holds under it."""
+    What PATH holds now (if anything) is kept as a version first, unless a kept version holds
+    it already. A PATH that holds the version already is left alone ("unchanged"). A deleted
+    folder comes back with every file the versions folder holds under it."""
     from ironsync.sync.versions import version_at, versioned_under
 
     config = app.config()
@@ -1045,17 +1046,24 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
         if not inside:
             raise click.ClickException(f"no kept version of {storage_name}:{rel}{when}")
         (storage.root / rel).mkdir(parents=True, exist_ok=True)
+        unchanged = 0
         for member in inside:
             found = version_at(storage.root, member, moment)
             assert found is not None
-            _put_back(storage.root, member, found.file)
+            unchanged += not _put_back(storage.root, member, found.file)
         changes, told = _record_changed(app, config, storage, [*_folders_to(rel, inside), *inside])
+        same = f", {unchanged} of them unchanged" if unchanged else ""
         click.echo(
             f"restored {storage_name}:{rel}/ with {len(inside)} file(s) from the versions "
-            f"folder{when} ({len(changes)} change(s)); {_reach(told)}"
+            f"folder{when} ({len(changes)} change(s){same}); {_reach(told)}"
         )
         return
-    _put_back(storage.root, rel, version.file)
+    if not _put_back(storage.root, rel, version.file):
+        click.echo(
+            f"{storage_name}:{rel} unchanged: it holds the version of "
+            f"{version.stamp:%Y-%m-%dT%H:%M:%SZ} already; nothing written, no version kept"
+        )
+        return
     changes, told = _record_changed(app, config, storage, [rel])
     kind = changes[0].kind if changes else "unchanged"
     click.echo(
@@ -1101,19 +1109,25 @@ def _reach(told: bool) -> str:
     return "no daemon is running here: it reaches the peers with the next sync"
 
 
-def _put_back(root: Path, rel: str, kept: Path) -> None:
-    """Copy the kept version `kept` to `rel` (what is there now is kept as a version first)."""
-    from ironsync.sync.versions import keep_version
+def _put_back(root: Path, rel: str, kept: Path) -> bool:
+    """Copy the kept version `kept` to `rel`, unless `rel` holds the same bytes already
+    (False). What is there now is kept as a version first, unless the newest version or one
+    with its stamp holds it already."""
+    from ironsync.sync.versions import keep_version, same_content, version_at
 
     target = root / rel
+    if same_content(target, kept):
+        return False
+    newest = version_at(root, rel, None)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.parent / f".ironsync-restore-{os.getpid()}.tmp"
     try:
         shutil.copy2(kept, temp, follow_symlinks=False)
-        keep_version(root, rel, move=False)
+        keep_version(root, rel, move=False, like=newest.file if newest else None)
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
+    return True
 
 
 def _folders_to(folder: str, paths: list[str]) -> list[str]:
@@ -1132,36 +1146,67 @@ def _folders_to(folder: str, paths: list[str]) -> list[str]:
 @json_option
 @click.pass_obj
 def conflicts(app: AppContext, as_json: bool) -> None:
-    """List conflict copies per storage, with both sides' node, time and size."""
+    """List conflicts per name: the file under the name, then each conflict copy, each with
+    the node that wrote it, its time and size."""
     from ironsync.sync.conflicts import find_conflicts
 
     config = app.config()
     with app.database(config) as db:
         found = [c for s in config.storages for c in find_conflicts(db, s)]
+    by_name: dict[tuple[str, str], list[Any]] = {}
+    for c in found:
+        by_name.setdefault((c.storage, c.path), []).append(c)
     if as_json:
-        click.echo(json.dumps([_conflict_json(c) for c in found], indent=2))
+        listed = [_conflict_json(*name, group) for name, group in by_name.items()]
+        click.echo(json.dumps(listed, indent=2))
         return
     if not found:
         click.echo("no conflicts")
-    for c in found:
-        mine = (
-            f"{c.mine.node} {c.mine.mtime:%Y-%m-%dT%H:%M:%SZ} {c.mine.size} bytes"
-            if c.mine
-            else "deleted"
-        )
-        theirs = f"{c.theirs.node} {c.theirs.mtime:%Y-%m-%dT%H:%M:%SZ} {c.theirs.size} bytes"
-        click.echo(f"{c.storage}:{c.path}")
-        click.echo(f"  mine:   {mine}")
-        click.echo(f"  theirs: {theirs}  ({c.theirs.path})")
+    for (storage, path), group in by_name.items():
+        click.echo(f"{storage}:{_shown(path)}")
+        rows = _conflict_rows(group)
+        width = max(len(shown) for shown, _ in rows)
+        for shown, said in rows:
+            click.echo(f"  {shown:<{width}}  {said}")
 
 
-def _conflict_json(c: Any) -> dict[str, Any]:
-    def side(s: Any) -> dict[str, Any] | None:
-        if s is None:
-            return None
-        return {"path": s.path, "node": s.node, "mtime": s.mtime.isoformat(), "size": s.size}
+def _conflict_rows(group: list[Any]) -> list[tuple[str, str]]:
+    """(path, what it holds and who wrote it) for the name of `group` and each of its copies."""
+    original = group[0].original
+    sides = [c.copy for c in group]
+    rows = []
+    if original is None:
+        rows.append((_shown(group[0].path), "not in the index"))
+    else:
+        sides.insert(0, original)
+    node_width = max(len(side.node) for side in sides)
+    for side in sides:
+        if side.deleted:
+            said = f"deleted by {side.node}"
+        else:
+            said = (
+                f"written by {side.node:<{node_width}} "
+                f"{side.mtime:%Y-%m-%dT%H:%M:%SZ}  {side.size} bytes"
+            )
+        rows.append((_shown(side.path), said))
+    return rows
 
-    return {"storage": c.storage, "path": c.path, "mine": side(c.mine), "theirs": side(c.theirs)}
+
+def _conflict_json(storage: str, path: str, group: list[Any]) -> dict[str, Any]:
+    def side(s: Any, copy: bool) -> dict[str, Any]:
+        return {
+            "path": s.path,
+            "node": s.node,
+            "deleted": s.deleted,
+            "mtime": None if s.deleted else s.mtime.isoformat(),
+            "size": None if s.deleted else s.size,
+            "conflict_copy": copy,
+        }
+
+    original = group[0].original
+    sides = [] if original is None else [side(original, False)]
+    sides += [side(c.copy, True) for c in group]
+    return {"storage": storage, "path": path, "sides": sides}
 
 
 @cli.command()
@@ -1170,7 +1215,9 @@ def _conflict_json(c: Any) -> dict[str, Any]:
     "--keep",
     required=True,
     metavar="mine|theirs|CONFLICT_FILE",
-    help="Which side keeps the name; every other side goes to the versions folder.",
+    help="Which side keeps the name: mine = the file under the original name, theirs = the "
+    "conflict copy (when there is one), or the conflict copy named. Every other side goes to "
+    "the versions folder.",
 )
 @click.option("--storage", "name", help="The storage (default: found from PATH).")
 @click.pass_obj
@@ -1185,10 +1232,10 @@ def resolve(app: AppContext, path: str, keep: str, name: str | None) -> None:
     if keep not in ("mine", "theirs"):
         keep = _locate(config, keep, storage_name)[1]
     with app.database(config) as db:
-        mine = [c for c in find_conflicts(db, storage) if rel in (c.path, c.theirs.path)]
-        if not mine:
+        matching = [c for c in find_conflicts(db, storage) if rel in (c.path, c.copy.path)]
+        if not matching:
             raise click.ClickException(f"no conflict copy of {storage_name}:{rel}")
-        original = mine[0].path
+        original = matching[0].path
         group = [c for c in find_conflicts(db, storage) if c.path == original]
         told = False
 

@@ -22,8 +22,9 @@ serving. A session whose daemon does otherwise is a finding, with the seed that 
 
 `run_campaign` is the whole experiment: a victim daemon (tests.daemons), a canary folder beside
 its root, fuzzing workers, an honest node syncing through the victim at the same time, and a
-sampler of the victim's memory. tests/test_fuzz_peer.py runs a short one; bin/fuzz-peer runs
-long ones (`--frames N --seed S`).
+sampler of the victim's memory. Each worker's first sessions are one of every kind; then
+kinds are drawn by weight. tests/test_fuzz_peer.py runs a short one, bound by a number of
+sessions; bin/fuzz-peer runs long ones (`--seconds S`) and replays (`--seed S --sessions N`).
 """
 
 from __future__ import annotations
@@ -565,6 +566,17 @@ def scenario(weight: int) -> Callable[[Scenario], Scenario]:
 WEIGHTS: dict[str, int] = {}
 
 
+def session_kind(worker: int, number: int, workers: int, rng: random.Random) -> str:
+    """The scenario a worker runs as its session `number`: first every kind once, spread over
+    the workers (so a short campaign reaches each one, however few sessions fit in its time),
+    then kinds drawn by weight."""
+    names = sorted(SCENARIOS)
+    first = number * workers + worker
+    if first < len(names):
+        return names[first]
+    return rng.choices(names, [WEIGHTS[n] for n in names])[0]
+
+
 @scenario(3)
 async def scenario_random_bytes(s: Session) -> Expect:
     """Random bytes, before or after the Hello."""
@@ -867,26 +879,37 @@ class Fuzzer:
     identity: NodeIdentity
     seed: int
     stats: Stats = field(default_factory=Stats)
+    workers: int = 3
     stop: float = float("inf")  # time.monotonic() deadline
     frames_budget: int | None = None
+    sessions_per_worker: int | None = None
+    workers_done: bool = False
 
     def hello(self) -> Hello:
         return Hello(PROTOCOL_VERSION, FUZZER_ID, self.victim.group, (STORAGE,))
 
     def done(self) -> bool:
-        if time.monotonic() >= self.stop:
+        if self.workers_done or time.monotonic() >= self.stop:
             return True
         return self.frames_budget is not None and self.stats.frames >= self.frames_budget
 
+    async def run_workers(self) -> None:
+        """Every worker, with the staller beside them until the last worker is done."""
+        staller = asyncio.get_running_loop().create_task(self.run_staller())
+        try:
+            await asyncio.gather(*(self.run_worker(n) for n in range(self.workers)))
+        finally:
+            self.workers_done = True
+            await staller
+
     async def run_worker(self, worker: int) -> None:
         context = client_context(self.identity)
-        names = sorted(SCENARIOS)
-        weights = [WEIGHTS[n] for n in names]
         number = 0
-        while not self.done():
-            rng = random.Random(f"{self.seed}:{worker}:{number}")
-            name = rng.choices(names, weights)[0]
-            await self.run_session(context, name, rng, f"{self.seed}:{worker}:{number}")
+        while not self.done() and number != self.sessions_per_worker:
+            tag = f"{self.seed}:{worker}:{number}"
+            rng = random.Random(tag)
+            name = session_kind(worker, number, self.workers, rng)
+            await self.run_session(context, name, rng, tag)
             number += 1
 
     async def run_staller(self) -> None:
@@ -996,6 +1019,7 @@ SERVED_CONTENT = b"served by the victim\n" * 5000
 class Report:
     seed: int
     seconds: float
+    sessions_per_worker: int | None
     stats: Stats
     peak_rss_kib: int
     hwm_kib: int
@@ -1032,7 +1056,8 @@ class Report:
                 f"unexpected in root {self.unexpected_in_root}",
                 f"  findings ({len(self.findings)}):",
                 *(f"    {f}" for f in self.findings[:40]),
-                f"replay: bin/fuzz-peer --seed {self.seed}",
+                f"replay: bin/fuzz-peer --seed {self.seed}"
+                + (f" --sessions {n}" if (n := self.sessions_per_worker) is not None else ""),
             ]
         )
 
@@ -1151,10 +1176,12 @@ def run_campaign(
     *,
     seconds: float | None = 25.0,
     frames: int | None = None,
+    sessions: int | None = None,
     workers: int = 3,
     honest: bool = True,
 ) -> Report:
-    """Start a victim daemon under `base`, fuzz it, sync an honest node through it, check."""
+    """Start a victim daemon under `base`, fuzz it, sync an honest node through it, check.
+    The fuzzing stops at the first of: `seconds`, `frames` sent, `sessions` per worker."""
     victim = SyncNode(base, "victim")
     canary = victim.base / "canary"
     canary.mkdir()
@@ -1169,11 +1196,17 @@ def run_campaign(
     baseline = memory_kib(pid)[0]
     sampler.start()
     identity = load_or_create_identity(base / FUZZER_ID, FUZZER_ID, victim.group, SECRET)
-    fuzzer = Fuzzer(Victim("127.0.0.1", victim.port, victim.group, canary), identity, seed)
+    fuzzer = Fuzzer(
+        Victim("127.0.0.1", victim.port, victim.group, canary),
+        identity,
+        seed,
+        workers=workers,
+        frames_budget=frames,
+        sessions_per_worker=sessions,
+    )
     started = time.monotonic()
     if seconds is not None:
         fuzzer.stop = started + seconds
-    fuzzer.frames_budget = frames
     honest_times: list[float] = []
     honest_failures: list[str] = []
     stop_honest = threading.Event()
@@ -1186,9 +1219,7 @@ def run_campaign(
 
         async def fuzz() -> None:
             asyncio.get_running_loop().set_exception_handler(quiet_transport_errors)
-            await asyncio.gather(
-                fuzzer.run_staller(), *(fuzzer.run_worker(n) for n in range(workers))
-            )
+            await fuzzer.run_workers()
 
         asyncio.run(fuzz())
         elapsed = time.monotonic() - started
@@ -1238,6 +1269,7 @@ def run_campaign(
     return Report(
         seed=seed,
         seconds=elapsed,
+        sessions_per_worker=sessions,
         stats=fuzzer.stats,
         peak_rss_kib=sampler.peak_rss,
         hwm_kib=hwm,
@@ -1262,17 +1294,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="replay this seed")
     parser.add_argument("--frames", type=int, default=None, help="stop after N frames")
     parser.add_argument("--seconds", type=float, default=None, help="stop after S seconds")
+    parser.add_argument(
+        "--sessions", type=int, default=None, help="stop after N sessions per worker"
+    )
     parser.add_argument("--workers", type=int, default=3, help="concurrent fuzzing sessions")
     parser.add_argument("--no-honest", action="store_true", help="no honest node alongside")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
-    seconds = args.seconds if args.seconds is not None or args.frames else 60.0
+    bounded = args.seconds is not None or args.frames or args.sessions
+    seconds = args.seconds if bounded else 60.0
     base = Path(tempfile.mkdtemp(prefix="ironsync-fuzz-peer-"))
     print(f"fuzzing with seed {seed} in {base}", flush=True)
     report = run_campaign(
-        base, seed, seconds=seconds, frames=args.frames, workers=args.workers,
-        honest=not args.no_honest,
+        base, seed, seconds=seconds, frames=args.frames, sessions=args.sessions,
+        workers=args.workers, honest=not args.no_honest,
     )  # fmt: skip
     print(report.summary())
     if not args.keep:

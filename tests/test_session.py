@@ -61,6 +61,12 @@ OTHER_SECRET = "another secret of sixteen+"
 HASH = bytes(range(16))
 TIMEOUT_SECONDS = 15
 PLACEHOLDER_ID = 1  # the session stamps the real request id
+POLL_SECONDS = 0.01  # how often a test looks again at a condition it waits for
+SMALL_SOCKET_BUFFER = 16 * 1024
+"""SO_RCVBUF and SO_SNDBUF asked for where a test needs the kernel to hold little."""
+ASYNCIO_BUFFERS = 2 * 1024 * 1024
+"""More than asyncio holds between a socket and TLS, each way: a read of up to 256 KiB, the
+TLS read buffer's 256 KiB mark, the socket transport's 64 KiB write mark (Python 3.11)."""
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +161,11 @@ class Listener:
 
 
 @asynccontextmanager
-async def listening(identity: NodeIdentity, port: int = 0) -> AsyncIterator[Listener]:
+async def listening(
+    identity: NodeIdentity, port: int = 0, *, socket_buffer: int | None = None
+) -> AsyncIterator[Listener]:
+    """Serve `identity` on 127.0.0.1; with `socket_buffer`, every accepted socket's kernel
+    buffers are fixed at that size (see `fix_socket_buffers`)."""
     listener = Listener(port, Handler())
 
     async def on_session(session: PeerSession) -> None:
@@ -176,6 +186,8 @@ async def listening(identity: NodeIdentity, port: int = 0) -> AsyncIterator[List
         on_refused,
     )
     listener.port = server.sockets[0].getsockname()[1]
+    if socket_buffer is not None:
+        fix_socket_buffers(server.sockets[0], socket_buffer)  # accepted sockets inherit them
     try:
         yield listener
     finally:
@@ -218,6 +230,69 @@ async def raw_tls_exchange(
         pass
     writer.close()
     return decode_all(received)
+
+
+def fix_socket_buffers(sock: socket.socket | asyncio.trsock.TransportSocket, size: int) -> None:
+    """Fix the kernel's send and receive buffers of `sock` at `size` (Linux doubles it, for its
+    bookkeeping). Set before connecting (or on a listening socket), the sizes hold for the
+    connection's life: no autotuning up to net.ipv4.tcp_rmem's or tcp_wmem's maximum."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def kernel_buffers(sock: socket.socket | asyncio.trsock.TransportSocket) -> int:
+    """Bytes the kernel may hold for `sock`, sent and received together."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF
+    )
+
+
+class NeverReadingClient:
+    """A TLS client on a plain socket that reads only for its handshake: all the server sends
+    afterwards stays in this socket's kernel receive buffer, fixed at `socket_buffer`."""
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLObject, outgoing: ssl.MemoryBIO) -> None:
+        self.socket = sock
+        self._tls = tls
+        self._outgoing = outgoing
+        self.bytes_sent = 0
+
+    @classmethod
+    async def connect(
+        cls, port: int, identity: NodeIdentity, socket_buffer: int
+    ) -> NeverReadingClient:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports
+        fix_socket_buffers(sock, socket_buffer)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = client_context(identity).wrap_bio(incoming, outgoing)
+            while True:
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    tls.do_handshake()
+                    break
+                await loop.sock_sendall(sock, outgoing.read())
+                received = await loop.sock_recv(sock, 65536)
+                if not received:
+                    raise ConnectionError("the server closed during the TLS handshake")
+                incoming.write(received)
+            await loop.sock_sendall(sock, outgoing.read())
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, tls, outgoing)
+
+    async def send(self, data: bytes) -> None:
+        """Return once all of `data` is in the kernel's send buffer (which may be never)."""
+        self._tls.write(data)
+        await asyncio.get_running_loop().sock_sendall(self.socket, self._outgoing.read())
+        self.bytes_sent += len(data)
+
+    def abort(self) -> None:
+        self.socket.close()  # unread data: the kernel resets the connection
 
 
 def decode_all(data: bytes) -> list[Message]:
@@ -448,31 +523,51 @@ def test_a_peer_that_never_reads_its_replies_fills_no_memory_of_ours(
     ids: dict[str, NodeIdentity],
 ) -> None:
     """Thousands of failing requests (each answered by an Error) from a peer that reads
-    nothing: the server's write buffer stays near its mark and it stops reading that peer."""
+    nothing: the server's write buffer stays near its mark and it stops reading that peer.
+
+    Bound by bytes, not time: the client writes until the server stops reading, and the test
+    fails only once it has written far more than the server could have taken in had it
+    stopped. Every kernel buffer on the way is small and fixed, so the machine's
+    net.ipv4.tcp_rmem / tcp_wmem (up to 32 MiB on some) change nothing (issue 12)."""
 
     async def body() -> None:
-        async with listening(ids["alpha"]) as listener:
-            context = client_context(ids["beta"])
-            _, writer = await asyncio.open_connection("127.0.0.1", listener.port, ssl=context)
-            writer.write(b"".join(encode_frame(hello("beta"))))
+        async with listening(ids["alpha"], socket_buffer=SMALL_SOCKET_BUFFER) as listener:
+            client = await NeverReadingClient.connect(
+                listener.port, ids["beta"], SMALL_SOCKET_BUFFER
+            )
+            await client.send(b"".join(encode_frame(hello("beta"))))
             server_side = await listener.next_session()
-            request_id = 0
-            deadline = asyncio.get_running_loop().time() + 5
-            while server_side.is_reading and asyncio.get_running_loop().time() < deadline:
-                frames = []
-                for _ in range(500):
-                    request_id += 1
-                    request = GetIndex("nope" * 60, 0, 1, request_id=request_id)
-                    frames += encode_frame(request)
-                writer.writelines(frames)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(writer.drain(), 0.2)
             transport = server_side._transport
             assert transport is not None
+            # A server that stops reading once the peer does not read its replies has taken
+            # in at most the requests answered by its write buffer (WRITE_BUFFER_HIGH; a reply
+            # is longer than its request) and by what the buffers between it and the client
+            # hold, plus the requests still in those buffers. The kernel's are fixed above
+            # and counted 64 times over; asyncio's, below TLS, hold less than ASYNCIO_BUFFERS.
+            between = kernel_buffers(client.socket)
+            between += kernel_buffers(transport.get_extra_info("socket"))
+            bound = WRITE_BUFFER_HIGH + ASYNCIO_BUFFERS + 64 * between
+            request_id = 0
+            sending: asyncio.Future[None] | None = None
+            while server_side.is_reading and client.bytes_sent < bound:
+                if sending is None or sending.done():
+                    if sending is not None:
+                        sending.result()
+                    frames = []
+                    for _ in range(500):
+                        request_id += 1
+                        frames += encode_frame(GetIndex("nope" * 60, 0, 1, request_id=request_id))
+                    sending = asyncio.ensure_future(client.send(b"".join(frames)))
+                # poll: once the server stops reading, this send never completes
+                await asyncio.wait({sending}, timeout=POLL_SECONDS)
             buffered = transport.get_write_buffer_size()
-            writer.transport.abort()
+            reading, closed = server_side.is_reading, server_side.is_closed
+            if sending is not None:
+                sending.cancel()
+            client.abort()
 
-            assert not server_side.is_reading
+            assert not closed  # it stopped reading; it did not hang up
+            assert not reading, f"still reading after {client.bytes_sent} bytes of requests"
             assert buffered <= WRITE_BUFFER_HIGH + 64 * 1024
 
     run(body())

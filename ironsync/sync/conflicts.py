@@ -5,6 +5,11 @@ beside `NAME.EXT` (see reconcile.conflict_copy_path). `find_conflicts` lists eac
 `resolve` keeps one side under the name and moves every other side into the versions folder
 (never into nothing), then records the outcome with the scanner's index update, so it syncs
 to every peer like any local change.
+
+Each side is told by its path and the node that wrote it: the file under the name by its
+index row's `modified_by`, the copy by the node its name names (the node that wrote what it
+holds; its row's `modified_by` is the node that set it aside). Which of them is this node's
+own edit is not guessed (issue 12): either may be another node's.
 """
 
 from __future__ import annotations
@@ -27,18 +32,21 @@ _HASH_TAG = re.compile(r"-[0-9a-f]{8}$")  # after the node id: the copy's conten
 
 @dataclass(frozen=True)
 class Side:
+    """One side of a conflict: a file, or a deletion of the name, and the node that wrote it."""
+
     path: str
     node: str
     mtime: datetime
     size: int
+    deleted: bool = False
 
 
 @dataclass(frozen=True)
 class Conflict:
     storage: str
     path: str  # the name both versions claimed
-    mine: Side | None  # what the name holds now (None if it was deleted since)
-    theirs: Side  # the conflict copy
+    original: Side | None  # what the name holds now (None: the index has no row for it)
+    copy: Side  # the conflict copy
 
 
 def original_candidates(copy_path: str) -> list[tuple[str, str, datetime]]:
@@ -86,11 +94,17 @@ def find_conflicts(db: Database, storage: Storage) -> list[Conflict]:
                 break
         original, node, _stamp = chosen
         current = index.get_file(db, row.id, original)
-        mine = None
-        if current is not None and not current.deleted:
-            mine = Side(original, current.modified_by, _time(current.mtime_ns), current.size)
-        theirs = Side(path, node or modified_by, _time(mtime_ns), size)
-        found.append(Conflict(storage.name, original, mine, theirs))
+        under_name = None
+        if current is not None:
+            under_name = Side(
+                original,
+                current.modified_by,
+                _time(current.mtime_ns),
+                current.size,
+                deleted=current.deleted,
+            )
+        copy = Side(path, node or modified_by, _time(mtime_ns), size)
+        found.append(Conflict(storage.name, original, under_name, copy))
     return found
 
 
@@ -102,30 +116,31 @@ def resolve(
     keep: str,
     record: Callable[[list[str]], list[Change]] | None = None,
 ) -> list[Change]:
-    """Settle the conflicts of one name: `keep` is "mine", "theirs" (the only copy) or the
-    path of the copy to keep. Every side not kept goes to the versions folder. The paths
-    touched are indexed by `record` (the running daemon's, say), else here."""
+    """Settle the conflicts of one name: `keep` is "mine" (the file under the name),
+    "theirs" (the only conflict copy) or the path of the copy to keep. Every side not kept
+    goes to the versions folder. The paths touched are indexed by `record` (the running
+    daemon's, say), else here."""
     if not conflicts:
         raise ValueError("no conflict to resolve")
     if keep == "theirs":
         if len(conflicts) > 1:
-            names = ", ".join(c.theirs.path for c in conflicts)
+            names = ", ".join(c.copy.path for c in conflicts)
             raise ValueError(f"several conflict copies ({names}): name the one to keep")
-        keep = conflicts[0].theirs.path
+        keep = conflicts[0].copy.path
     original = conflicts[0].path
     touched = [original]
     root = storage.root
     if keep != "mine":
-        chosen = next((c for c in conflicts if c.theirs.path == keep), None)
+        chosen = next((c for c in conflicts if c.copy.path == keep), None)
         if chosen is None:
             raise ValueError(f"{keep} is not a conflict copy of {original}")
         keep_version(root, original, move=False)  # the side we drop, kept
-        os.replace(root / chosen.theirs.path, root / original)
-        touched.append(chosen.theirs.path)
+        os.replace(root / chosen.copy.path, root / original)
+        touched.append(chosen.copy.path)
     for conflict in conflicts:
-        if conflict.theirs.path != keep:
-            keep_version(root, conflict.theirs.path, move=True)
-            touched.append(conflict.theirs.path)
+        if conflict.copy.path != keep:
+            keep_version(root, conflict.copy.path, move=True)
+            touched.append(conflict.copy.path)
     if record is not None:
         return record(touched)
     return rescan_paths(db, node_id, storage, touched)

@@ -7,7 +7,9 @@ are atomic: a crash leaves the file in place, in the versions folder, or both.
     <root>/.ironsync/versions/<path>~YYYYMMDD-HHMMSS
 
 A name too long to take the stamp (over 235 bytes, where names end at 255) is kept under its
-first bytes and a hash of the whole name (`kept_name`).
+first bytes and a hash of the whole name (`kept_name`). A second version with the same stamp
+gets `-1`, `-2`... after it, unless it holds what one already there holds: then that one counts
+as kept again (issue 12: a `restore` of a file that had not changed kept it twice).
 
 The stamp is the UTC time of the kept content's mtime (when it was written), so "the version
 of last Tuesday" is the newest one stamped before Wednesday. The folder is never scanned or
@@ -28,6 +30,7 @@ import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from ironsync.ignore import STATE_DIR
 
@@ -81,12 +84,45 @@ def _free_name(folder: Path, base: str) -> Path:
     return candidate
 
 
-def keep_version(root: Path, rel: str, *, move: bool) -> Path | None:
+def same_content(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are two files with the same bytes, or two links with the same
+    target (links are compared, never followed)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(sa.st_mode) and stat.S_ISLNK(sb.st_mode):
+        return os.readlink(a) == os.readlink(b)
+    if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size != sb.st_size:
+        return False
+    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+        return True
+    with _open_file(a) as fa, _open_file(b) as fb:
+        while True:
+            block = fa.read(_COMPARE_BLOCK)
+            if block != fb.read(_COMPARE_BLOCK):
+                return False
+            if not block:
+                return True
+
+
+_COMPARE_BLOCK = 1024 * 1024
+
+
+def _open_file(path: Path) -> BinaryIO:
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+
+
+def keep_version(root: Path, rel: str, *, move: bool, like: Path | None = None) -> Path | None:
     """Keep the file at `rel` as a version: renamed there (`move`, for a deletion) or
     hard-linked (for a replacement: the caller's rename over it then leaves the old inode in
     the versions folder alone). Returns where it was kept; None if there was no regular file
     or link (a link is kept as a link). Falls back to a copy only where the filesystem has
-    no hard links."""
+    no hard links.
+
+    A version with the same content already kept under the same stamp (or at `like`, say the
+    newest version) is not kept twice: it counts as kept now (pruning starts again from now)
+    and is returned; with `move` the file is then removed."""
     full = root / rel
     try:
         st = os.lstat(full)
@@ -96,7 +132,14 @@ def keep_version(root: Path, rel: str, *, move: bool) -> Path | None:
         return None  # a link is kept as a link: renamed or hard-linked, never followed
     folder = versions_root(root) / Path(rel).parent
     folder.mkdir(parents=True, exist_ok=True)
-    dest = _free_name(folder, f"{kept_name(Path(rel).name)}~{_stamp(st.st_mtime_ns)}")
+    base = f"{kept_name(Path(rel).name)}~{_stamp(st.st_mtime_ns)}"
+    twin = _kept_twin(full, folder, base, like)
+    if twin is not None:
+        _mark_kept_now(twin)
+        if move:
+            os.unlink(full)
+        return twin
+    dest = _free_name(folder, base)
     if move:
         try:
             os.rename(full, dest)
@@ -116,6 +159,24 @@ def keep_version(root: Path, rel: str, *, move: bool) -> Path | None:
         except OSError:
             shutil.copy2(full, dest, follow_symlinks=False)
     return dest
+
+
+def _kept_twin(full: Path, folder: Path, base: str, like: Path | None) -> Path | None:
+    """A kept version holding what `full` holds: `like`, or one named `base` (or `base-N`)."""
+    if like is not None and same_content(full, like):
+        return like
+    candidate, n = folder / base, 1
+    while os.path.lexists(candidate):
+        if same_content(full, candidate):
+            return candidate
+        candidate, n = folder / f"{base}-{n}", n + 1
+    return None
+
+
+def _mark_kept_now(path: Path) -> None:
+    """Set the ctime of `path` to now, which `prune_versions` reads as when it was kept."""
+    st = os.lstat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def list_versions(root: Path, rel: str) -> list[Version]:
