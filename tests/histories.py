@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ironsync.sync.watcher import BARRIER_DIR
 from tests.conftest import IRONSYNC
 from tests.daemons import SyncNode, tree, write
 
@@ -1027,9 +1028,14 @@ def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, int, int]]:
     """Every path under `root` (temporary files and .ironsync/ included, links not followed)
-    by mode, size, mtime and inode."""
+    by mode, size, mtime and inode; but for .ironsync/watch/, where a daemon's watcher writes
+    and removes its barriers whenever a peer's full sync asks it to catch up."""
     out = {}
     for dirpath, dirnames, files in os.walk(root):
+        if os.path.join(dirpath, "watch") == os.path.join(root, BARRIER_DIR) and (
+            "watch" in dirnames
+        ):
+            dirnames.remove("watch")
         for name in dirnames + files:  # a link to a folder is among the dirnames
             with contextlib.suppress(FileNotFoundError):
                 st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)

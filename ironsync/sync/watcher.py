@@ -14,7 +14,7 @@ up to date and record nothing: they never echo back as local changes.
 
 Catching up (`catch_up`): a peer starting a full sync must see every change made here
 before it asked, not only those whose debounce has run out. inotify delivers one watch's
-events in order, so the watcher writes a barrier file in each storage's state folder and waits
+events in order, so the watcher writes a barrier file in each storage's `.ironsync/watch/` and waits
 for its event: every change made before then has reached `_pending` by that time, and all
 of it is recorded at once, unsettled or not. Without a healthy watcher, or if the barrier does
 not come back within BARRIER_TIMEOUT_S, `catch_up` says False and the caller scans instead.
@@ -49,7 +49,9 @@ OnChanges = Callable[[Storage, set[str], set[str]], Awaitable[None]]
 
 BARRIER_TIMEOUT_S = 5.0
 """How long `catch_up` waits for its barrier events before it gives up (and a scan runs)."""
-BARRIER_PREFIX = "watch-barrier-"
+BARRIER_DIR = f"{STATE_DIR}/watch"
+"""Where the barriers are written: a folder of their own, whose mtime alone they move."""
+BARRIER_PREFIX = "barrier-"
 
 
 @dataclass
@@ -121,11 +123,11 @@ class Watcher:
         try:
             for storage in self.storages:
                 name = f"{BARRIER_PREFIX}{os.getpid()}-{next(self._barrier_ids)}"
-                key = (storage.name, f"{STATE_DIR}/{name}")
+                key = (storage.name, f"{BARRIER_DIR}/{name}")
                 self._barriers[key] = future = loop.create_future()
                 keys.append(key)
                 waiting.append(future)
-                folder = storage.root / STATE_DIR
+                folder = storage.root / BARRIER_DIR
                 if not folder.is_dir():  # made now, it may not be watched yet: no promise
                     folder.mkdir()
                     return False
@@ -153,7 +155,7 @@ class Watcher:
         observer = Observer()
         for storage in self.storages:  # where catch_up's barriers go: watched from the start
             with contextlib.suppress(OSError):
-                (storage.root / STATE_DIR).mkdir(exist_ok=True)
+                (storage.root / BARRIER_DIR).mkdir(parents=True, exist_ok=True)
         try:
             for storage in self.storages:
                 observer.schedule(_Handler(self, storage), str(storage.root), recursive=True)
