@@ -771,7 +771,7 @@ def daemon(app: AppContext) -> None:
     """Serve peers, full sync at start, then keep peers current. Stays in the foreground;
     SIGTERM or SIGINT stop it cleanly."""
     from ironsync.control import LockHeld
-    from ironsync.daemon import run_daemon
+    from ironsync.daemon import CannotStart, run_daemon
 
     config = app.config()
     _setup_log_file(config)
@@ -780,6 +780,10 @@ def daemon(app: AppContext) -> None:
             code = run_daemon(config, db)
         except LockHeld as exc:
             raise UsageFailure(f"{exc}: is a daemon already running?") from None
+        except CannotStart as exc:
+            if config.log_path is not None:  # stderr has it once; the log file too
+                logging.getLogger("ironsync.daemon").error("%s", exc)
+            raise UsageFailure(str(exc)) from None
     sys.exit(code)
 
 
