@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import configparser
+import dataclasses
 import json
 import os
 import shlex
@@ -60,6 +62,48 @@ def test_a_token_round_trips_and_is_copy_paste_safe() -> None:
 def test_a_wrong_or_truncated_token_is_a_clear_error(mangle, message: str) -> None:
     with pytest.raises(InvalidToken, match=message):
         decode_invite(mangle(encode_invite(INVITE)))
+
+
+BASE32 = "abcdefghijklmnopqrstuvwxyz234567"  # the token's alphabet, as `invite` prints it
+
+
+def tokens_of_every_tail() -> list[str]:
+    """Tokens whose byte count leaves each possible number of unused bits in the last
+    character (0, 2, 4, 1, 3: a byte count of 0-4 more than a multiple of 5)."""
+    found: dict[int, str] = {}
+    for n in range(40):
+        token = encode_invite(dataclasses.replace(INVITE, group="home" + "x" * n))
+        found.setdefault(len(base64.b32decode(pad(token))) % 5, token)
+    assert sorted(found) == [0, 1, 2, 3, 4]
+    return list(found.values())
+
+
+def pad(token: str) -> str:
+    body = token.removeprefix("ironsync1-").upper()
+    return body + "=" * (-len(body) % 8)
+
+
+def test_every_single_character_change_of_a_token_is_refused() -> None:
+    # issue 12: changing the last character could give the same token (bits no byte uses)
+    for token in tokens_of_every_tail():
+        assert decode_invite(token) is not None
+        for position, original in enumerate(token):
+            for other in BASE32.replace(original, ""):
+                changed = token[:position] + other + token[position + 1 :]
+                with pytest.raises(InvalidToken):
+                    decode_invite(changed)
+
+
+def test_a_token_made_by_this_version_still_decodes() -> None:
+    # the token format (what `join` reads), pinned: zlib may pack differently elsewhere, so
+    # the test decodes a fixed token rather than comparing encoder output
+    token = (
+        "ironsync1-pdnkltkbblbdaeef4gvyjn5vqqsofivzrk4eru5jffreomsbqtjlwn3ta2m43nyy327sgio64hdwb"
+        "hin225rq3xb5lybrmbaejg76hight5uzyjxovxj2m6jvpz2hvmzwouawnywjwfcndkqv3kayl2g2zpshwroe2l"
+        "viu3okt277c7ir4j4crb2vvpk6n3d"
+    )
+    assert decode_invite(token) == INVITE
+    assert decode_invite(token.upper().replace("IRONSYNC1-", "ironsync1-")) == INVITE
 
 
 @pytest.fixture
