@@ -31,7 +31,7 @@ from ironsync.config import (
     Config,
     ConfigError,
     default_config_path,
-    default_database_path,
+    default_value,
     load_config,
 )
 from ironsync.model import DIR, FILE, SYMLINK, kind_label
@@ -347,8 +347,14 @@ def _default_node_id() -> str:
     return (name or "node")[:64]
 
 
-def _toml_string(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(_toml_value(v) for v in value)}]"
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def render_config(
@@ -364,39 +370,55 @@ def render_config(
     database: Path | None,
     storages: dict[str, Path],
 ) -> str:
-    """A commented config.toml with every key, the way `ironsync init` writes it."""
-    s = _toml_string
+    """A commented config.toml with every key, the way `ironsync init` writes it: what init
+    sets as values, every other key commented out with its default (uncommenting it changes
+    nothing), each under a line saying what it does."""
+    v = _toml_value
+
+    def unset(key: str) -> str:
+        return f"# {key} = {v(default_value(key))}"
+
     lines = [
-        "# ironsync configuration (see the README for every key)",
+        "# ironsync configuration. Every key is here: a line `# key = value` shows the default",
+        "# in force while it stays commented out. The README (Config) says more.",
         "",
         "# this node's unique id: 1-64 of A-Z a-z 0-9 _ . -",
-        f"node_id = {s(node_id)}",
+        f"node_id = {v(node_id)}",
         "# nodes talk only inside their group",
-        f"group = {s(group)}",
+        f"group = {v(group)}",
         "# the same on every node of the group; TLS certificates derive from it. Never sent.",
-        f"group_secret = {s(group_secret)}",
-        "# TCP port to listen on, and the address to bind",
+        f"group_secret = {v(group_secret)}",
+        "",
+        f"# TCP port to listen on (default {default_value('port')}; two nodes on one machine"
+        " need two)",
         f"port = {port}",
-        f"listen_address = {s(listen_address)}",
-        "# push changes in near real time after the full sync, debounced by this many seconds",
-        f"enable_file_watcher = {str(enable_file_watcher).lower()}",
-        "delay_watcher_events = 10",
-        '# find peers with mDNS; `peers` lists more, as "host:port"',
-        f"enable_service_discovery = {str(enable_service_discovery).lower()}",
-        f"peers = [{', '.join(s(p) for p in peers)}]",
-        "# the daemon's text log (stderr when unset)",
-        '# log_path = "~/.local/state/ironsync/ironsync.log"',
-        "# the SQLite state",
-        (
-            f"database = {s(str(database))}"
-            if database
-            else f"# database = {s(str(default_database_path()))}"
-        ),
+        f"# the address to bind (default {default_value('listen_address')}: every address of"
+        " this machine)",
+        f"listen_address = {v(listen_address)}",
+        '# find peers with mDNS on the local network; `peers` lists more, as "host:port"',
+        f"enable_service_discovery = {v(enable_service_discovery)}",
+        f"peers = {v(list(peers))}",
+        "",
+        "# watch the storages and send changes in near real time after the full sync",
+        f"enable_file_watcher = {v(enable_file_watcher)}",
+        "# seconds a changed path must stay unchanged before it is sent (debounce)",
+        unset("delay_watcher_events"),
+        "# seconds between safety rescans of every storage (0: none; the watcher alone)",
+        unset("rescan_interval"),
+        "# days to keep replaced and deleted files in ROOT/.ironsync/versions (0: keep none)",
+        unset("keep_versions_days"),
+        "# sync symlinks as links (false: leave this node's links alone)",
+        unset("sync_symlinks"),
+        "",
+        "# the daemon's text log; unset (the default) it goes to stderr, which systemd keeps.",
+        '# For a file: log_path = "~/.local/state/ironsync/ironsync.log"',
+        "# the SQLite state; the lock and the daemon's control socket live beside it",
+        f"database = {v(str(database))}" if database else unset("database"),
         "",
         '# storages: alias = "/folder"; the alias is the name peers share',
         "[paths]",
     ]
-    lines += [f"{s(alias)} = {s(str(folder))}" for alias, folder in storages.items()]
+    lines += [f"{v(alias)} = {v(str(folder))}" for alias, folder in storages.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
 
+import pytest
+
+from ironsync.config import KEYS, default_value, load_config
 from tests.conftest import IRONSYNC, Node
+
+
+def home_only(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """Defaults (config, database) under `home`, here and in the commands run."""
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "IRONSYNC_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
@@ -41,6 +53,46 @@ def test_init_writes_a_commented_config_and_the_database(tmp_path: Path) -> None
     again = run("--config", str(config), "init", "--path", f"x={tmp_path / 'x'}")
     assert again.returncode == 2 and "already exists" in again.stderr
     assert config.read_text() == text
+
+
+def test_init_writes_every_key_and_each_commented_default_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 12: rescan_interval and keep_versions_days were left out
+    home_only(monkeypatch, tmp_path / "home")  # the default database lives under it
+    config = tmp_path / "config.toml"
+    docs = tmp_path / "docs"
+    proc = run("--config", str(config), "init", "--node-id", "alpha", "--path", f"docs={docs}")
+    assert proc.returncode == 0, proc.stderr
+    text = config.read_text()
+    written = load_config(config)
+    set_here = tomllib.loads(text)
+    commented = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"^# ([a-z_]+) = .*$", text, re.MULTILINE)
+        if m.group(1) in KEYS
+    }
+    assert set(set_here) | set(commented) | {"log_path"} == set(KEYS)
+    assert not set(set_here) & set(commented)
+    assert {"rescan_interval", "keep_versions_days", "sync_symlinks"} <= set(commented)
+    for key, line in commented.items():  # uncommented, each gives the config it was
+        variant = tmp_path / f"{key}.toml"
+        variant.write_text(text.replace(line, line.removeprefix("# ")))
+        assert key in tomllib.loads(variant.read_text())
+        assert dataclasses.replace(load_config(variant), path=config) == written, key
+        assert getattr(written, key) == default_value(key)
+    # log_path has no value for its default (stderr): the file shows how to set one
+    example = re.search(r"^# For a file: (log_path = .*)$", text, re.MULTILINE)
+    assert example is not None and written.log_path is None
+    variant = tmp_path / "log_path.toml"
+    variant.write_text(text.replace(example.group(0), example.group(1)))
+    assert load_config(variant).log_path == Path.home() / ".local/state/ironsync/ironsync.log"
+
+
+def test_the_readme_config_table_lists_every_key() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = re.findall(r"^\| `\[?([a-z_]+)\]?` \|", readme, re.MULTILINE)
+    assert set(KEYS) <= set(table)
 
 
 def test_init_generates_different_secrets(tmp_path: Path) -> None:
