@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
 
 from ironsync import __version__
 from ironsync.config import (
+    ALIAS_RE,
     NODE_ID_RE,
     Config,
     ConfigError,
@@ -954,8 +955,9 @@ def _print_sync_results(
 def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None:
     """Every recorded version and event of one file on this node.
 
-    PATH is a path inside a storage root (absolute or relative to the current folder), or
-    STORAGE:relative/path."""
+    PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt), or a path inside a storage
+    folder, absolute or relative to the current folder (notes/todo.txt in ~/Documents, with
+    docs = "~/Documents" in the config's [paths])."""
     config = app.config()
     storage_name, rel = _locate(config, path, name)
     with app.database(config) as db:
@@ -1043,7 +1045,10 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
     """Put a kept version of PATH back, as a new local change that syncs to every peer.
 
     What PATH holds now (if anything) is kept as a version first. A deleted folder comes back
-    with every file the versions folder holds under it."""
+    with every file the versions folder holds under it.
+
+    PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt), or a path inside a storage
+    folder, absolute or relative to the current folder."""
     from ironsync.sync.local import rescan_paths
     from ironsync.sync.versions import version_at, versioned_under
 
@@ -1159,7 +1164,10 @@ def _conflict_json(c: Any) -> dict[str, Any]:
 @click.option("--storage", "name", help="The storage (default: found from PATH).")
 @click.pass_obj
 def resolve(app: AppContext, path: str, keep: str, name: str | None) -> None:
-    """Settle the conflict of PATH; the outcome syncs to every peer."""
+    """Settle the conflict of PATH; the outcome syncs to every peer.
+
+    PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt), or a path inside a storage
+    folder, absolute or relative to the current folder."""
     from ironsync.sync.conflicts import find_conflicts
     from ironsync.sync.conflicts import resolve as settle
 
@@ -1274,17 +1282,41 @@ def _parse_time(text: str) -> datetime:
 
 
 def _locate(config: Config, path: str, name: str | None) -> tuple[str, str]:
+    """The storage and relative path that PATH names: ALIAS:PATH, or a path inside a storage
+    folder, absolute or relative to the current folder; with `name` (the --storage option),
+    PATH is relative to that storage's folder."""
     if name is not None:
         _select_storages(config, (name,))
         return name, path.strip("/")
     alias, sep, rest = path.partition(":")
     if sep and any(s.name == alias for s in config.storages):
         return alias, rest.strip("/")
-    full = Path(path).expanduser().absolute()
-    for storage in config.storages:
-        if full.is_relative_to(storage.root):
-            return storage.name, full.relative_to(storage.root).as_posix()
-    raise UsageFailure(f"{path} is not inside any storage of {config.path}")
+    typed = Path(os.path.abspath(Path(path).expanduser()))  # "." and ".." resolved
+    # the storage roots are resolved: so is the folder holding PATH (a symlinked way in)
+    for full in (typed, typed.parent.resolve() / typed.name):
+        for storage in config.storages:
+            if full.is_relative_to(storage.root):
+                return storage.name, full.relative_to(storage.root).as_posix()
+    raise UsageFailure(_outside_storages(config, path))
+
+
+def _outside_storages(config: Config, path: str) -> str:
+    """The error for a PATH found in no storage: what the storages are, and the two forms."""
+    folders = ", ".join(f"{s.name}: {s.root}" for s in config.storages)
+    first = config.storages[0].name
+    alias, sep, rest = path.partition(":")
+    if sep and ALIAS_RE.match(alias):
+        return (
+            f"{path}: no storage is named '{alias}' in {config.path} ({folders}); give "
+            f"ALIAS:PATH with one of them, e.g. {first}:{rest.strip('/')}, or a path inside "
+            "a storage folder"
+        )
+    typed = PurePosixPath(path)
+    inside = typed.name if typed.is_absolute() or ".." in typed.parts else typed.as_posix()
+    return (
+        f"{path} is not inside a storage folder ({folders}); give a path inside one or "
+        f"ALIAS:PATH, e.g. {first}:{inside}"
+    )
 
 
 def main() -> None:

@@ -209,3 +209,51 @@ def test_version_and_help(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "ironsync" in proc.stdout
     assert "scan" in run("--help").stdout
     assert sys.executable  # the command runs from this interpreter's environment
+
+
+def test_history_finds_a_path_relative_to_here_or_as_alias_path_from_anywhere(
+    node: Node, tmp_path: Path
+) -> None:
+    (node.root / "sub").mkdir()
+    (node.root / "sub" / "hello.txt").write_text("hello")
+    node.run("scan")
+    here = node.root / "sub"
+    assert node.run("history", "hello.txt", cwd=here).stdout.startswith("docs:sub/hello.txt\n")
+    assert node.run("history", "../sub/hello.txt", cwd=here).stdout.startswith(
+        "docs:sub/hello.txt\n"
+    )  # used to look for "sub/../sub/hello.txt"
+    anywhere = node.run("history", "docs:sub/hello.txt", cwd=tmp_path).stdout
+    assert anywhere.startswith("docs:sub/hello.txt\n")
+    (tmp_path / "way-in").symlink_to(node.root)  # an absolute path through a symlink
+    through = node.run("history", str(tmp_path / "way-in" / "sub" / "hello.txt"), cwd=tmp_path)
+    assert through.stdout.startswith("docs:sub/hello.txt\n")
+
+
+def test_a_path_outside_every_storage_says_so_and_shows_both_forms(
+    node: Node, tmp_path: Path
+) -> None:
+    # issue 12: `history hello.txt` from outside the folder failed with no hint
+    for command in ("history", "restore"):
+        proc = node.run(command, "hello.txt", cwd=tmp_path, check=False)
+        assert proc.returncode == 2
+        assert proc.stderr == (
+            f"ironsync: error: hello.txt is not inside a storage folder (docs: {node.root}); "
+            "give a path inside one or ALIAS:PATH, e.g. docs:hello.txt\n"
+        )
+    resolved = node.run("resolve", "/elsewhere/a.txt", "--keep", "mine", check=False)
+    assert resolved.returncode == 2
+    assert "ALIAS:PATH, e.g. docs:a.txt" in resolved.stderr
+    unknown = node.run("history", "dcos:hello.txt", cwd=tmp_path, check=False)
+    assert unknown.returncode == 2
+    assert unknown.stderr == (
+        f"ironsync: error: dcos:hello.txt: no storage is named 'dcos' in {node.config_path} "
+        f"(docs: {node.root}); give ALIAS:PATH with one of them, e.g. docs:hello.txt, or a "
+        "path inside a storage folder\n"
+    )
+
+
+def test_history_restore_and_resolve_help_say_which_paths_they_take() -> None:
+    for command in ("history", "restore", "resolve"):
+        text = " ".join(run(command, "--help").stdout.split())
+        assert "PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt)" in text, command
+        assert "absolute or relative to the current folder" in text, command
