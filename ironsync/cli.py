@@ -28,6 +28,7 @@ import click
 from ironsync import __version__
 from ironsync.config import (
     ALIAS_RE,
+    DEFAULT_PORT,
     NODE_ID_RE,
     Config,
     ConfigError,
@@ -78,6 +79,23 @@ class AppContext:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+# init and join: where this node listens, and whether it uses mDNS
+port_option = click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="TCP port to listen on (two nodes on one machine need two).",
+)
+listen_address_option = click.option(
+    "--listen-address",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address to listen on (127.0.0.1: this machine only).",
+)
+no_discovery_option = click.option(
+    "--no-discovery", is_flag=True, help="Disable mDNS discovery (peers only from the config)."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,11 +131,11 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     metavar="ALIAS=/folder",
     help="A storage to sync (repeatable). The folder is created if missing.",
 )
-@click.option("--port", type=int, default=25230, show_default=True)
-@click.option("--listen-address", default="0.0.0.0", show_default=True)
+@port_option
+@listen_address_option
 @click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="A static peer.")
 @click.option("--database", type=click.Path(path_type=Path), help="SQLite state file.")
-@click.option("--no-discovery", is_flag=True, help="Disable mDNS discovery.")
+@no_discovery_option
 @click.option("--no-watcher", is_flag=True, help="Disable the file watcher.")
 @click.pass_obj
 def init(
@@ -179,8 +197,13 @@ def _write_new_config(
         if not sep or not alias or not folder:
             raise UsageFailure(f"--path '{spec}' is not ALIAS=/folder")
         storages[alias] = Path(folder).expanduser().absolute()
-    for folder in storages.values():
-        folder.mkdir(parents=True, exist_ok=True)
+    for alias, folder in storages.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, no permission
+            raise UsageFailure(
+                f"--path {alias}={folder}: cannot make the folder ({exc.strerror})"
+            ) from None
     text = render_config(
         node_id=node_id,
         group=group,
@@ -263,10 +286,10 @@ def invite(app: AppContext, addresses: tuple[str, ...]) -> None:
     help="Where each storage lives here [default: ~/Sync/ALIAS for the inviter's].",
 )
 @click.option("--node-id", help="This node's unique id [default: the host name].")
-@click.option("--port", type=int, default=25230, show_default=True)
-@click.option("--listen-address", default="0.0.0.0", show_default=True)
+@port_option
+@listen_address_option
 @click.option("--database", type=click.Path(path_type=Path), help="SQLite state file.")
-@click.option("--no-discovery", is_flag=True, help="Disable mDNS discovery.")
+@no_discovery_option
 @click.option("--no-watcher", is_flag=True, help="Disable the file watcher.")
 @click.pass_obj
 def join(
@@ -296,6 +319,20 @@ def join(
     node_id = node_id or _default_node_id()
     if node_id == invited.node_id:
         raise UsageFailure(f"--node-id '{node_id}' is the inviting node's id: choose another")
+    clash = _same_port_here(invited.addresses, listen_address, port)
+    if clash:
+        raise UsageFailure(
+            f"--port {port}: the inviting node listens on {clash}, on this machine: give "
+            "another --port (two nodes on one machine need two ports)"
+        )
+    for spec in chosen:
+        alias = spec.partition("=")[0]
+        if alias not in invited.storages:
+            click.echo(
+                f"ironsync: warning: {invited.node_id} has no storage '{alias}' (it has: "
+                f"{', '.join(invited.storages) or 'none'}); '{alias}' syncs with no one yet",
+                err=True,
+            )
     config = _write_new_config(
         app,
         node_id=node_id,
@@ -313,6 +350,18 @@ def join(
     reached = asyncio.run(_check_inviter(config, invited))
     click.echo(reached)
     click.echo("now run `ironsync daemon` here (and keep it running on the inviting node)")
+
+
+def _same_port_here(addresses: tuple[str, ...], listen_address: str, port: int) -> str | None:
+    """The inviter's loopback address (so it is on this machine) with the port we would
+    listen on, where our listen address covers it: both daemons cannot bind it. No socket is
+    opened; the daemon's own error covers every other clash."""
+    for address in addresses:
+        host, _, their_port = address.rpartition(":")
+        on_this_machine = host.startswith("127.")
+        if on_this_machine and their_port == str(port) and listen_address in (host, "0.0.0.0"):
+            return address
+    return None
 
 
 async def _check_inviter(config: Config, invited: Any) -> str:

@@ -114,7 +114,8 @@ def reachable_addresses(listen_address: str, port: int) -> list[str]:
     """Where peers can reach this node: the listen address, or every non-loopback IPv4
     address of this machine when it listens on all of them."""
     if listen_address not in ("0.0.0.0", "::", ""):
-        return [f"{listen_address}:{port}"]
+        host = f"[{listen_address}]" if ":" in listen_address else listen_address
+        return [f"{host}:{port}"]
     found: list[str] = []
     try:
         import ifaddr  # zeroconf's own dependency
