@@ -1342,7 +1342,7 @@ def _locate(config: Config, path: str, name: str | None) -> tuple[str, str]:
         return alias, rest.strip("/")
     typed = Path(os.path.abspath(Path(path).expanduser()))  # "." and ".." resolved
     # the storage roots are resolved: so is the folder holding PATH (a symlinked way in)
-    for full in (typed, typed.parent.resolve() / typed.name):
+    for full in (typed, Path(os.path.realpath(typed.parent)) / typed.name):
         for storage in config.storages:
             if full.is_relative_to(storage.root):
                 return storage.name, full.relative_to(storage.root).as_posix()
