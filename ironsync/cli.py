@@ -21,18 +21,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
 
 from ironsync import __version__
 from ironsync.config import (
+    ALIAS_RE,
+    DEFAULT_PORT,
     NODE_ID_RE,
     Config,
     ConfigError,
     default_config_path,
-    default_database_path,
+    default_value,
     load_config,
 )
 from ironsync.model import DIR, FILE, SYMLINK, kind_label
@@ -78,6 +80,23 @@ class AppContext:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+# init and join: where this node listens, and whether it uses mDNS
+port_option = click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="TCP port to listen on (two nodes on one machine need two).",
+)
+listen_address_option = click.option(
+    "--listen-address",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address to listen on (127.0.0.1: this machine only).",
+)
+no_discovery_option = click.option(
+    "--no-discovery", is_flag=True, help="Disable mDNS discovery (peers only from the config)."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,11 +132,11 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     metavar="ALIAS=/folder",
     help="A storage to sync (repeatable). The folder is created if missing.",
 )
-@click.option("--port", type=int, default=25230, show_default=True)
-@click.option("--listen-address", default="0.0.0.0", show_default=True)
+@port_option
+@listen_address_option
 @click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="A static peer.")
 @click.option("--database", type=click.Path(path_type=Path), help="SQLite state file.")
-@click.option("--no-discovery", is_flag=True, help="Disable mDNS discovery.")
+@no_discovery_option
 @click.option("--no-watcher", is_flag=True, help="Disable the file watcher.")
 @click.pass_obj
 def init(
@@ -179,8 +198,13 @@ def _write_new_config(
         if not sep or not alias or not folder:
             raise UsageFailure(f"--path '{spec}' is not ALIAS=/folder")
         storages[alias] = Path(folder).expanduser().absolute()
-    for folder in storages.values():
-        folder.mkdir(parents=True, exist_ok=True)
+    for alias, folder in storages.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, no permission
+            raise UsageFailure(
+                f"--path {alias}={folder}: cannot make the folder ({exc.strerror})"
+            ) from None
     text = render_config(
         node_id=node_id,
         group=group,
@@ -263,10 +287,10 @@ def invite(app: AppContext, addresses: tuple[str, ...]) -> None:
     help="Where each storage lives here [default: ~/Sync/ALIAS for the inviter's].",
 )
 @click.option("--node-id", help="This node's unique id [default: the host name].")
-@click.option("--port", type=int, default=25230, show_default=True)
-@click.option("--listen-address", default="0.0.0.0", show_default=True)
+@port_option
+@listen_address_option
 @click.option("--database", type=click.Path(path_type=Path), help="SQLite state file.")
-@click.option("--no-discovery", is_flag=True, help="Disable mDNS discovery.")
+@no_discovery_option
 @click.option("--no-watcher", is_flag=True, help="Disable the file watcher.")
 @click.pass_obj
 def join(
@@ -296,6 +320,20 @@ def join(
     node_id = node_id or _default_node_id()
     if node_id == invited.node_id:
         raise UsageFailure(f"--node-id '{node_id}' is the inviting node's id: choose another")
+    clash = _same_port_here(invited.addresses, listen_address, port)
+    if clash:
+        raise UsageFailure(
+            f"--port {port}: the inviting node listens on {clash}, on this machine: give "
+            "another --port (two nodes on one machine need two ports)"
+        )
+    for spec in chosen:
+        alias = spec.partition("=")[0]
+        if alias not in invited.storages:
+            click.echo(
+                f"ironsync: warning: {invited.node_id} has no storage '{alias}' (it has: "
+                f"{', '.join(invited.storages) or 'none'}); '{alias}' syncs with no one yet",
+                err=True,
+            )
     config = _write_new_config(
         app,
         node_id=node_id,
@@ -313,6 +351,18 @@ def join(
     reached = asyncio.run(_check_inviter(config, invited))
     click.echo(reached)
     click.echo("now run `ironsync daemon` here (and keep it running on the inviting node)")
+
+
+def _same_port_here(addresses: tuple[str, ...], listen_address: str, port: int) -> str | None:
+    """The inviter's loopback address (so it is on this machine) with the port we would
+    listen on, where our listen address covers it: both daemons cannot bind it. No socket is
+    opened; the daemon's own error covers every other clash."""
+    for address in addresses:
+        host, _, their_port = address.rpartition(":")
+        on_this_machine = host.startswith("127.")
+        if on_this_machine and their_port == str(port) and listen_address in (host, "0.0.0.0"):
+            return address
+    return None
 
 
 async def _check_inviter(config: Config, invited: Any) -> str:
@@ -348,8 +398,14 @@ def _default_node_id() -> str:
     return (name or "node")[:64]
 
 
-def _toml_string(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(_toml_value(v) for v in value)}]"
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def render_config(
@@ -365,39 +421,55 @@ def render_config(
     database: Path | None,
     storages: dict[str, Path],
 ) -> str:
-    """A commented config.toml with every key, the way `ironsync init` writes it."""
-    s = _toml_string
+    """A commented config.toml with every key, the way `ironsync init` writes it: what init
+    sets as values, every other key commented out with its default (uncommenting it changes
+    nothing), each under a line saying what it does."""
+    v = _toml_value
+
+    def unset(key: str) -> str:
+        return f"# {key} = {v(default_value(key))}"
+
     lines = [
-        "# ironsync configuration (see the README for every key)",
+        "# ironsync configuration. Every key is here: a line `# key = value` shows the default",
+        "# in force while it stays commented out. The README (Config) says more.",
         "",
         "# this node's unique id: 1-64 of A-Z a-z 0-9 _ . -",
-        f"node_id = {s(node_id)}",
+        f"node_id = {v(node_id)}",
         "# nodes talk only inside their group",
-        f"group = {s(group)}",
+        f"group = {v(group)}",
         "# the same on every node of the group; TLS certificates derive from it. Never sent.",
-        f"group_secret = {s(group_secret)}",
-        "# TCP port to listen on, and the address to bind",
+        f"group_secret = {v(group_secret)}",
+        "",
+        f"# TCP port to listen on (default {default_value('port')}; two nodes on one machine"
+        " need two)",
         f"port = {port}",
-        f"listen_address = {s(listen_address)}",
-        "# push changes in near real time after the full sync, debounced by this many seconds",
-        f"enable_file_watcher = {str(enable_file_watcher).lower()}",
-        "delay_watcher_events = 10",
-        '# find peers with mDNS; `peers` lists more, as "host:port"',
-        f"enable_service_discovery = {str(enable_service_discovery).lower()}",
-        f"peers = [{', '.join(s(p) for p in peers)}]",
-        "# the daemon's text log (stderr when unset)",
-        '# log_path = "~/.local/state/ironsync/ironsync.log"',
-        "# the SQLite state",
-        (
-            f"database = {s(str(database))}"
-            if database
-            else f"# database = {s(str(default_database_path()))}"
-        ),
+        f"# the address to bind (default {default_value('listen_address')}: every address of"
+        " this machine)",
+        f"listen_address = {v(listen_address)}",
+        '# find peers with mDNS on the local network; `peers` lists more, as "host:port"',
+        f"enable_service_discovery = {v(enable_service_discovery)}",
+        f"peers = {v(list(peers))}",
+        "",
+        "# watch the storages and send changes in near real time after the full sync",
+        f"enable_file_watcher = {v(enable_file_watcher)}",
+        "# seconds a changed path must stay unchanged before it is sent (debounce)",
+        unset("delay_watcher_events"),
+        "# seconds between safety rescans of every storage (0: none; the watcher alone)",
+        unset("rescan_interval"),
+        "# days to keep replaced and deleted files in ROOT/.ironsync/versions (0: keep none)",
+        unset("keep_versions_days"),
+        "# sync symlinks as links (false: leave this node's links alone)",
+        unset("sync_symlinks"),
+        "",
+        "# the daemon's text log; unset (the default) it goes to stderr, which systemd keeps.",
+        '# For a file: log_path = "~/.local/state/ironsync/ironsync.log"',
+        "# the SQLite state; the lock and the daemon's control socket live beside it",
+        f"database = {v(str(database))}" if database else unset("database"),
         "",
         '# storages: alias = "/folder"; the alias is the name peers share',
         "[paths]",
     ]
-    lines += [f"{s(alias)} = {s(str(folder))}" for alias, folder in storages.items()]
+    lines += [f"{v(alias)} = {v(str(folder))}" for alias, folder in storages.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -783,7 +855,7 @@ def daemon(app: AppContext) -> None:
     """Serve peers, full sync at start, then keep peers current. Stays in the foreground;
     SIGTERM or SIGINT stop it cleanly."""
     from ironsync.control import LockHeld
-    from ironsync.daemon import run_daemon
+    from ironsync.daemon import CannotStart, run_daemon
 
     config = app.config()
     _setup_log_file(config)
@@ -792,6 +864,10 @@ def daemon(app: AppContext) -> None:
             code = run_daemon(config, db)
         except LockHeld as exc:
             raise UsageFailure(f"{exc}: is a daemon already running?") from None
+        except CannotStart as exc:
+            if config.log_path is not None:  # stderr has it once; the log file too
+                logging.getLogger("ironsync.daemon").error("%s", exc)
+            raise UsageFailure(str(exc)) from None
     sys.exit(code)
 
 
@@ -940,8 +1016,9 @@ def _print_sync_results(
 def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None:
     """Every recorded version and event of one file on this node.
 
-    PATH is a path inside a storage root (absolute or relative to the current folder), or
-    STORAGE:relative/path."""
+    PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt), or a path inside a storage
+    folder, absolute or relative to the current folder (notes/todo.txt in ~/Documents, with
+    docs = "~/Documents" in the config's [paths])."""
     config = app.config()
     storage_name, rel = _locate(config, path, name)
     with app.database(config) as db:
@@ -1030,7 +1107,10 @@ def restore(app: AppContext, path: str, at: str | None, name: str | None) -> Non
 
     What PATH holds now (if anything) is kept as a version first, unless a kept version holds
     it already. A PATH that holds the version already is left alone ("unchanged"). A deleted
-    folder comes back with every file the versions folder holds under it."""
+    folder comes back with every file the versions folder holds under it.
+
+    PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt), or a path inside a storage
+    folder, absolute or relative to the current folder."""
     from ironsync.sync.versions import version_at, versioned_under
 
     config = app.config()
@@ -1222,7 +1302,10 @@ def _conflict_json(storage: str, path: str, group: list[Any]) -> dict[str, Any]:
 @click.option("--storage", "name", help="The storage (default: found from PATH).")
 @click.pass_obj
 def resolve(app: AppContext, path: str, keep: str, name: str | None) -> None:
-    """Settle the conflict of PATH; the outcome syncs to every peer."""
+    """Settle the conflict of PATH; the outcome syncs to every peer.
+
+    PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt), or a path inside a storage
+    folder, absolute or relative to the current folder."""
     from ironsync.sync.conflicts import find_conflicts
     from ironsync.sync.conflicts import resolve as settle
 
@@ -1347,17 +1430,41 @@ def _parse_time(text: str) -> datetime:
 
 
 def _locate(config: Config, path: str, name: str | None) -> tuple[str, str]:
+    """The storage and relative path that PATH names: ALIAS:PATH, or a path inside a storage
+    folder, absolute or relative to the current folder; with `name` (the --storage option),
+    PATH is relative to that storage's folder."""
     if name is not None:
         _select_storages(config, (name,))
         return name, path.strip("/")
     alias, sep, rest = path.partition(":")
     if sep and any(s.name == alias for s in config.storages):
         return alias, rest.strip("/")
-    full = Path(path).expanduser().absolute()
-    for storage in config.storages:
-        if full.is_relative_to(storage.root):
-            return storage.name, full.relative_to(storage.root).as_posix()
-    raise UsageFailure(f"{path} is not inside any storage of {config.path}")
+    typed = Path(os.path.abspath(Path(path).expanduser()))  # "." and ".." resolved
+    # the storage roots are resolved: so is the folder holding PATH (a symlinked way in)
+    for full in (typed, Path(os.path.realpath(typed.parent)) / typed.name):
+        for storage in config.storages:
+            if full.is_relative_to(storage.root):
+                return storage.name, full.relative_to(storage.root).as_posix()
+    raise UsageFailure(_outside_storages(config, path))
+
+
+def _outside_storages(config: Config, path: str) -> str:
+    """The error for a PATH found in no storage: what the storages are, and the two forms."""
+    folders = ", ".join(f"{s.name}: {s.root}" for s in config.storages)
+    first = config.storages[0].name
+    alias, sep, rest = path.partition(":")
+    if sep and ALIAS_RE.match(alias):
+        return (
+            f"{path}: no storage is named '{alias}' in {config.path} ({folders}); give "
+            f"ALIAS:PATH with one of them, e.g. {first}:{rest.strip('/')}, or a path inside "
+            "a storage folder"
+        )
+    typed = PurePosixPath(path)
+    inside = typed.name if typed.is_absolute() or ".." in typed.parts else typed.as_posix()
+    return (
+        f"{path} is not inside a storage folder ({folders}); give a path inside one or "
+        f"ALIAS:PATH, e.g. {first}:{inside}"
+    )
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,18 @@ _SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "paths": ((dict,), 'a table of alias = "/folder"'),
 }
 _REQUIRED = ("node_id", "group", "group_secret", "paths")
+KEYS: tuple[str, ...] = tuple(_SCALAR_KEYS)
+"""Every key a config may hold (`paths` is the table of storages)."""
+
+
+def default_value(key: str) -> Any:
+    """What `key` is when the config leaves it out (None: unset, or required)."""
+    if key == "database":
+        return default_database_path()
+    for f in fields(Config):
+        if f.name == key:
+            return None if f.default is MISSING else f.default
+    return None
 
 
 def load_config(path: Path | str | None = None) -> Config:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import random
 import signal
 import socket
 import stat as stat_mod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -70,6 +71,44 @@ reply timeout, a fatal error it sent), we wait before dialing it again: from 5 s
 with each such session in a row, up to 10 minutes. A session that ends otherwise resets it."""
 FAULT_REASONS = ("protocol violation", "protocol error", "no reply to", "peer sent error")
 """How the closed_reason of a session that ended by the peer's fault begins."""
+
+
+class CannotStart(Exception):
+    """The daemon cannot start where its config puts it: the port is taken, the address is not
+    this host's, the control socket cannot be made. The message names the config key and file
+    (`ironsync daemon` prints it as one line and exits 2)."""
+
+
+# errno of a failed bind or listen -> (what it means, the config key to change, what else helps)
+LISTEN_FAILURES: dict[int, tuple[str, str, str]] = {
+    errno.EADDRINUSE: ("port in use", "port", " or stop the other program"),
+    errno.EADDRNOTAVAIL: ("address not on this host", "listen_address", ""),
+    errno.EACCES: ("permission denied", "port", ""),
+}
+
+
+def listen_failure(config: Config, exc: OSError) -> CannotStart:
+    """The one-line error for `exc`, raised binding or listening on the configured address."""
+    host, port = config.listen_address, config.port
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        reason, key, hint = f"unknown address: {exc.strerror}", "listen_address", ""
+    elif exc.errno in LISTEN_FAILURES:
+        reason, key, hint = LISTEN_FAILURES[exc.errno]
+        if exc.errno == errno.EACCES and port < 1024:
+            reason += ": ports below 1024 need root"
+    else:
+        reason, key, hint = exc.strerror or str(exc), "listen_address` or `port", ""
+    return CannotStart(f"cannot listen on {where} ({reason}): set `{key}` in {config.path}{hint}")
+
+
+@contextlib.contextmanager
+def listen_errors(config: Config) -> Iterator[None]:
+    """Turn an OSError binding or listening on the configured address into CannotStart."""
+    try:
+        yield
+    except OSError as exc:
+        raise listen_failure(config, exc) from exc
 
 
 def parse_peer(address: str) -> tuple[str, int]:
@@ -394,16 +433,22 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop.set)
         server = control = None
         try:
+            node = self.node = Node(self.config, self.db)
+            # Bound first, so that a port in use fails before a long scan (issue 12); peers
+            # are refused until the scan is done and the server starts serving.
+            with listen_errors(self.config):
+                server = await serve(
+                    self.config.listen_address, self.config.port, node.identity, node.hello,
+                    node.service, on_session=self._incoming, on_refused=node.refused,
+                    start_serving=False,
+                )  # fmt: skip
             for storage in self.config.storages:
                 removed = remove_stale_temp_files(storage.root)
                 if removed:
                     log.info("removed %d stale temporary file(s) in %s", len(removed), storage.name)
-            node = self.node = Node(self.config, self.db)
             node.engine.scan()
-            server = await serve(
-                self.config.listen_address, self.config.port, node.identity, node.hello,
-                node.service, on_session=self._incoming, on_refused=node.refused,
-            )  # fmt: skip
+            with listen_errors(self.config):
+                await server.start_serving()
             control = await self._start_control()
             log.info(
                 "node %s listening on %s:%d", self.config.node_id, self.config.listen_address,
@@ -612,11 +657,19 @@ class Daemon:
         if path.exists() or path.is_symlink():
             mode = path.lstat().st_mode
             if not stat_mod.S_ISSOCK(mode):
-                raise RuntimeError(f"{path} exists and is not a socket")
+                raise CannotStart(
+                    f"{path} exists and is not a socket: move it away, or set `database` in "
+                    f"{self.config.path}"
+                )
             path.unlink()  # stale: we hold the lock, so no other daemon uses it
         old_umask = os.umask(0o177)
         try:
             server = await asyncio.start_unix_server(self._control, path=str(path))
+        except OSError as exc:  # "AF_UNIX path too long" has no errno
+            raise CannotStart(
+                f"cannot make the control socket {path} ({exc.strerror or exc}): it lives "
+                f"beside the database; set `database` in {self.config.path}"
+            ) from exc
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)

@@ -5,6 +5,13 @@ and certificate fingerprint, and its storage aliases. It is base32 (copy-paste s
 and digits only), prefixed `ironsync1-`, with a checksum, so a wrong or truncated token is
 refused with a clear error instead of producing a config that cannot work.
 
+Any single changed character is refused, not just most (issue 12). The checksum is a CRC-32,
+stored least significant byte first as the reflected CRC wants: a character is 5 bits, so a
+change to one alters at most two adjacent bytes, an error burst shorter than 32 bits, which a
+CRC-32 always detects (a hash would only make missing it unlikely). And the text must be the
+canonical base32 of the bytes it decodes to: the last character can carry bits no byte uses,
+which decoding ignores, so changing only those used to give the same token.
+
 The token holds the group secret: whoever has it can join the group. It is printed once, with
 that warning, and never stored.
 """
@@ -17,8 +24,6 @@ import json
 import socket
 import zlib
 from dataclasses import dataclass
-
-import xxhash
 
 PREFIX = "ironsync1-"
 VERSION = 1
@@ -53,9 +58,15 @@ def encode_invite(invite: Invite) -> str:
         sort_keys=True,
     ).encode()
     packed = zlib.compress(body, 9)
-    check = xxhash.xxh32_digest(packed)
-    text = base64.b32encode(packed + check).decode().rstrip("=").lower()
-    return PREFIX + text
+    return PREFIX + _base32(packed + _checksum(packed))
+
+
+def _checksum(packed: bytes) -> bytes:
+    return zlib.crc32(packed).to_bytes(4, "little")
+
+
+def _base32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode().rstrip("=").lower()
 
 
 def decode_invite(token: str) -> Invite:
@@ -72,7 +83,7 @@ def decode_invite(token: str) -> Invite:
             "the token is truncated or damaged (not base32): copy the whole line again"
         ) from None
     packed, check = raw[:-4], raw[-4:]
-    if len(raw) < 8 or xxhash.xxh32_digest(packed) != check:
+    if len(raw) < 8 or _checksum(packed) != check or _base32(raw) != text.rstrip("=").lower():
         raise InvalidToken("the token is truncated or damaged: copy the whole line again")
     try:
         data = json.loads(zlib.decompress(packed))
@@ -103,7 +114,8 @@ def reachable_addresses(listen_address: str, port: int) -> list[str]:
     """Where peers can reach this node: the listen address, or every non-loopback IPv4
     address of this machine when it listens on all of them."""
     if listen_address not in ("0.0.0.0", "::", ""):
-        return [f"{listen_address}:{port}"]
+        host = f"[{listen_address}]" if ":" in listen_address else listen_address
+        return [f"{host}:{port}"]
     found: list[str] = []
     try:
         import ifaddr  # zeroconf's own dependency

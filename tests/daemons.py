@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class SyncNode:
         self.peers: list[str] = []
         self.watcher = watcher
         self.delay = delay
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.write_config()
 
     @property
@@ -119,34 +120,14 @@ class SyncNode:
     def start(self) -> None:
         assert self.proc is None
         sock = self.db_path.with_name(self.db_path.name + ".sock")
-        # a daemon killed with SIGKILL leaves its socket: gone, or we would not wait below
-        sock.unlink(missing_ok=True)
-        # stderr to a file, never a pipe nobody reads: a daemon that writes 64 KiB of warnings
-        # to a full pipe would block the writing thread for good
-        with (self.base / "daemon.stderr").open("ab") as stderr:
-            self.proc = subprocess.Popen(
-                [*IRONSYNC, "daemon"], env=self.env(), stdout=subprocess.DEVNULL, stderr=stderr
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                said = (self.base / "daemon.stderr").read_text(errors="replace")[-4000:]
-                raise AssertionError(f"{self.node_id}: daemon exited\n{said}")
-            # the control socket appears once the daemon serves peers
-            if sock.exists():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{self.node_id}: daemon did not listen\n{self.log()}")
+        self.proc = start_daemon(
+            self.env(), sock, self.base / "daemon.stderr", self.node_id, more=self.log
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
         proc, self.proc = self.proc, None
-        os.kill(proc.pid, sig)
-        try:
-            return proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            return proc.wait(timeout=10)
+        return stop_daemon(proc, sig)
 
     def log(self) -> str:
         path = self.base / "daemon.log"
@@ -156,6 +137,47 @@ class SyncNode:
         out = self.run("log", "tail", "-n", "100000", "--json").stdout
         rows = [json.loads(line) for line in out.splitlines()]
         return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def start_daemon(
+    env: dict[str, str],
+    control_socket: Path,
+    stderr_path: Path,
+    name: str,
+    *,
+    more: Callable[[], str] = lambda: "",
+) -> subprocess.Popen[bytes]:
+    """`ironsync daemon` run with `env`, once it serves peers (its control socket appears
+    then). `more()` adds to the error when it does not start (its log file, say)."""
+    # a daemon killed with SIGKILL leaves its socket: gone, or we would not wait below
+    control_socket.unlink(missing_ok=True)
+    # stderr to a file, never a pipe nobody reads: a daemon that writes 64 KiB of warnings
+    # to a full pipe would block the writing thread for good
+    with stderr_path.open("ab") as stderr:
+        proc = subprocess.Popen(
+            [*IRONSYNC, "daemon"], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            said = stderr_path.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{name}: daemon exited\n{said}")
+        if control_socket.exists():
+            return proc
+        time.sleep(0.05)
+    stop_daemon(proc)
+    said = stderr_path.read_text(errors="replace")[-4000:]
+    raise AssertionError(f"{name}: daemon did not listen\n{said}\n{more()}")
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    """End a daemon this test started, by its pid (SIGKILL if it lingers); its exit code."""
+    os.kill(proc.pid, sig)
+    try:
+        return proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        return proc.wait(timeout=10)
 
 
 def tree(root: Path) -> dict[str, bytes]:

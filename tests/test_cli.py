@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
 
+import pytest
+
+from ironsync.config import KEYS, default_value, load_config
 from tests.conftest import IRONSYNC, Node
+
+
+def home_only(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """Defaults (config, database) under `home`, here and in the commands run."""
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "IRONSYNC_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
@@ -41,6 +53,46 @@ def test_init_writes_a_commented_config_and_the_database(tmp_path: Path) -> None
     again = run("--config", str(config), "init", "--path", f"x={tmp_path / 'x'}")
     assert again.returncode == 2 and "already exists" in again.stderr
     assert config.read_text() == text
+
+
+def test_init_writes_every_key_and_each_commented_default_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 12: rescan_interval and keep_versions_days were left out
+    home_only(monkeypatch, tmp_path / "home")  # the default database lives under it
+    config = tmp_path / "config.toml"
+    docs = tmp_path / "docs"
+    proc = run("--config", str(config), "init", "--node-id", "alpha", "--path", f"docs={docs}")
+    assert proc.returncode == 0, proc.stderr
+    text = config.read_text()
+    written = load_config(config)
+    set_here = tomllib.loads(text)
+    commented = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"^# ([a-z_]+) = .*$", text, re.MULTILINE)
+        if m.group(1) in KEYS
+    }
+    assert set(set_here) | set(commented) | {"log_path"} == set(KEYS)
+    assert not set(set_here) & set(commented)
+    assert {"rescan_interval", "keep_versions_days", "sync_symlinks"} <= set(commented)
+    for key, line in commented.items():  # uncommented, each gives the config it was
+        variant = tmp_path / f"{key}.toml"
+        variant.write_text(text.replace(line, line.removeprefix("# ")))
+        assert key in tomllib.loads(variant.read_text())
+        assert dataclasses.replace(load_config(variant), path=config) == written, key
+        assert getattr(written, key) == default_value(key)
+    # log_path has no value for its default (stderr): the file shows how to set one
+    example = re.search(r"^# For a file: (log_path = .*)$", text, re.MULTILINE)
+    assert example is not None and written.log_path is None
+    variant = tmp_path / "log_path.toml"
+    variant.write_text(text.replace(example.group(0), example.group(1)))
+    assert load_config(variant).log_path == Path.home() / ".local/state/ironsync/ironsync.log"
+
+
+def test_the_readme_config_table_lists_every_key() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = re.findall(r"^\| `\[?([a-z_]+)\]?` \|", readme, re.MULTILINE)
+    assert set(KEYS) <= set(table)
 
 
 def test_init_generates_different_secrets(tmp_path: Path) -> None:
@@ -157,3 +209,51 @@ def test_version_and_help(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "ironsync" in proc.stdout
     assert "scan" in run("--help").stdout
     assert sys.executable  # the command runs from this interpreter's environment
+
+
+def test_history_finds_a_path_relative_to_here_or_as_alias_path_from_anywhere(
+    node: Node, tmp_path: Path
+) -> None:
+    (node.root / "sub").mkdir()
+    (node.root / "sub" / "hello.txt").write_text("hello")
+    node.run("scan")
+    here = node.root / "sub"
+    assert node.run("history", "hello.txt", cwd=here).stdout.startswith("docs:sub/hello.txt\n")
+    assert node.run("history", "../sub/hello.txt", cwd=here).stdout.startswith(
+        "docs:sub/hello.txt\n"
+    )  # used to look for "sub/../sub/hello.txt"
+    anywhere = node.run("history", "docs:sub/hello.txt", cwd=tmp_path).stdout
+    assert anywhere.startswith("docs:sub/hello.txt\n")
+    (tmp_path / "way-in").symlink_to(node.root)  # an absolute path through a symlink
+    through = node.run("history", str(tmp_path / "way-in" / "sub" / "hello.txt"), cwd=tmp_path)
+    assert through.stdout.startswith("docs:sub/hello.txt\n")
+
+
+def test_a_path_outside_every_storage_says_so_and_shows_both_forms(
+    node: Node, tmp_path: Path
+) -> None:
+    # issue 12: `history hello.txt` from outside the folder failed with no hint
+    for command in ("history", "restore"):
+        proc = node.run(command, "hello.txt", cwd=tmp_path, check=False)
+        assert proc.returncode == 2
+        assert proc.stderr == (
+            f"ironsync: error: hello.txt is not inside a storage folder (docs: {node.root}); "
+            "give a path inside one or ALIAS:PATH, e.g. docs:hello.txt\n"
+        )
+    resolved = node.run("resolve", "/elsewhere/a.txt", "--keep", "mine", check=False)
+    assert resolved.returncode == 2
+    assert "ALIAS:PATH, e.g. docs:a.txt" in resolved.stderr
+    unknown = node.run("history", "dcos:hello.txt", cwd=tmp_path, check=False)
+    assert unknown.returncode == 2
+    assert unknown.stderr == (
+        f"ironsync: error: dcos:hello.txt: no storage is named 'dcos' in {node.config_path} "
+        f"(docs: {node.root}); give ALIAS:PATH with one of them, e.g. docs:hello.txt, or a "
+        "path inside a storage folder\n"
+    )
+
+
+def test_history_restore_and_resolve_help_say_which_paths_they_take() -> None:
+    for command in ("history", "restore", "resolve"):
+        text = " ".join(run(command, "--help").stdout.split())
+        assert "PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt)" in text, command
+        assert "absolute or relative to the current folder" in text, command

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -104,6 +106,98 @@ def test_a_second_daemon_on_the_same_database_is_refused(
     a.write_config()
     proc = a.run("daemon", check=False, timeout=30)
     assert proc.returncode == 2 and "already running" in proc.stderr
+
+
+def assert_released(node: SyncNode) -> None:
+    """The node's lock is free and its control socket gone: nothing is left behind."""
+    from ironsync.control import NodeLock
+
+    lock = NodeLock(node.db_path.with_name(node.db_path.name + ".lock"))
+    lock.acquire()  # raises LockHeld if the exiting daemon kept it
+    lock.release()
+    assert not node.db_path.with_name(node.db_path.name + ".sock").exists()
+
+
+def test_a_second_node_on_the_port_of_a_running_one_exits_2_with_one_line(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    # issue 12: two nodes on one host, both on the default port: a raw traceback, exit 1
+    a, b = pair
+    a.start()
+    b.port = a.port
+    b.write_config()
+    proc = b.run("daemon", check=False, timeout=60)
+    assert proc.returncode == 2
+    message = (
+        f"ironsync: error: cannot listen on 127.0.0.1:{a.port} (port in use): "
+        f"set `port` in {b.config_path} or stop the other program"
+    )
+    assert proc.stderr == message + "\n"  # one line, no traceback (the log is in a file)
+    assert message.removeprefix("ironsync: error: ") in b.log()
+    assert_released(b)
+    assert a.proc is not None and a.proc.poll() is None  # the first one serves on
+
+
+def test_a_listen_address_not_on_this_host_exits_2_naming_the_key(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    unassigned = "192.0.2.1"  # TEST-NET-1 (RFC 5737): binding to it fails, nothing is sent
+    with socket.socket() as probe:
+        try:
+            probe.bind((unassigned, 0))
+        except OSError:
+            pass
+        else:
+            pytest.skip(f"{unassigned} is an address of this host")
+    _, b = pair
+    text = b.config_path.read_text()
+    b.config_path.write_text(text.replace('"127.0.0.1"', f'"{unassigned}"'))
+    proc = b.run("daemon", check=False, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"ironsync: error: cannot listen on {unassigned}:{b.port} (address not on this host): "
+        f"set `listen_address` in {b.config_path}\n"
+    )
+    assert_released(b)
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "error", "expected"),
+    [
+        ("::1", 1234, OSError(errno.EADDRINUSE, "in use"),
+         "cannot listen on [::1]:1234 (port in use): set `port` in C or stop the other program"),
+        ("0.0.0.0", 80, OSError(errno.EACCES, "denied"),
+         "cannot listen on 0.0.0.0:80 (permission denied: ports below 1024 need root): "
+         "set `port` in C"),
+        ("nas.lan", 25230, socket.gaierror(-2, "Name or service not known"),
+         "cannot listen on nas.lan:25230 (unknown address: Name or service not known): "
+         "set `listen_address` in C"),
+        ("0.0.0.0", 25230, OSError(errno.ENOBUFS, "No buffer space available"),
+         "cannot listen on 0.0.0.0:25230 (No buffer space available): "
+         "set `listen_address` or `port` in C"),
+    ],
+)  # fmt: skip
+def test_each_listen_failure_is_one_line_naming_the_key_to_change(
+    tmp_path: Path, address: str, port: int, error: OSError, expected: str
+) -> None:
+    from ironsync.config import Config
+    from ironsync.daemon import listen_failure
+
+    config = Config(Path("C"), "n", "g", "s" * 16, (), port=port, listen_address=address)
+    assert str(listen_failure(config, error)) == expected
+
+
+def test_a_missing_storage_folder_exits_2_naming_it_and_touches_nothing(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    _, b = pair
+    b.root.rmdir()
+    proc = b.run("daemon", check=False, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"ironsync: error: {b.config_path}: key 'paths.docs': {b.root} does not exist\n"
+    )
+    assert not b.db_path.exists() and not b.root.exists()
 
 
 def test_history_lists_every_version_and_event_of_a_file(

@@ -956,8 +956,12 @@ async def serve(
     on_refused: Callable[[str, str], None] | None = None,
     *,
     timeout: float = HANDSHAKE_TIMEOUT,
+    start_serving: bool = True,
 ) -> asyncio.Server:
     """Listen for peers; `on_session(session)` runs for each session once it is open.
+
+    With `start_serving=False` the address is only bound (an address in use or not on this
+    host fails now); connections are refused until `await server.start_serving()`.
 
     `on_refused(address, reason)` is called for every connection that does not become a
     session (TLS handshake failure, a bad or refused Hello, a protocol error, a timeout).
@@ -1036,7 +1040,10 @@ async def serve(
         task.add_done_callback(tasks.discard)
 
     return await loop.create_server(
-        lambda: PeerSession(Role.SERVER, hello, handler, on_connected=connected), host, port
+        lambda: PeerSession(Role.SERVER, hello, handler, on_connected=connected),
+        host,
+        port,
+        start_serving=start_serving,
     )
 
 
