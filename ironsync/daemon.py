@@ -21,6 +21,7 @@ import random
 import signal
 import socket
 import stat as stat_mod
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -179,9 +180,11 @@ class Node:
     # storage -> its sequence when the peers were last told of it (what moved past it since,
     # a `restore` or `resolve` run beside the daemon say, is told at the next watcher event)
     announced: dict[str, int] = field(default_factory=dict)
-    # peer -> held during a full sync with it: a notice's pull from that peer waits for the
-    # sync to end (the sync's report then counts what it pulled, and the pull finds nothing)
-    _syncing: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # session -> held during a full sync through it: a notice's pull on that session waits
+    # for the sync to end (the sync's report then counts what it pulled, the pull finds nothing)
+    _syncing: weakref.WeakKeyDictionary[Any, asyncio.Lock] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
 
     def __post_init__(self) -> None:
         self.engine = SyncEngine(self.db, self.config, progress=self.progress)
@@ -229,7 +232,7 @@ class Node:
         try:
             while wanted := self._pull_wanted.pop(link.peer_id, None):
                 try:
-                    async with self._sync_lock(link.peer_id):
+                    async with self._sync_lock(link):
                         report = await self.engine.pull_from(link, sorted(wanted))
                 except (PeerError, PeerViolation) as exc:
                     log.info("live pull from %s failed: %s", link.peer_id, exc)
@@ -246,8 +249,11 @@ class Node:
         finally:
             self._pull_tasks.pop(link.peer_id, None)
 
-    def _sync_lock(self, peer_id: str) -> asyncio.Lock:
-        return self._syncing.setdefault(peer_id, asyncio.Lock())
+    def _sync_lock(self, link: Any) -> asyncio.Lock:
+        lock = self._syncing.get(link)
+        if lock is None:
+            lock = self._syncing[link] = asyncio.Lock()
+        return lock
 
     def _violation(self, link: Any, reason: str) -> None:
         log.warning("peer %s: %s; disconnecting", link.peer_id, reason)
@@ -319,7 +325,7 @@ class Node:
     async def sync_with(
         self, session: PeerSession, storages: tuple[str, ...] | None
     ) -> SyncOutcome:
-        async with self._sync_lock(session.peer_id):
+        async with self._sync_lock(session):
             outcome = await self.engine.full_sync(session, storages)
         if outcome.violation is not None:  # it sent what no honest node sends: log, hang up
             log.warning("peer %s: %s; disconnecting", session.peer_id, outcome.violation)

@@ -33,6 +33,12 @@ def pair(tmp_path: Path) -> Iterator[tuple[SyncNode, SyncNode]]:
         node.write_config(rescan_interval=3600)
     a.start()
     b.start()
+    # each dials the other and syncs once at start; that sync's scan would find the tests'
+    # changes itself: wait until both are done
+    wait_until(
+        lambda: a.events("sync_finished") and b.events("sync_finished"),
+        what="both start-up syncs",
+    )
     write(a.root, "hello.txt", "hello")
     a.run("scan")
     wait_until(lambda: tree(b.root) == {"hello.txt": b"hello"}, what="the first file on beta")

@@ -45,6 +45,7 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -234,7 +235,10 @@ class SyncEngine:
         self._scans: Coalescer[list[str]] = Coalescer(self._scan_job)
         # (peer, storage) -> {path: reason} skipped in the last pass: logged when new
         self._skipped_logged: dict[tuple[str, str], dict[str, str]] = {}
-        self._pulling: dict[str, asyncio.Lock] = {}  # peer -> held during a pull pass from it
+        # session -> held during a pull pass through it
+        self._pulling: weakref.WeakKeyDictionary[PeerLink, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -396,9 +400,13 @@ class SyncEngine:
 
     async def pull_from(self, link: PeerLink, names: list[str] | tuple[str, ...]) -> PullReport:
         """Fetch the peer's index for `names` and apply every decision that is ours to make.
-        One pass per peer at a time: a notice's pass waits for a full sync's (or the pass a
-        SyncRequest asked for), never runs beside it fetching the same files."""
-        async with self._pulling.setdefault(link.peer_id, asyncio.Lock()):
+        One pass per session at a time: a notice's pass waits for a full sync's (or the pass a
+        SyncRequest asked for), never runs beside it fetching the same files. (Per session,
+        not per peer: a session that stalls must not hold up the peer's others.)"""
+        lock = self._pulling.get(link)
+        if lock is None:
+            lock = self._pulling[link] = asyncio.Lock()
+        async with lock:
             return await self._pull_pass(link, names)
 
     async def _pull_pass(self, link: PeerLink, names: list[str] | tuple[str, ...]) -> PullReport:
