@@ -235,6 +235,8 @@ class SyncEngine:
         self._scans: Coalescer[list[str]] = Coalescer(self._scan_job)
         # (peer, storage) -> {path: reason} skipped in the last pass: logged when new
         self._skipped_logged: dict[tuple[str, str], dict[str, str]] = {}
+        # (storage id, path) of every pull in progress, whichever pass runs it
+        self._pulls_in_flight: dict[tuple[int, str], asyncio.Event] = {}
         # session -> held during a pull pass through it
         self._pulling: weakref.WeakKeyDictionary[PeerLink, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
@@ -576,18 +578,30 @@ class SyncEngine:
 
         async def worker() -> None:
             for pull in queue:
+                key = (row.id, pull.path)
+                other = self._pulls_in_flight.get(key)
+                if other is not None:
+                    # another pass (through another session with a peer) is pulling this
+                    # path now: one write at a time; wait for it, and decide again next round
+                    await other.wait()
+                    report.changed += 1
+                    continue
                 charge = min(pull.target.size, PULL_CHARGE_MAX) + PULL_CHARGE_MIN
-                async with budget.taken(charge):
-                    try:
+                done = self._pulls_in_flight[key] = asyncio.Event()
+                try:
+                    async with budget.taken(charge):
                         await self._pull(
                             link, storage, row, pull.target, pull.path, report, pull.decided,
                             pull.expected,
                         )  # fmt: skip
-                    except NotStorable as exc:
-                        report.skipped.append((storage.name, pull.path, exc.reason))
-                    except (UnsafePath, OSError) as exc:
-                        reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
-                        report.failed.append((f"{storage.name}:{pull.path}", reason))
+                except NotStorable as exc:
+                    report.skipped.append((storage.name, pull.path, exc.reason))
+                except (UnsafePath, OSError) as exc:
+                    reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
+                    report.failed.append((f"{storage.name}:{pull.path}", reason))
+                finally:
+                    del self._pulls_in_flight[key]
+                    done.set()
 
         tasks = [asyncio.create_task(worker()) for _ in range(min(PULL_CONCURRENCY, len(pulls)))]
         try:
