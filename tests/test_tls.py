@@ -16,7 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ironsync.net import tls
 from ironsync.net.tls import (
+    STRETCHED_FILE,
     NodeIdentity,
     PeerIdentityError,
     client_context,
@@ -24,6 +26,7 @@ from ironsync.net.tls import (
     group_tag,
     load_or_create_identity,
     peer_node_id,
+    remember_stretched_secret,
     server_context,
     stretch_secret,
 )
@@ -221,6 +224,40 @@ def test_group_secret_is_stretched_with_scrypt_salted_by_the_group_before_hkdf()
     assert stretch_secret(GROUP, SECRET) == expected
     assert stretch_secret("other group", SECRET) != expected
     assert stretch_secret(GROUP, SECRET) is stretch_secret(GROUP, SECRET)  # paid once
+
+
+def test_the_stretched_secret_is_kept_once_and_no_later_process_pays_scrypt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = stretch_secret(GROUP, SECRET)
+    monkeypatch.setattr(tls, "_stretched", {})  # a new process
+    load_or_create_identity(tmp_path, "alpha", GROUP, SECRET)  # what init and join do
+    kept = tmp_path / STRETCHED_FILE
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert kept.read_bytes()[:32] == expected
+
+    def no_scrypt(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("scrypt ran again")
+
+    monkeypatch.setattr(tls, "_stretched", {})  # the next process: its key, with no scrypt
+    monkeypatch.setattr(tls.hashlib, "scrypt", no_scrypt)
+    identity = load_or_create_identity(tmp_path, "alpha", GROUP, SECRET)
+    assert stretch_secret(GROUP, SECRET) == expected
+    assert identity.ca_certificate_pem == derive_group_ca(GROUP, SECRET).certificate_pem
+    monkeypatch.undo()
+
+    # a file of another secret, or a damaged one, is not believed: derived again, replaced
+    for damage in (lambda b: b, lambda b: b[:-1] + bytes([b[-1] ^ 1]), lambda b: b[:10]):
+        monkeypatch.setattr(tls, "_stretched", {})
+        kept.write_bytes(damage(kept.read_bytes()))
+        remember_stretched_secret(tmp_path, GROUP, OTHER_SECRET)
+        assert stretch_secret(GROUP, OTHER_SECRET) == hashlib.scrypt(
+            OTHER_SECRET.encode(), salt=b"ironsync group secret v1\x00" + GROUP.encode(),
+            n=2**15, r=8, p=1, maxmem=64 * 1024 * 1024, dklen=32,
+        )  # fmt: skip
+    monkeypatch.setattr(tls, "_stretched", {})
+    remember_stretched_secret(tmp_path, GROUP, SECRET)  # the file is OTHER_SECRET's now
+    assert stretch_secret(GROUP, SECRET) == expected
 
 
 def test_group_ca_is_a_self_signed_ca_named_after_the_group() -> None:

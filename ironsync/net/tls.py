@@ -25,7 +25,9 @@ Why scrypt first: a node certificate (sent in every handshake) and the mDNS grou
 both fixed functions of the secret, so anyone who sees one can test guesses offline. HKDF alone
 costs a guess a microsecond, which makes a hand-picked 16-character secret guessable; scrypt
 (RFC 7914, N=2**15, r=8, p=1: 32 MiB and ~0.1 s a guess) makes each guess a million times
-dearer. A node pays it once per (group, secret) and process (`stretch_secret` is cached).
+dearer. A node pays it once per (group, secret): `init`/`join` (or the first process that
+needs it) keep the stretched secret in `group.key` (0600) beside `node.key`, which holds what
+the config does (the secret itself) and no more, so no later command pays scrypt again.
 
 Why Ed25519: small keys and signatures, no parameter choices, a deterministic key straight
 from a 32-byte seed and deterministic signatures. Python 3.10+ requires OpenSSL >= 1.1.1
@@ -36,7 +38,6 @@ from a 32-byte seed and deterministic signatures. Python 3.10+ requires OpenSSL 
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import os
 import re
@@ -74,6 +75,8 @@ COMMON_NAME_MAX_CHARS = 64  # RFC 5280 upper bound ub-common-name
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 KEY_FILE = "node.key"
+STRETCHED_FILE = "group.key"  # the stretched secret, and a check of the (group, secret) it is of
+_STRETCHED_CHECK = b"ironsync stretched secret check v1\x00"
 CERTIFICATE_FILE = "node.crt"
 
 
@@ -185,20 +188,58 @@ def group_tag(group: str, group_secret: str) -> str:
     return _hkdf(stretched, GROUP_TAG_INFO + group.encode(), length=GROUP_TAG_BYTES).hex()
 
 
-@functools.lru_cache(maxsize=16)
+_stretched: dict[tuple[str, str], bytes] = {}
+
+
 def stretch_secret(group: str, group_secret: str) -> bytes:
     """The group secret after scrypt (salted with the group name): HKDF's input key.
 
-    Deliberately slow (~0.1 s, 32 MiB); cached, so a process pays it once per group."""
-    return hashlib.scrypt(
-        group_secret.encode(),
-        salt=SCRYPT_SALT_PREFIX + group.encode(),
-        n=SCRYPT_N,
-        r=SCRYPT_R,
-        p=SCRYPT_P,
-        maxmem=SCRYPT_MAXMEM,
-        dklen=STRETCHED_SECRET_BYTES,
-    )
+    Deliberately slow (~0.1 s, 32 MiB); a process pays it once per group, and none at all
+    once `remember_stretched_secret` has read it from a node's state folder."""
+    key = (group, group_secret)
+    if key not in _stretched:
+        _stretched[key] = hashlib.scrypt(
+            group_secret.encode(),
+            salt=SCRYPT_SALT_PREFIX + group.encode(),
+            n=SCRYPT_N,
+            r=SCRYPT_R,
+            p=SCRYPT_P,
+            maxmem=SCRYPT_MAXMEM,
+            dklen=STRETCHED_SECRET_BYTES,
+        )
+    return _stretched[key]
+
+
+def _stretched_check(stretched: bytes, group: str, group_secret: str) -> bytes:
+    parts = (_STRETCHED_CHECK, stretched, group.encode(), b"\x00", group_secret.encode())
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+def remember_stretched_secret(directory: Path, group: str, group_secret: str) -> None:
+    """Make `stretch_secret` of (group, secret) free in this process: read it from
+    `directory`/group.key when that file is of this group and secret, else derive it (scrypt)
+    and keep it there for the next process."""
+    if (group, group_secret) in _stretched:
+        return
+    path = Path(directory) / STRETCHED_FILE
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = b""
+    stretched, check = data[:STRETCHED_SECRET_BYTES], data[STRETCHED_SECRET_BYTES:]
+    if len(stretched) == STRETCHED_SECRET_BYTES and check == _stretched_check(
+        stretched, group, group_secret
+    ):
+        _stretched[(group, group_secret)] = stretched
+        return
+    stretched = stretch_secret(group, group_secret)
+    try:
+        Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_atomically(
+            path, stretched + _stretched_check(stretched, group, group_secret), mode=0o600
+        )
+    except OSError:
+        pass  # a read-only state folder: scrypt again next time, nothing worse
 
 
 @dataclass(frozen=True)
@@ -223,8 +264,9 @@ def load_or_create_identity(
     signed by the CA of (`group`, `group_secret`). A new key and certificate replace both
     files otherwise (a changed node id or secret, a crash between the two writes).
     """
-    ca = derive_group_ca(group, group_secret)
     directory = Path(directory)
+    remember_stretched_secret(directory, group, group_secret)
+    ca = derive_group_ca(group, group_secret)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path = directory / KEY_FILE
     certificate_path = directory / CERTIFICATE_FILE
