@@ -64,6 +64,9 @@ PLACEHOLDER_ID = 1  # the session stamps the real request id
 POLL_SECONDS = 0.01  # how often a test looks again at a condition it waits for
 SMALL_SOCKET_BUFFER = 16 * 1024
 """SO_RCVBUF and SO_SNDBUF asked for where a test needs the kernel to hold little."""
+STREAM_SOCKET_BUFFER = 256 * 1024
+"""The same where a test streams megabytes: fixed still, but big enough that TCP's window does
+not slow the stream down to delayed ACKs."""
 ASYNCIO_BUFFERS = 2 * 1024 * 1024
 """More than asyncio holds between a socket and TLS, each way: a read of up to 256 KiB, the
 TLS read buffer's 256 KiB mark, the socket transport's 64 KiB write mark (Python 3.11)."""
@@ -783,16 +786,28 @@ def test_slow_stream_consumer_stops_the_reading_and_bounds_what_is_buffered(
     count = 400  # 50 MiB: far more than the stream buffer, TLS and socket buffers together
 
     async def body() -> None:
-        async with listening(ids["alpha"]) as listener, dialing(listener, ids["beta"]) as client:
+        async with (
+            listening(ids["alpha"], socket_buffer=STREAM_SOCKET_BUFFER) as listener,
+            dialing(listener, ids["beta"]) as client,
+        ):
+            # what the kernel holds is small and fixed, whatever net.ipv4.tcp_rmem allows
+            transport = client._transport
+            assert transport is not None
+            fix_socket_buffers(transport.get_extra_info("socket"), STREAM_SOCKET_BUFFER)
             request = GetChunks(
                 "docs", "big", HASH, chunk_refs(count, chunk_size), request_id=PLACEHOLDER_ID
             )
             replies = client.stream(request)
             peak = 0
             taken = 0
+            loop = asyncio.get_running_loop()
             async for reply in replies:
                 if taken == 0:
-                    await asyncio.sleep(0.5)  # a consumer stuck on a slow disk
+                    # a consumer stuck on a slow disk: it takes nothing more until the session
+                    # has stopped reading (or, if it never does, for TIMEOUT_SECONDS)
+                    deadline = loop.time() + TIMEOUT_SECONDS
+                    while client.is_reading and loop.time() < deadline:
+                        await asyncio.sleep(POLL_SECONDS)
                     paused_buffered, paused_reading = client.buffered_bytes, client.is_reading
                     sender_finished = listener.handler.streams_finished
                 peak = max(peak, client.buffered_bytes)
