@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -38,9 +38,12 @@ from ironsync.config import (
     load_config,
 )
 from ironsync.model import DIR, FILE, SYMLINK, kind_label
-from ironsync.store import Database, DatabaseError, index, open_database
+from ironsync.store import Database, DatabaseError, open_database
 from ironsync.store import events as ev
-from ironsync.sync.local import Change, ScanReport, StorageUnavailable, scan_storage
+
+if TYPE_CHECKING:  # imported where used: `sync` and `status` through a daemon need neither
+    from ironsync.store import index
+    from ironsync.sync.local import Change, ScanReport
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -504,6 +507,8 @@ class TtyProgress:
 @click.pass_obj
 def scan(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
     """Bring the index up to date with the disk (offline changes too) and say what changed."""
+    from ironsync.sync.local import StorageUnavailable, scan_storage
+
     config = app.config()
     storages = _select_storages(config, names)
     failed = False
@@ -677,6 +682,8 @@ def _ask_daemon_status(config: Config) -> dict[str, Any] | None:
 
 
 def collect_status(db: Database, config: Config) -> dict[str, Any]:
+    from ironsync.store import index
+
     storages = []
     for storage in config.storages:
         row = index.ensure_storage(db, storage.name, storage.root)
@@ -1019,6 +1026,8 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
     PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt), or a path inside a storage
     folder, absolute or relative to the current folder (notes/todo.txt in ~/Documents, with
     docs = "~/Documents" in the config's [paths])."""
+    from ironsync.store import index
+
     config = app.config()
     storage_name, rel = _locate(config, path, name)
     with app.database(config) as db:
@@ -1160,7 +1169,7 @@ def _record_changed(
     changes and whether the daemon recorded them."""
     import asyncio
 
-    from ironsync.sync.local import rescan_paths
+    from ironsync.sync.local import Change, rescan_paths
 
     reply = asyncio.run(_tell_daemon(config, storage.name, paths))
     if reply is not None and "changes" in reply:
