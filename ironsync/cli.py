@@ -531,9 +531,7 @@ def scan(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
                     click.echo(f"ironsync: error: {exc}", err=True)
                 continue
             if report.changes:  # the running daemon tells its peers at once
-                import asyncio
-
-                asyncio.run(_tell_daemon(config, storage.name, []))
+                _tell_daemon(config, storage.name, [])
             if as_json:
                 results.append(_report_json(report))
             else:
@@ -666,14 +664,20 @@ def _show_status(app: AppContext, as_json: bool) -> None:
 
 def _ask_daemon_status(config: Config) -> dict[str, Any] | None:
     """The running daemon's live view (connected peers, watcher), or None."""
+    return _daemon_answer(config, {"cmd": "status"})
+
+
+def _daemon_answer(config: Config, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The running daemon's one-line answer to `request` (None when no daemon answers)."""
     import asyncio
 
     from ironsync.control import ask_daemon
 
     async def ask() -> dict[str, Any] | None:
         try:
-            async for message in ask_daemon(config, {"cmd": "status"}):
-                return message
+            async with contextlib.aclosing(ask_daemon(config, request)) as replies:
+                async for reply in replies:
+                    return reply
         except (TimeoutError, OSError, ValueError):
             return None
         return None
@@ -1167,29 +1171,18 @@ def _record_changed(
     """Index `paths` of `storage`, which a command just changed on disk: through the
     running daemon when one answers (it tells its peers at once), else here. Returns the
     changes and whether the daemon recorded them."""
-    import asyncio
-
     from ironsync.sync.local import Change, rescan_paths
 
-    reply = asyncio.run(_tell_daemon(config, storage.name, paths))
+    reply = _tell_daemon(config, storage.name, paths)
     if reply is not None and "changes" in reply:
         return [Change(*item) for item in reply["changes"]], True
     with app.database(config) as db:
         return rescan_paths(db, config.node_id, storage, paths), False
 
 
-async def _tell_daemon(config: Config, storage: str, paths: list[str]) -> dict[str, Any] | None:
+def _tell_daemon(config: Config, storage: str, paths: list[str]) -> dict[str, Any] | None:
     """The running daemon's answer to `changed` (None when no daemon answers)."""
-    from ironsync.control import ask_daemon
-
-    request = {"cmd": "changed", "storage": storage, "paths": paths}
-    try:
-        async with contextlib.aclosing(ask_daemon(config, request)) as replies:
-            async for reply in replies:
-                return reply
-    except (TimeoutError, OSError):
-        return None
-    return None
+    return _daemon_answer(config, {"cmd": "changed", "storage": storage, "paths": paths})
 
 
 def _reach(told: bool) -> str:
@@ -1329,17 +1322,11 @@ def resolve(app: AppContext, path: str, keep: str, name: str | None) -> None:
             raise click.ClickException(f"no conflict copy of {storage_name}:{rel}")
         original = matching[0].path
         group = [c for c in find_conflicts(db, storage) if c.path == original]
-        told = False
-
-        def record(paths: list[str]) -> list[Change]:
-            nonlocal told
-            changes, told = _record_changed(app, config, storage, paths)
-            return changes
-
-        try:
-            changes = settle(db, config.node_id, storage, group, keep, record)
-        except ValueError as exc:
-            raise UsageFailure(str(exc)) from None
+    try:
+        touched = settle(storage, group, keep)
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+    changes, told = _record_changed(app, config, storage, touched)
     for change in changes:
         click.echo(f"{storage_name}: {change.kind:<9} {change.path}")
     click.echo(

@@ -147,17 +147,23 @@ def test_a_deleted_file_is_kept_on_the_peer_and_restore_brings_it_back_everywher
     assert [e["kind"] for e in history["events"]][-1] == "created"
 
 
-@pytest.mark.slow
-def test_a_replaced_file_is_kept_and_restore_at_picks_by_time(
-    pair: tuple[SyncNode, SyncNode],
-) -> None:
-    a, b = pair
+def two_drafts(a: SyncNode, b: SyncNode) -> None:
+    """doc.txt written on a (mtime MTIME), synced to b, then replaced there by a second draft
+    from a: b keeps the first draft as a version."""
     path = write(a.root, "doc.txt", "first draft")
     os.utime(path, ns=(MTIME, MTIME))
     b.start()
     a.sync()
     write(a.root, "doc.txt", "second draft")
     a.sync()
+
+
+@pytest.mark.slow
+def test_a_replaced_file_is_kept_and_restore_at_picks_by_time(
+    pair: tuple[SyncNode, SyncNode],
+) -> None:
+    a, b = pair
+    two_drafts(a, b)
     assert (b.root / "doc.txt").read_text() == "second draft"
     kept = list_versions(b.root, "doc.txt")
     assert [v.file.read_text() for v in kept] == ["first draft"]
@@ -180,12 +186,7 @@ def test_restore_of_what_the_file_holds_already_writes_nothing_and_keeps_no_seco
     pair: tuple[SyncNode, SyncNode],
 ) -> None:
     a, b = pair
-    path = write(a.root, "doc.txt", "first draft")
-    os.utime(path, ns=(MTIME, MTIME))
-    b.start()
-    a.sync()
-    write(a.root, "doc.txt", "second draft")
-    a.sync()
+    two_drafts(a, b)
     b.stop()
     b.run("restore", "docs:doc.txt", "--at", "2023-11-15")
     kept = sorted(v.file.name for v in list_versions(b.root, "doc.txt"))

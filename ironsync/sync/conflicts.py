@@ -3,8 +3,9 @@
 A conflict copy is a live file named `NAME.sync-conflict-YYYYMMDD-HHMMSS-NODEID-HASH.EXT`
 beside `NAME.EXT` (see reconcile.conflict_copy_path). `find_conflicts` lists each with both sides;
 `resolve` keeps one side under the name and moves every other side into the versions folder
-(never into nothing), then records the outcome with the scanner's index update, so it syncs
-to every peer like any local change.
+(never into nothing); the caller records the paths it touched with the scanner's index update
+(through the running daemon when there is one), so the outcome syncs to every peer like any
+local change.
 
 Each side is told by its path and the node that wrote it: the file under the name by its
 index row's `modified_by`, the copy by the node its name names (the node that wrote what it
@@ -16,14 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ironsync.config import Storage
 from ironsync.reconcile import CONFLICT_MARKER
 from ironsync.store import Database, index
-from ironsync.sync.local import Change, rescan_paths
 from ironsync.sync.versions import keep_version
 
 _COPY = re.compile(r"^(?P<stem>.+)\.sync-conflict-(?P<stamp>\d{8}-\d{6})-(?P<rest>.+)$")
@@ -108,18 +107,11 @@ def find_conflicts(db: Database, storage: Storage) -> list[Conflict]:
     return found
 
 
-def resolve(
-    db: Database,
-    node_id: str,
-    storage: Storage,
-    conflicts: list[Conflict],
-    keep: str,
-    record: Callable[[list[str]], list[Change]] | None = None,
-) -> list[Change]:
-    """Settle the conflicts of one name: `keep` is "mine" (the file under the name),
+def resolve(storage: Storage, conflicts: list[Conflict], keep: str) -> list[str]:
+    """Settle the conflicts of one name on disk: `keep` is "mine" (the file under the name),
     "theirs" (the only conflict copy) or the path of the copy to keep. Every side not kept
-    goes to the versions folder. The paths touched are indexed by `record` (the running
-    daemon's, say), else here."""
+    goes to the versions folder. Returns the paths touched, for the caller to record (through
+    the running daemon, or here)."""
     if not conflicts:
         raise ValueError("no conflict to resolve")
     if keep == "theirs":
@@ -141,9 +133,7 @@ def resolve(
         if conflict.copy.path != keep:
             keep_version(root, conflict.copy.path, move=True)
             touched.append(conflict.copy.path)
-    if record is not None:
-        return record(touched)
-    return rescan_paths(db, node_id, storage, touched)
+    return touched
 
 
 def _time(mtime_ns: int) -> datetime:

@@ -45,7 +45,6 @@ import logging
 import os
 import shutil
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -237,10 +236,6 @@ class SyncEngine:
         self._skipped_logged: dict[tuple[str, str], dict[str, str]] = {}
         # (storage id, path) of every pull in progress, whichever pass runs it
         self._pulls_in_flight: dict[tuple[int, str], asyncio.Event] = {}
-        # session -> held during a pull pass through it
-        self._pulling: weakref.WeakKeyDictionary[PeerLink, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -383,15 +378,17 @@ class SyncEngine:
 
     async def divergent_storages(self, link: PeerLink, wanted: list[str]) -> list[str]:
         """The storages of `wanted` whose hash the peer says differs from ours, now."""
-        reply = await link.request(
-            GetStorageHashes(hashes=self.our_hashes(wanted), request_id=PLACEHOLDER_ID)
-        )
-        return self._divergent(wanted, reply)
-
-    def _divergent(self, wanted: list[str], reply: Reply) -> list[str]:
-        """The storages of `wanted` whose hash in the peer's StorageHashes differs from ours."""
-        assert isinstance(reply, StorageHashes)
         ours = self.our_hashes(wanted)
+        reply = await link.request(GetStorageHashes(hashes=ours, request_id=PLACEHOLDER_ID))
+        return self._divergent(wanted, reply, ours)
+
+    def _divergent(
+        self, wanted: list[str], reply: Reply, ours: dict[str, bytes] | None = None
+    ) -> list[str]:
+        """The storages of `wanted` whose hash in the peer's StorageHashes differs from ours
+        (`ours`: as computed now, by default)."""
+        assert isinstance(reply, StorageHashes)
+        ours = self.our_hashes(wanted) if ours is None else ours
         return [
             name
             for name in wanted
@@ -402,16 +399,8 @@ class SyncEngine:
 
     async def pull_from(self, link: PeerLink, names: list[str] | tuple[str, ...]) -> PullReport:
         """Fetch the peer's index for `names` and apply every decision that is ours to make.
-        One pass per session at a time: a notice's pass waits for a full sync's (or the pass a
-        SyncRequest asked for), never runs beside it fetching the same files. (Per session,
-        not per peer: a session that stalls must not hold up the peer's others.)"""
-        lock = self._pulling.get(link)
-        if lock is None:
-            lock = self._pulling[link] = asyncio.Lock()
-        async with lock:
-            return await self._pull_pass(link, names)
-
-    async def _pull_pass(self, link: PeerLink, names: list[str] | tuple[str, ...]) -> PullReport:
+        Passes may run at once (a notice's, a SyncRequest's, another session's): a path is
+        pulled by one of them at a time (`_pull_many`)."""
         report = PullReport()
         hashes_reply = await link.request(GetStorageHashes(request_id=PLACEHOLDER_ID))
         assert isinstance(hashes_reply, StorageHashes)

@@ -14,10 +14,11 @@ up to date and record nothing: they never echo back as local changes.
 
 Catching up (`catch_up`): a peer starting a full sync must see every change made here
 before it asked, not only those whose debounce has run out. inotify delivers one watch's
-events in order, so the watcher writes a barrier file in each storage's `.ironsync/watch/` and waits
-for its event: every change made before then has reached `_pending` by that time, and all
-of it is recorded at once, unsettled or not. Without a healthy watcher, or if the barrier does
-not come back within BARRIER_TIMEOUT_S, `catch_up` says False and the caller scans instead.
+events in order, so the watcher writes a barrier file in each storage's `.ironsync/watch/`
+and waits for its event: every change made before then has reached `_pending` by that time,
+and all of it is recorded at once, unsettled or not. Without a healthy watcher, or if the
+barrier does not come back within BARRIER_TIMEOUT_S, `catch_up` says False and the caller
+scans instead.
 
 If the watcher cannot watch (inotify limits) or the kernel's event queue overflowed (events
 were lost), it says so through `healthy` and `on_overflow`; the daemon then rescans and keeps
@@ -142,7 +143,7 @@ class Watcher:
             for key in keys:
                 self._barriers.pop(key, None)
         for storage in self.storages:
-            await self._record(storage, settled_before=None)
+            await self._record(storage, settled_before=float("inf"))
         return True
 
     async def start(self) -> None:
@@ -257,14 +258,13 @@ class Watcher:
         for storage in self.storages:
             await self._record(storage, settled_before=cutoff)
 
-    async def _record(self, storage: Storage, settled_before: float | None) -> None:
-        """Hand the paths of `storage` whose last event is older than `settled_before` (all
-        of them when None) to `on_changes`."""
+    async def _record(self, storage: Storage, settled_before: float) -> None:
+        """Hand the paths of `storage` whose last event came at or before `settled_before`
+        to `on_changes`."""
         pending = self._pending[storage.name]
-        cutoff = float("inf") if settled_before is None else settled_before
-        settled = {p for p, t in pending.paths.items() if t <= cutoff}
-        folders = {p for p, t in pending.folders.items() if t <= cutoff}
-        rules = pending.rules_changed is not None and pending.rules_changed <= cutoff
+        settled = {p for p, t in pending.paths.items() if t <= settled_before}
+        folders = {p for p, t in pending.folders.items() if t <= settled_before}
+        rules = pending.rules_changed is not None and pending.rules_changed <= settled_before
         for p in settled:
             del pending.paths[p]
         for p in folders:
