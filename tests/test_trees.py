@@ -229,15 +229,19 @@ def test_a_permission_only_change_of_a_file_is_synced(pair: tuple[SyncNode, Sync
     script.chmod(0o644)
     converge(a, b, also=lambda t: "tool.sh" in t)
     before = script.stat()
+    mark = last_seq(b)  # before the change: b may apply it before this line runs again
     script.chmod(0o755)  # chmod +x: size and mtime unchanged
     after = script.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    mark = last_seq(b)
     tree = converge(a, b, also=lambda t: t["tool.sh"].mode == 0o755)
     assert tree["tool.sh"].content == sha("#!/bin/sh\necho hello\n")
     assert (b.root / "tool.sh").stat().st_mtime_ns == after.st_mtime_ns
     # the receiving node says what it applied (issue 12)
-    wait_until(lambda: metadata_events(b, mark, "tool.sh"), what="b's modified event")
+    wait_until(
+        lambda: metadata_events(b, mark, "tool.sh"),
+        what="b's modified event",
+        context=lambda: f"b's events: {events_after(b, mark)}",
+    )
     (applied,) = metadata_events(b, mark, "tool.sh")
     assert applied["peer"] == a.node_id
     assert applied["detail"] == {"content_changed": False, "mode": "644 -> 755"}
@@ -249,7 +253,11 @@ def test_a_permission_only_change_of_a_file_is_synced(pair: tuple[SyncNode, Sync
     os.utime(script, ns=(after.st_atime_ns, after.st_mtime_ns + 7 * 10**9))
     touched = after.st_mtime_ns + 7 * 10**9
     wait_until(lambda: (b.root / "tool.sh").stat().st_mtime_ns == touched, what="b's mtime")
-    wait_until(lambda: metadata_events(b, mark, "tool.sh"), what="b's modified event")
+    wait_until(
+        lambda: metadata_events(b, mark, "tool.sh"),
+        what="b's modified event",
+        context=lambda: f"b's events: {events_after(b, mark)}",
+    )
     (applied,) = metadata_events(b, mark, "tool.sh")
     assert applied["peer"] == a.node_id and "mode" not in applied["detail"]
     assert applied["detail"]["mtime"].startswith(
