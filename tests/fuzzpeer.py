@@ -8,13 +8,15 @@ each a scenario drawn from a seeded RNG:
   frames with bytes flipped, a valid frame trickled in one-byte TLS records;
 - valid frames out of order: a reply to a request never sent, a duplicate request id, a second
   Hello, a request before the Hello;
-- well-formed but malicious requests: GetChunkList/GetChunks for paths outside the root (with the
-  hash of a real file, so only the path check stands in the way), absurd offsets, lengths and
-  counts, unknown storages; floods of thousands of requests in flight, read or not;
+- well-formed but malicious requests: GetChunkList/GetChunks/GetFiles for paths outside the
+  root (with the hash of a real file, so only the path check stands in the way), absurd
+  offsets, lengths and counts, unknown storages; floods of thousands of requests in flight,
+  read or not;
 - SyncRequest, which makes the daemon pull from us, answered maliciously (`Responder`): index
   entries whose paths escape in every form (also NUL and overlong ones in raw msgpack, past the
   dataclass checks), absurd sizes, chunk lists that do not cover the file or never end, chunk
-  data that is wrong, unasked for or missing, replies of the wrong kind, or no reply at all.
+  data that is wrong, unasked for or missing, whole files (GetFiles) out of order, with the
+  wrong content, hash or size, replies of the wrong kind, or no reply at all.
 
 Each session says what the daemon must do (`Expect`): close the connection (after a protocol
 error), refuse the peer (a "violation" Error, then close; a `peer_refused` event), or go on
@@ -56,6 +58,7 @@ from ironsync.protocol import (
     Error,
     GetChunkList,
     GetChunks,
+    GetFiles,
     GetIndex,
     GetStorageHashes,
     Goodbye,
@@ -68,6 +71,7 @@ from ironsync.protocol.errors import RemoteProtocolError
 from ironsync.protocol.limits import (
     MAX_CHUNK_REFS,
     MAX_CHUNK_SIZE,
+    MAX_FILE_DATA,
     MAX_FRAME_SIZE,
     MAX_IN_FLIGHT,
     MAX_INT64,
@@ -358,6 +362,8 @@ class Responder:
             self.chunk_list(request)
         elif isinstance(request, GetChunks):
             self.chunk_data(request)
+        elif isinstance(request, GetFiles):
+            self.file_data(request)
         else:
             send(raw_frame(CODE["Error"], rid, "unsupported", type(request).__name__))
         await self.wire.drain(2)
@@ -368,7 +374,7 @@ class Responder:
         entries = [
             raw_entry(
                 name,
-                size=rng.choice([1, 5, 1000, 70_000, 300_000]),
+                size=rng.choice([1, 5, 1000, 70_000, 300_000, 1_000_000, 3_000_000]),
                 hash=rng.randbytes(16),
                 version=f'{{"fuzzer":{rng.randint(1, 10**6)}}}',
                 sequence=rng.randint(1, 10**6),
@@ -512,6 +518,39 @@ class Responder:
         send(raw_frame(CODE["ChunksDone"], rid))
         if rng.random() < 0.2:  # a reply after the final one: a protocol error
             send(raw_frame(CODE["ChunksDone"], rid))
+
+    def file_data(self, request: GetFiles) -> None:
+        rng, rid, send = self.rng, request.request_id, self.wire.send
+
+        def data_frame(index: int, digest: bytes, error: str, data: bytes) -> bytes:
+            body = msgpack.packb([CODE["FileData"], rid, index, digest, error])
+            return FRAME_HEADER.pack(len(body) + len(data)) + body + data
+
+        for i, path in enumerate(request.paths):
+            digest = request.file_hash(i)
+            size = self.sizes.get(path, 5)
+            variant = rng.randrange(9)
+            if variant == 0:  # wrong bytes, right hash and size
+                send(data_frame(i, digest, "", rng.randbytes(min(size, 70_000))))
+            elif variant == 1:  # an index never asked for, or out of order
+                send(data_frame(rng.choice([i + 1, i + 7, 1023]), digest, "", b"abc"))
+            elif variant == 2:  # more data than the file has
+                send(data_frame(i, digest, "", b"\x00" * (size + rng.choice([1, 70_000]))))
+            elif variant == 3:  # done before everything was sent
+                break
+            elif variant == 4:  # data past MAX_FILE_DATA: a protocol error
+                send(data_frame(i, digest, "", b"\x00" * (MAX_FILE_DATA + 1)))
+            elif variant == 5:  # another file's hash
+                send(data_frame(i, rng.randbytes(16), "", b"z"))
+            elif variant == 6:  # an error that carries data: a protocol error
+                send(data_frame(i, digest, "changed", b"z"))
+            elif variant == 7:  # an honest "cannot send it"
+                send(data_frame(i, digest, rng.choice(["changed", "not_found"]), b""))
+            else:  # nothing for this file
+                continue
+        send(raw_frame(CODE["FilesDone"], rid))
+        if rng.random() < 0.2:  # a reply after the final one: a protocol error
+            send(raw_frame(CODE["FilesDone"], rid))
 
 
 # --- the scenarios ----------------------------------------------------------------------------
@@ -740,15 +779,23 @@ async def learn_files(s: Session) -> list[tuple[str, bytes, int]]:
 
 @scenario(4)
 async def scenario_serving_outside_the_root(s: Session) -> Expect:
-    """GetChunkList/GetChunks for paths outside the root, with the hash of a real file."""
+    """GetChunkList/GetChunks/GetFiles for paths outside the root, with the hash of a real
+    file (for GetFiles, beside real files)."""
     if not await s.handshake():
         return Expect.ANY
     rng = s.rng
     files = await learn_files(s)
     digest, size = (files[0][1], files[0][2]) if files else (rng.randbytes(16), 10)
     path = rng.choice(escaping_paths(s.victim.canary, rng))
-    if rng.random() < 0.5:
+    pick = rng.random()
+    if pick < 0.33:
         request: Request = GetChunkList(STORAGE, path, digest, request_id=5)
+    elif pick < 0.66:
+        honest = [(p, d) for p, d, _ in files[:3]]
+        asked = [*honest, (path, digest)]
+        rng.shuffle(asked)
+        request = GetFiles(STORAGE, tuple(p for p, _ in asked), b"".join(d for _, d in asked),
+                           request_id=5)  # fmt: skip
     else:
         request = GetChunks(STORAGE, path, digest, (ChunkRef(0, min(size, 100), digest),),
                             request_id=5)  # fmt: skip

@@ -1215,6 +1215,108 @@ def crash_trial(seed: int, base: Path | None = None, *, small: bool = False) -> 
     return result
 
 
+# --- batch crash trials ----------------------------------------------------------------------
+
+BATCH_FILES = 80  # small files the receiver pulls at once: they switch into place in groups
+BATCH_POINTS = ("before_rename", "after_rename", "group_renamed", "mid_transaction", "random")
+
+
+@dataclass
+class BatchCrashResult:
+    seed: int
+    point: str  # as IRONSYNC_TEST_CRASH_AT: NAME#K is the K-th time the point is reached
+    killed: bool = False
+    states: dict[str, int] = field(default_factory=dict)  # "old"/"new" -> files
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def replay(self) -> str:
+        return f"bin/soak --batch-crash-seed {self.seed}  # point {self.point}"
+
+
+def batch_crash_trial(seed: int, base: Path | None = None) -> BatchCrashResult:
+    """A receiver pulling BATCH_FILES small files (new ones, some in new folders, and edits),
+    which switch into place in groups (ironsync.sync.commit), is killed with SIGKILL in the
+    middle of a group: before or after its K-th rename, after a group's renames, in the group's
+    transaction (its K-th row), or at a random moment. Every file must then hold its old or its
+    new content; the next sync converges with no temp file left and no conflict copy made (the
+    renamed files the index did not record yet hold the peer's content: nothing conflicts)."""
+    rng = random.Random(seed)
+    name = BATCH_POINTS[seed % len(BATCH_POINTS)]
+    point = name if name in ("random", "group_renamed") else f"{name}#{rng.randint(1, 12)}"
+    result = BatchCrashResult(seed, point)
+    owned = base is None
+    base = Path(tempfile.mkdtemp(prefix=f"ironsync-b{seed}-")) if base is None else base
+    sender, receiver = SyncNode(base, "sender"), SyncNode(base, "receiver")
+    receiver.add_peers(sender)
+    fail = result.failures.append
+    try:
+        paths = [f"d{i % 7}/f{i}.txt" for i in range(BATCH_FILES)]
+        old: dict[str, bytes | None] = {}
+        for rel in paths:
+            existing = rng.random() < 0.5
+            old[rel] = rng.randbytes(rng.randint(0, 6000)) if existing else None
+            if existing:
+                write(sender.root, rel, old[rel])
+        sender.start()
+        receiver.sync()
+        new = {rel: rng.randbytes(rng.randint(1, 6000)) for rel in paths}
+        for rel, data in new.items():
+            write(sender.root, rel, data)
+        env = receiver.env()
+        if point != "random":
+            env["IRONSYNC_TEST_CRASH_AT"] = point
+        proc = subprocess.Popen(
+            [*IRONSYNC, "sync"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        if point == "random":
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if any(p.name.startswith(".ironsync-") for p in receiver.root.rglob("*.tmp")):
+                    break
+                time.sleep(0.002)
+            time.sleep(rng.random() * 0.25)  # the pulls take a few tenths of a second
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+        code = proc.wait(timeout=120)
+        result.killed = code == -signal.SIGKILL
+        if point != "random" and not result.killed:
+            fail(f"the sync was to die at {point}, and exited {code}")
+        for rel in paths:
+            state = _old_or_new(
+                receiver.root / rel, old[rel] or b"", new[rel], old[rel] is None, fail, rel + ": "
+            )
+            result.states[state] = result.states.get(state, 0) + 1
+        again = receiver.run("sync", "--json", check=False)
+        if again.returncode != 0:
+            fail(f"the sync after the crash exited {again.returncode}: {again.stdout[-1500:]}")
+        if tree(receiver.root) != tree(sender.root):
+            fail("not converged after the crash")
+        roots = (sender.root, receiver.root)
+        copies = [p for root in roots for p in root.rglob(f"*{CONFLICT_MARKER}*")]
+        if copies:
+            fail(f"conflict copies made after the crash: {copies}")
+        temps = [p.name for p in receiver.root.rglob(".ironsync-*.tmp")]
+        if temps:
+            fail(f"temporary files left: {temps}")
+        sender.stop()
+        for node in (sender, receiver):
+            _check_integrity(node, fail)
+    except Exception as exc:
+        fail(f"{exc!r}"[:3000])
+    finally:
+        if sender.proc is not None:
+            sender.stop(signal.SIGKILL)
+        if owned and result.ok:
+            shutil.rmtree(base, ignore_errors=True)
+    if not result.ok:
+        fail(f"nodes kept at {base}")
+    return result
+
+
 # --- sender crash trials ---------------------------------------------------------------------
 
 SENDER_VARIANTS = ("serving", "serving_to_daemon", "writing")

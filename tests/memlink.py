@@ -12,7 +12,7 @@ full socket buffer. An Error reply, a PeerError raised by the handler, or any ot
 
 What tests can look at or change:
 - `requests`: every request sent, with its assigned id; `notices`: every ChangeNotice sent;
-- `chunk_bytes` / `chunk_messages`: ChunkData bytes and messages the peer sent us;
+- `chunk_bytes` / `chunk_messages`: ChunkData and FileData bytes and messages the peer sent us;
 - `tamper(reply) -> reply | None`: rewrites (or drops, with None) each reply the peer sends,
   to play a faulty peer;
 - `encode=True`: every message goes through the real wire encoding and back;
@@ -30,6 +30,7 @@ from ironsync.protocol import (
     ChangeNotice,
     ChunkData,
     Error,
+    FileData,
     LocalProtocolError,
     Message,
     Reply,
@@ -180,7 +181,7 @@ class MemoryLink:
                 return
             reply = changed
         reply = self._through_wire(reply)
-        if isinstance(reply, ChunkData):
+        if isinstance(reply, ChunkData | FileData):
             self.chunk_bytes += len(reply.data)
             self.chunk_messages += 1
         await queue.put(reply)

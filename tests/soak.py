@@ -9,6 +9,7 @@ import sys
 import time
 
 from tests.histories import (
+    batch_crash_trial,
     crash_trial,
     make_history,
     replay_command,
@@ -25,12 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--crashes", type=int, default=6, help="crash trials to run")
     parser.add_argument("--sender-crashes", type=int, default=6, help="sender crash trials to run")
+    parser.add_argument(
+        "--batch-crashes", type=int, default=5, help="crash trials mid-group of pulls"
+    )
     parser.add_argument("--first", type=int, default=0, help="seed of the first history/trial")
     parser.add_argument("--ops", type=int, default=14, help="operations per history")
     parser.add_argument("--seed", type=int, help="replay this one history (and nothing else)")
     parser.add_argument("--live", action="store_true", help="--seed names a live history")
     parser.add_argument("--crash-seed", type=int, help="replay this one crash trial")
     parser.add_argument("--sender-crash-seed", type=int, help="replay this one sender trial")
+    parser.add_argument("--batch-crash-seed", type=int, help="replay this one batch crash trial")
     parser.add_argument("--small", action="store_true", help="crash trials with small files (CI)")
     parser.add_argument("--print-ops", action="store_true", help="print each history's ops")
     parser.add_argument(
@@ -45,17 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     live_seeds: list[int] = []
     crash_seeds: list[int] = []
     sender_seeds: list[int] = []
+    batch_seeds: list[int] = []
     if args.seed is not None:
         (live_seeds if args.live else seeds).append(args.seed)
     elif args.crash_seed is not None:
         crash_seeds.append(args.crash_seed)
     elif args.sender_crash_seed is not None:
         sender_seeds.append(args.sender_crash_seed)
+    elif args.batch_crash_seed is not None:
+        batch_seeds.append(args.batch_crash_seed)
     else:
         seeds = list(range(args.first, args.first + args.histories))
         live_seeds = list(range(args.first, args.first + args.live_histories))
         crash_seeds = list(range(args.first, args.first + args.crashes))
         sender_seeds = list(range(args.first, args.first + args.sender_crashes))
+        batch_seeds = list(range(args.first, args.first + args.batch_crashes))
     started = time.monotonic()
     ops = conflicts = with_tree_ops = 0
     notes: dict[str, int] = {}
@@ -118,10 +127,23 @@ def main(argv: list[str] | None = None) -> int:
             for failure in sender.failures:
                 print(f"  {failure}", flush=True)
             failures.append(sender.replay())
+    batch_crashes: dict[str, int] = {}
+    for seed in batch_seeds:
+        batch = batch_crash_trial(seed)
+        states = ",".join(f"{k} {v}" for k, v in sorted(batch.states.items()))
+        key = f"{batch.point.partition('#')[0]}:{'killed' if batch.killed else 'ran through'}"
+        batch_crashes[key] = batch_crashes.get(key, 0) + 1
+        status = "ok" if batch.ok else "FAIL"
+        print(f"batch crash {seed} at {batch.point}: {status} (files {states})", flush=True)
+        if not batch.ok:
+            for failure in batch.failures:
+                print(f"  {failure}", flush=True)
+            failures.append(batch.replay())
     print(
         f"\n{len(seeds)} histories, {len(live_seeds)} live histories, {ops} ops applied, "
         f"{conflicts} conflicts seen, {len(crash_seeds)} crash trials, "
-        f"{len(sender_seeds)} sender crash trials, {len(failures)} failure(s), "
+        f"{len(sender_seeds)} sender crash trials, {len(batch_seeds)} batch crash trials, "
+        f"{len(failures)} failure(s), "
         f"{time.monotonic() - started:.0f} s"
     )
     print(
@@ -131,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"notes: {json.dumps(notes, sort_keys=True)}")
     print(f"crash outcomes: {json.dumps(crashes, sort_keys=True)}")
     print(f"sender crash outcomes: {json.dumps(sender_crashes, sort_keys=True)}")
+    print(f"batch crash outcomes: {json.dumps(batch_crashes, sort_keys=True)}")
     for replay in failures:
         print(f"replay: {replay}")
     return 1 if failures else 0

@@ -46,6 +46,7 @@ def test_a_fuzzed_daemon_stays_up_confined_and_bounded_and_serves_an_honest_peer
     never_reached = sorted({*SCENARIOS, "long_stall"} - set(stats.sessions))
     assert never_reached == [], summary
     assert stats.frames > 5_000, summary
-    assert stats.daemon_requests["GetIndex"] and stats.daemon_requests["GetChunks"], summary
+    asked = stats.daemon_requests  # small files whole (GetFiles), larger ones by chunks
+    assert asked["GetIndex"] and asked["GetFiles"] and asked["GetChunkList"], summary
     assert stats.protocol_errors and stats.violations, summary
     assert report.peer_refused >= stats.violations, summary

@@ -20,6 +20,7 @@ from tests.histories import (
     DISK_OPS,
     NODES,
     History,
+    batch_crash_trial,
     crash_trial,
     link_key,
     make_history,
@@ -37,6 +38,7 @@ LIVE_SEEDS = range(8)
 LIVE_OPS = 12  # after a prelude of 8: files on every node, a folder, a link, every daemon up
 CRASH_SEEDS = (1, 3, 5, 6)  # mid_chunk, before_rename, mid_transaction, a random moment
 SENDER_CRASH_SEEDS = (0, 1, 2)  # serving, serving_to_daemon, writing
+BATCH_CRASH_SEEDS = (1, 2, 3)  # after the K-th rename of a group, after its renames, mid-commit
 
 
 @pytest.mark.parametrize("seed", HISTORY_SEEDS)
@@ -66,6 +68,15 @@ def test_kill_9_of_the_sender_mid_pull_leaves_old_or_new_and_a_restart_converges
 ) -> None:
     trial = sender_crash_trial(seed, tmp_path, small=True)
     assert trial.ok, "\n".join([*trial.failures, trial.replay()])
+
+
+@pytest.mark.parametrize("seed", BATCH_CRASH_SEEDS)
+def test_kill_9_in_the_middle_of_a_group_of_pulls_leaves_each_file_old_or_new(
+    seed: int, tmp_path: Path
+) -> None:
+    trial = batch_crash_trial(seed, tmp_path)
+    assert trial.ok, "\n".join([*trial.failures, trial.replay()])
+    assert trial.killed  # the hook fired where it was aimed
 
 
 # issue 6, seed 1101: a move used to carry the old path's version vector to the new path

@@ -25,8 +25,11 @@ from ironsync.protocol import (
     ChunkList,
     ChunkRef,
     ChunksDone,
+    FileData,
+    FilesDone,
     GetChunkList,
     GetChunks,
+    GetFiles,
     GetIndex,
     GetStorageHashes,
     Hello,
@@ -84,6 +87,10 @@ class Mallory:
                 data = PAYLOAD[ref.offset : ref.offset + ref.length]
                 await respond.send(ChunkData(ref.offset, ref.hash, data, request_id=rid))
             await respond.send(ChunksDone(request_id=rid))
+        elif isinstance(request, GetFiles):  # small files, whole: PAYLOAD is one
+            for i in range(len(request.paths)):
+                await respond.send(FileData(i, request.file_hash(i), "", PAYLOAD, request_id=rid))
+            await respond.send(FilesDone(request_id=rid))
         else:
             raise PeerError(link.peer_id, "unsupported", type(request).__name__)
 

@@ -25,8 +25,11 @@ from ironsync.protocol import (
     ChunksDone,
     Connection,
     Error,
+    FileData,
+    FilesDone,
     GetChunkList,
     GetChunks,
+    GetFiles,
     GetIndex,
     GetStorageHashes,
     Goodbye,
@@ -174,6 +177,10 @@ CONVERSATION: list[tuple[str, Message]] = [
     ("server", ChunkList("docs", "a.txt", HASH_A, (ChunkRef(0, 3, HASH_B),), request_id=3)),
     ("server", ChunkData(0, HASH_B, b"abc", request_id=4)),
     ("server", ChunksDone(request_id=4)),
+    ("client", GetFiles("docs", ("a.txt", "b/c"), HASH_A + HASH_B, request_id=6)),
+    ("server", FileData(0, HASH_A, "", b"abc", request_id=6)),
+    ("server", FileData(1, HASH_B, "changed", b"", request_id=6)),
+    ("server", FilesDone(request_id=6)),
     ("server", ChangeNotice("pics", 7)),
     ("server", GetIndex("pics", 6, 100, request_id=1)),  # ids are per direction
     ("client", IndexPage("pics", (), 0, False, request_id=1)),
@@ -413,6 +420,24 @@ PINNED: list[tuple[Message, str]] = [
         "0000000100000003",  # chunks[1] u32 stands for 3 u32 chunks (at 5, 13, 21)]
     ),
     (
+        GetFiles("docs", ("a.txt", "b/c"), HASH_A + HASH_B, request_id=9),
+        "00000035951509a4646f6373"  # [21, 9, "docs",
+        "92a5612e747874a3622f63"  # paths: ["a.txt", "b/c"],
+        "c420000102030405060708090a0b0c0d0e0ff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff",  # hashes: bin 32]
+    ),
+    (
+        FileData(1, HASH_B, "", b"abc", request_id=9),
+        "0000001a"  # frame length 26
+        "95160901c410f0f1f2f3f4f5f6f7f8f9fafbfcfdfeffa0"  # header [22, 9, 1, hash, ""]
+        "616263",  # the raw file bytes, to the end of the frame
+    ),
+    (
+        FileData(0, HASH_A, "changed", b"", request_id=9),
+        "0000001e95160900c410000102030405060708090a0b0c0d0e0f"  # [22, 9, 0, hash,
+        "a76368616e676564",  # "changed"] and no data
+    ),
+    (FilesDone(request_id=9), "00000003921709"),
+    (
         StorageHashes({"pics": HASH_B, "docs": HASH_A}, request_id=2),
         "00000032930b02"  # [11, 2,
         "82a4646f6373c410000102030405060708090a0b0c0d0e0f"  # {"docs": hash (sorted first),
@@ -450,6 +475,9 @@ def test_type_codes_are_pinned() -> None:
         "ChunksDone": 18,
         "SyncRequest": 19,
         "SyncResult": 20,
+        "GetFiles": 21,
+        "FileData": 22,
+        "FilesDone": 23,
     }
 
 
@@ -532,6 +560,14 @@ messages = st.one_of(
     _answered(ChunkData, uint63, hashes, st.binary(max_size=100)),
     _answered(ChunkData, uint63, hashes, st.binary(max_size=100), st.integers(0, 2**20)),
     _answered(ChunksDone),
+    st.builds(
+        lambda rid, paths: GetFiles("docs", tuple(paths), HASH_A * len(paths), request_id=rid),
+        request_ids,
+        st.lists(names, max_size=4),
+    ),
+    _answered(FileData, st.integers(0, 1023), hashes, st.just(""), st.binary(max_size=100)),
+    _answered(FileData, st.integers(0, 1023), hashes, node_ids, st.just(b"")),
+    _answered(FilesDone),
     _answered(SyncRequest, aliases),
     _answered(SyncResult, st.booleans(), texts),
 )
@@ -550,7 +586,7 @@ def test_any_valid_message_survives_encoding_and_decoding(message: Message) -> N
 def test_a_message_with_any_field_replaced_decodes_or_is_refused(
     message: Message, field: int, data: st.DataObject
 ) -> None:
-    if isinstance(message, ChunkData):
+    if isinstance(message, ChunkData | FileData):
         return  # its raw tail is not msgpack; byte mutations cover it
     items = msgpack.unpackb(frame(message)[4:])
     value = data.draw(msgpack_values)
@@ -978,6 +1014,16 @@ def chunk_list_repeating(*repeats: tuple[int, int]) -> ChunkList:
             "repeats must be bytes",
         ),
         (lambda: StorageHashes({"docs": b"x"}, request_id=1), "must be 16 bytes"),
+        (lambda: GetFiles("docs", ("a", "b"), HASH_A, request_id=1), "16 bytes per path"),
+        (lambda: GetFiles("docs", ("a",) * 1025, HASH_A * 1025, request_id=1), "at most 1024"),
+        (lambda: GetFiles("docs", ("",), HASH_A, request_id=1), "paths must have 1 to"),
+        (lambda: FileData(1024, HASH_A, "", b"", request_id=1), "index must be in"),
+        (lambda: FileData(0, HASH_A, "changed", b"x", request_id=1), "carries no data"),
+        (lambda: FileData(0, HASH_A, "no spaces", b"", request_id=1), "error must match"),
+        (
+            lambda: FileData(0, HASH_A, "", bytes(4 * 1024 * 1024 + 1), request_id=1),
+            "at most 4194304 bytes",
+        ),
         (lambda: SyncResult(1, "", request_id=1), "ok must be a bool"),
         (lambda: Error("no spaces", "", request_id=1), "code must match"),
         (lambda: Goodbye("x" * 5000), "reason must have 0 to 4096"),
@@ -1006,6 +1052,9 @@ EXAMPLES: list[Message] = [
     GetChunks("docs", "a", HASH_A, (), request_id=100),
     ChunkData(0, HASH_A, b"", request_id=1),
     ChunksDone(request_id=1),
+    GetFiles("docs", ("a",), HASH_A, request_id=100),
+    FileData(0, HASH_A, "", b"", request_id=1),
+    FilesDone(request_id=1),
     SyncRequest((), request_id=100),
     SyncResult(True, "", request_id=1),
 ]

@@ -8,12 +8,15 @@ import os
 import random
 import resource
 import signal
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ironsync.chunking import MIN_CHUNK, content_hash
 from ironsync.config import Storage
@@ -24,8 +27,10 @@ from ironsync.protocol import (
     ChunkRef,
     ChunkRefs,
     ChunksDone,
+    FileData,
     GetChunkList,
     GetChunks,
+    GetFiles,
     Reply,
     Request,
 )
@@ -35,6 +40,7 @@ from ironsync.store import Database, index, open_database
 from ironsync.store import events as ev
 from ironsync.store.chunks import find_local_chunk
 from ironsync.sync import transfer
+from ironsync.sync.commit import Committer
 from ironsync.sync.link import PeerError
 from ironsync.sync.local import scan_storage
 from ironsync.sync.transfer import (
@@ -42,11 +48,14 @@ from ironsync.sync.transfer import (
     REASON_CHANGED_LOCALLY,
     SERVE_MAX_REFS,
     TRIM_MIN_ZEROS,
+    SmallPull,
     TransferResult,
     pull_file,
+    pull_small_files,
     remove_stale_temp_files,
     serve_chunk_list,
     serve_chunks,
+    serve_files,
 )
 from tests.memlink import MemoryLink
 
@@ -136,6 +145,8 @@ class TransferServer:
             )
         elif isinstance(request, GetChunks):
             await serve_chunks(side.db, side.row, request, respond, peer=link.peer_id)
+        elif isinstance(request, GetFiles):
+            await serve_files(side.db, side.row, request, respond, peer=link.peer_id)
         else:
             raise PeerError(link.peer_id, "unsupported", type(request).__name__)
 
@@ -720,6 +731,288 @@ def test_switch_waits_for_the_switch_lock_and_is_abandoned_when_no_longer_valid(
     assert waited and done.ok
     assert refused.changed_locally and not (beta.root / "f.bin").exists()
     assert beta.temp_files() == []
+
+
+# --- small files, many per request (GetFiles) -----------------------------------------------
+
+
+def pull_small(
+    receiver: Side, link: MemoryLink, targets: list[ResolvedFile]
+) -> list[TransferResult]:
+    smalls = [
+        SmallPull(t, t.path, index.known_stat(receiver.db, receiver.row.id, t.path))
+        for t in targets
+    ]
+    return asyncio.run(pull_small_files(receiver.db, link, receiver.row, smalls))
+
+
+def index_view(side: Side, rel: str) -> tuple[object, ...]:
+    """What the index says of a file, but its row id, sequence and indexing time."""
+    row = index.get_file(side.db, side.row.id, rel)
+    assert row is not None
+    chunks = [(c.offset, c.length, c.hash) for c in index.chunks_of(side.db, row.id)]
+    return (row.hash, row.size, row.mtime_ns, row.mode, row.version, row.modified_by, chunks)
+
+
+def test_small_files_arrive_whole_from_one_request_and_are_indexed_as_a_scan_would(
+    alpha: Side, beta: Side
+) -> None:
+    files = {
+        "a.txt": (random_bytes(3 * KiB, seed=60), 0o644),
+        "deep/new/b.bin": (random_bytes(100 * KiB, seed=61), 0o755),  # several chunks
+        "empty": (b"", 0o600),
+        "c.txt": (random_bytes(5 * KiB, seed=62), 0o640),  # replaces beta's own c.txt
+    }
+    for rel, (data, mode) in files.items():
+        alpha.write(rel, data, mode=mode)
+    beta.write("c.txt", b"beta's old content", mtime_ns=OLD_MTIME_NS + 1)
+    alpha.scan()
+    beta.scan()
+    link = link_to(alpha)
+
+    results = pull_small(beta, link, [alpha.target(rel) for rel in files])
+
+    assert [r.ok for r in results] == [True] * len(files), [r.reason for r in results]
+    assert [type(r).__name__ for r in link.requests] == ["GetFiles"]
+    assert sum(r.bytes_from_peer for r in results) == sum(len(d) for d, _ in files.values())
+    for rel, (data, mode) in files.items():
+        st = (beta.root / rel).stat()
+        assert beta.read(rel) == data
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (mode, OLD_MTIME_NS)
+        assert index_view(beta, rel) == index_view(alpha, rel)
+    assert len(index.chunks_of(beta.db, beta.target_row_id("deep/new/b.bin"))) > 1
+    assert sorted(e.path for e in beta.events("write_started")) == sorted(files)
+    assert sorted(e.path for e in beta.events("write_finished")) == sorted(files)
+    assert beta.temp_files() == []
+    beta.scan()  # the scanner agrees: nothing to record
+    assert all(index_view(beta, rel) == index_view(alpha, rel) for rel in files)
+
+
+def test_a_small_file_the_peer_cannot_send_or_sends_wrong_fails_alone(
+    alpha: Side, beta: Side
+) -> None:
+    for n in range(4):
+        alpha.write(f"f{n}.txt", random_bytes(2 * KiB, seed=70 + n))
+    alpha.scan()
+    targets = [alpha.target(f"f{n}.txt") for n in range(4)]
+    alpha.write("f1.txt", random_bytes(2 * KiB, seed=79))  # changed, not rescanned
+
+    def corrupt_f2(reply: Reply) -> Reply:
+        if isinstance(reply, FileData) and reply.index == 2:
+            data = bytes(reply.data)
+            return dataclasses.replace(reply, data=data[:-1] + bytes([data[-1] ^ 1]))
+        return reply
+
+    results = pull_small(beta, link_to(alpha, tamper=corrupt_f2), targets)
+
+    assert [r.ok for r in results] == [True, False, False, True]
+    assert (results[1].code, results[2].code) == ("changed", "corrupt")
+    assert not (beta.root / "f1.txt").exists() and not (beta.root / "f2.txt").exists()
+    assert beta.read("f0.txt") == alpha.read("f0.txt")
+    failed = {e.path: e.detail for e in beta.events("write_failed")}
+    assert set(failed) == {"f1.txt", "f2.txt"}
+    assert failed["f1.txt"] is not None and failed["f1.txt"]["code"] == "changed"
+    assert beta.temp_files() == []
+
+
+def test_a_peer_answering_out_of_order_fails_the_files_it_did_not_send_in_order(
+    alpha: Side, beta: Side
+) -> None:
+    for n in range(3):
+        alpha.write(f"new/f{n}.txt", random_bytes(KiB, seed=80 + n))
+    alpha.scan()
+
+    def swap(reply: Reply) -> Reply:
+        if isinstance(reply, FileData) and reply.index == 1:
+            return dataclasses.replace(reply, index=2)
+        return reply
+
+    results = pull_small(
+        beta, link_to(alpha, tamper=swap), [alpha.target(f"new/f{n}.txt") for n in range(3)]
+    )
+
+    assert [r.ok for r in results] == [True, False, False]
+    assert results[1].code == results[2].code == "corrupt"
+    assert sorted(p.name for p in (beta.root / "new").iterdir()) == ["f0.txt"]
+    assert beta.temp_files() == []
+
+
+def test_serving_refuses_a_request_for_too_many_bytes_whole_and_reads_nothing(
+    alpha: Side, beta: Side
+) -> None:
+    alpha.write("big.bin", random_bytes(600 * KiB, seed=90))
+    alpha.write("small.txt", b"small")
+    alpha.scan()
+    big = alpha.target("big.bin")
+    small = alpha.target("small.txt")
+    assert big.hash is not None and small.hash is not None
+    request = GetFiles("docs", ("big.bin",) * 30, big.hash * 30, request_id=1)
+
+    async def ask(request: GetFiles) -> list[Reply]:
+        return [reply async for reply in link_to(alpha).stream(request)]
+
+    with pytest.raises(PeerError) as refused:
+        asyncio.run(ask(request))
+    assert refused.value.code == "too_large"
+    asked = GetFiles("docs", ("small.txt", "gone.txt"), small.hash + b"\x07" * 16, request_id=1)
+    replies = asyncio.run(ask(asked))
+    assert [(type(r).__name__, getattr(r, "error", None)) for r in replies] == [
+        ("FileData", ""),
+        ("FileData", "not_found"),
+        ("FilesDone", None),
+    ]
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    files=st.dictionaries(
+        st.sampled_from(["a", "b.txt", "d/c", "d/e/f.bin", "g h", "d/i"]),
+        st.tuples(
+            st.sampled_from([0, 1, 100, 8 * KiB, 8 * KiB + 1, 40 * KiB, 128 * KiB]),
+            st.integers(0, 2**16),
+            st.sampled_from([0o600, 0o644, 0o755]),
+        ),
+        min_size=1,
+    ),
+    existing=st.sets(st.sampled_from(["a", "b.txt", "d/c"])),
+)
+def test_the_streamed_path_and_the_chunk_path_leave_identical_trees_and_indexes(
+    tmp_path_factory: pytest.TempPathFactory,
+    files: dict[str, tuple[int, int, int]],
+    existing: set[str],
+) -> None:
+    base = tmp_path_factory.mktemp("paths")
+    alpha, streamed, chunked = (Side(base, name) for name in ("alpha", "streamed", "chunked"))
+    for rel, (size, seed, mode) in files.items():
+        data = random_bytes(size, seed) if seed % 3 else bytes(size)  # zeros too
+        alpha.write(rel, data, mode=mode, mtime_ns=OLD_MTIME_NS + seed)
+    for side in (streamed, chunked):
+        for rel in existing & files.keys():  # replaced by the pull
+            side.write(rel, b"an older local content of " + rel.encode())
+        side.scan()
+    alpha.scan()
+    targets = [alpha.target(rel) for rel in files]
+
+    results = pull_small(streamed, link_to(alpha), targets)
+    one_by_one = [pull(chunked, link_to(alpha), target) for target in targets]
+
+    assert all(r.ok for r in results + one_by_one)
+    assert tree_of(streamed.root) == tree_of(chunked.root) == tree_of(alpha.root)
+    for rel in files:
+        assert index_view(streamed, rel) == index_view(chunked, rel) == index_view(alpha, rel)
+
+
+def tree_of(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode),
+                                          p.stat().st_mtime_ns)
+        for p in root.rglob("*") if p.is_file()
+    }  # fmt: skip
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Let the loop run until `condition` holds (a deadline only against a hang)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within 60 s"
+        await asyncio.sleep(0.005)
+
+
+def test_pulls_ready_together_switch_in_one_group_and_a_refused_one_fails_alone(
+    alpha: Side, beta: Side
+) -> None:
+    names = ["g0.bin", "g1.bin", "g2.bin", "g3.bin"]
+    for i, name in enumerate(names):
+        alpha.write(name, random_bytes(20 * KiB, seed=40 + i))
+    alpha.scan()
+
+    async def main() -> tuple[list[TransferResult], Committer]:
+        committer = Committer(beta.db, asyncio.Lock())
+        await committer.lock.acquire()  # the first group waits for it, the rest gather behind
+
+        def start(name: str, valid: bool = True) -> asyncio.Task[TransferResult]:
+            return asyncio.create_task(
+                pull_file(
+                    beta.db,
+                    link_to(alpha),
+                    beta.row,
+                    alpha.target(name),
+                    expected=None,
+                    committer=committer,
+                    still_valid=lambda: valid,
+                )
+            )
+
+        first = start(names[0])
+        await _until(lambda: committer.groups == 1, "the first group")
+        rest = [start(names[1]), start(names[2], valid=False), start(names[3])]
+        await _until(lambda: committer.waiting == 3, "three pulls behind the first group")
+        assert not any((beta.root / name).exists() for name in names)
+        committer.lock.release()
+        return [await task for task in (first, *rest)], committer
+
+    results, committer = asyncio.run(main())
+
+    assert [r.ok for r in results] == [True, True, False, True]
+    assert results[2].changed_locally
+    assert (committer.groups, committer.largest) == (2, 3)
+    for name in ("g0.bin", "g1.bin", "g3.bin"):
+        assert (beta.root / name).read_bytes() == (alpha.root / name).read_bytes()
+        row = index.get_file(beta.db, beta.row.id, name)
+        assert row is not None and row.hash == alpha.target(name).hash
+    assert not (beta.root / "g2.bin").exists()
+    assert index.get_file(beta.db, beta.row.id, "g2.bin") is None
+    assert len(beta.events("write_finished")) == 3
+    assert beta.temp_files() == []
+
+
+def test_a_pull_cancelled_while_it_waits_for_its_group_leaves_nothing_behind(
+    alpha: Side, beta: Side
+) -> None:
+    alpha.write("a.bin", random_bytes(20 * KiB, seed=50))
+    alpha.write("sub/b.bin", random_bytes(20 * KiB, seed=51))
+    alpha.scan()
+
+    async def main() -> tuple[TransferResult, bool]:
+        committer = Committer(beta.db, asyncio.Lock())
+        await committer.lock.acquire()
+
+        def start(name: str) -> asyncio.Task[TransferResult]:
+            return asyncio.create_task(
+                pull_file(
+                    beta.db,
+                    link_to(alpha),
+                    beta.row,
+                    alpha.target(name),
+                    expected=None,
+                    committer=committer,
+                )
+            )
+
+        first = start("a.bin")
+        await _until(lambda: committer.groups == 1, "the first group")
+        second = start("sub/b.bin")
+        await _until(lambda: committer.waiting == 1, "the second pull waiting")
+        second.cancel()
+        cancelled = False
+        try:
+            await second
+        except asyncio.CancelledError:
+            cancelled = True
+        assert committer.waiting == 0
+        committer.lock.release()
+        return await first, cancelled
+
+    done, cancelled = asyncio.run(main())
+
+    assert done.ok and cancelled
+    assert (beta.root / "a.bin").exists()
+    assert not (beta.root / "sub").exists()  # the folder made for it is gone too
+    assert beta.temp_files() == []
+    failed = beta.events("write_failed")
+    assert [e.path for e in failed] == ["sub/b.bin"] and failed[0].detail["code"] == "cancelled"
 
 
 def test_peer_file_changed_under_it_fails_with_changed(alpha: Side, beta: Side) -> None:

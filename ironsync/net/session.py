@@ -89,7 +89,9 @@ from ironsync.protocol import (
     ChunkRefs,
     Connection,
     Error,
+    FileData,
     GetChunks,
+    GetFiles,
     GetStorageHashes,
     Goodbye,
     Hello,
@@ -145,8 +147,8 @@ MAX_PENDING_NOTICES = 1024
 """Storages with an undelivered ChangeNotice; notices for more storages are dropped."""
 
 REPLY_TIMEOUT = 60.0
-"""Seconds a request for data (GetStorageHashes, GetIndex, GetChunkList, GetChunks) may wait
-for its first reply or for the next one of its stream, while we read: then the peer is
+"""Seconds a request for data (GetStorageHashes, GetIndex, GetChunkList, GetChunks, GetFiles) may
+wait for its first reply or for the next one of its stream, while we read: then the peer is
 stalling and the session is closed (such a reply is read from the index or the disk)."""
 
 SLOW_REPLY_TIMEOUT = 900.0
@@ -890,8 +892,10 @@ def _held_size(message: Message) -> int:
     ~140 bytes, or 28 packed in a received ChunkRefs; an IndexEntry ~380 plus its strings),
     which is what waiting for a consumer or a handler holds: a frame of index entries costs
     5 to 7 times less than its objects."""
-    if isinstance(message, ChunkData):
+    if isinstance(message, ChunkData | FileData):
         return 64 + len(message.data)
+    if isinstance(message, GetFiles):
+        return 256 + len(message.file_hashes) + sum(64 + len(p) for p in message.paths)
     if isinstance(message, IndexPage):
         return 256 + sum(
             384 + len(e.path) + len(e.version) + len(e.modified_by) for e in message.entries

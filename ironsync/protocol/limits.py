@@ -12,7 +12,8 @@ MiB = 1024 * KiB
 PROTOCOL_VERSION = 2
 """Sent in Hello; a peer announcing any other version is refused. Version 2: IndexEntry
 carries the entry's kind (file, folder, symlink) and a symlink's target; ChunkList.repeats and
-ChunkData.leading_zeros leave a sparse file's zeros off the wire."""
+ChunkData.leading_zeros leave a sparse file's zeros off the wire; GetFiles asks for many small
+files' whole contents at once (FileData, FilesDone)."""
 
 FRAME_HEADER_SIZE = 4
 """Bytes of the big-endian length that precedes every frame body."""
@@ -71,6 +72,13 @@ CHUNK_REF_SIZE = 8 + 4 + HASH_SIZE
 MAX_CHUNK_REFS = 2**18
 """ChunkRefs in one GetChunks or ChunkList (7 MiB of records, so any such message fits in a
 frame); longer chunk lists are sent as several ChunkList replies with more=True."""
+
+MAX_FILES_PER_REQUEST = 1024
+"""Files one GetFiles asks for (paths of up to 4 KiB each: the request fits in a frame)."""
+
+MAX_FILE_DATA = 4 * MiB
+"""Largest FileData payload: a whole file sent in one reply (a receiver asks GetFiles only for
+files far smaller)."""
 
 CHUNK_REPEAT_SIZE = 4 + 4
 """Bytes of one entry of ChunkList.repeats on the wire: index u32, count u32."""

@@ -32,6 +32,8 @@ from ironsync.protocol.limits import (
     MAX_CHUNK_REPEATS,
     MAX_CHUNK_SIZE,
     MAX_ERROR_CODE_LEN,
+    MAX_FILE_DATA,
+    MAX_FILES_PER_REQUEST,
     MAX_INDEX_PAGE_ENTRIES,
     MAX_INT64,
     MAX_MODE,
@@ -121,6 +123,20 @@ def _storage_aliases(name: str, value: object) -> tuple[str, ...]:
     if len(set(aliases)) != len(aliases):
         raise LocalProtocolError(f"{name} must not repeat an alias")
     return aliases
+
+
+def _byte_view(name: str, data: object) -> bytes | memoryview:
+    """`data` as bytes or a 1-D memoryview of bytes (not copied)."""
+    if isinstance(data, bytes):
+        return data
+    if not isinstance(data, bytearray | memoryview):
+        raise LocalProtocolError(f"{name} must be bytes-like, not {type(data).__name__}")
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise LocalProtocolError(f"{name} must be a contiguous buffer")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
 
 
 def _set(obj: object, name: str, value: object) -> None:
@@ -639,16 +655,8 @@ class ChunkData(Reply):
     def _validate(self) -> None:
         _check_int("offset", self.offset, 0, MAX_INT64)
         _check_hash("hash", self.hash)
-        data = self.data
-        if not isinstance(data, bytes):
-            if not isinstance(data, bytearray | memoryview):
-                raise LocalProtocolError(f"data must be bytes-like, not {type(data).__name__}")
-            data = memoryview(data)
-            if not data.c_contiguous:
-                raise LocalProtocolError("data must be a contiguous buffer")
-            if data.format != "B" or data.ndim != 1:
-                data = data.cast("B")
-            _set(self, "data", data)
+        data = _byte_view("data", self.data)
+        _set(self, "data", data)
         _check_int("leading_zeros", self.leading_zeros, 0, MAX_CHUNK_SIZE)
         if self.leading_zeros + len(data) > MAX_CHUNK_SIZE:
             raise LocalProtocolError(
@@ -667,6 +675,76 @@ class ChunkData(Reply):
 @dataclass(frozen=True, slots=True)
 class ChunksDone(Reply):
     """Ends a GetChunks stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class GetFiles(Request):
+    """Ask for the whole content of several files of one storage at once: `paths[i]` with the
+    file hash `file_hashes[i * HASH_SIZE : (i + 1) * HASH_SIZE]`. Answered by one FileData per file,
+    in the order asked, then FilesDone. For small files, where a request per file would cost
+    more than the file (issue 13)."""
+
+    storage: str
+    paths: tuple[str, ...]
+    file_hashes: bytes
+
+    def _validate(self) -> None:
+        _check_name("storage", self.storage)
+        _set(self, "paths", _as_tuple("paths", self.paths, str, MAX_FILES_PER_REQUEST))
+        for path in self.paths:
+            _check_name("paths", path, MAX_PATH_LEN)
+        if not isinstance(self.file_hashes, bytes):
+            kind = type(self.file_hashes).__name__
+            raise LocalProtocolError(f"file_hashes must be bytes, not {kind}")
+        if len(self.file_hashes) != HASH_SIZE * len(self.paths):
+            raise LocalProtocolError(
+                f"file_hashes must be {HASH_SIZE} bytes per path: {HASH_SIZE * len(self.paths)}, "
+                f"not {len(self.file_hashes)}"
+            )
+
+    def file_hash(self, i: int) -> bytes:
+        return self.file_hashes[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class FileData(Reply):
+    """The whole content of the `index`-th file of a GetFiles, which has `hash`; or, when
+    `error` is not empty, why it is not sent (an error code: "not_found", "changed",
+    "unreadable", "too_large"; then `data` is empty). More replies follow, until FilesDone.
+    On the wire `data` follows the header raw, as ChunkData's does."""
+
+    index: int
+    hash: bytes
+    error: str
+    data: bytes | memoryview
+
+    def is_final(self) -> bool:
+        return False
+
+    def _validate(self) -> None:
+        _check_int("index", self.index, 0, MAX_FILES_PER_REQUEST - 1)
+        _check_hash("hash", self.hash)
+        if self.error:
+            _check_identifier("error", self.error, MAX_ERROR_CODE_LEN)
+        _set(self, "data", _byte_view("data", self.data))
+        if len(self.data) > MAX_FILE_DATA:
+            raise LocalProtocolError(
+                f"data must be at most {MAX_FILE_DATA} bytes, not {len(self.data)}"
+            )
+        if self.error and len(self.data):
+            raise LocalProtocolError("a FileData with an error carries no data")
+
+    def __repr__(self) -> str:
+        error = f", error={self.error!r}" if self.error else ""
+        return (
+            f"FileData(index={self.index}, hash={self.hash!r}, data=<{len(self.data)} bytes>"
+            f"{error}, request_id={self.request_id})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FilesDone(Reply):
+    """Ends a GetFiles stream."""
 
 
 # --- push ------------------------------------------------------------------------------------

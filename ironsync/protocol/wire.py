@@ -20,9 +20,12 @@ Body
     - GetStorageHashes.hashes, StorageHashes.hashes: a map alias → bin, keys sorted (so the
       encoding is unique).
 
-    ChunkData is the one exception, so that chunk bytes are never re-encoded or copied: the
-    array is only the header `[17, request_id, offset, hash, leading_zeros]` and the raw chunk
-    bytes (`data`) follow it up to the end of the frame.
+    - GetFiles.file_hashes: one bin, HASH_SIZE bytes per path.
+
+    ChunkData and FileData are the exceptions, so that file bytes are never re-encoded or
+    copied: the array is only the header, every field but `data` in order
+    (`[17, request_id, offset, hash, leading_zeros]`, `[22, request_id, index, hash, error]`),
+    and the raw bytes (`data`) follow it up to the end of the frame.
 
     Hello always starts `[1, 0, protocol_version, ...]`, in every version of the protocol,
     so a peer speaking another version is told so rather than that its Hello is malformed.
@@ -57,8 +60,11 @@ from ironsync.protocol.messages import (
     ChunkRefs,
     ChunksDone,
     Error,
+    FileData,
+    FilesDone,
     GetChunkList,
     GetChunks,
+    GetFiles,
     GetIndex,
     GetStorageHashes,
     Goodbye,
@@ -93,6 +99,9 @@ TYPE_CODES: dict[type[Message], int] = {
     ChunksDone: 18,
     SyncRequest: 19,
     SyncResult: 20,
+    GetFiles: 21,
+    FileData: 22,
+    FilesDone: 23,
 }
 MESSAGE_TYPES: dict[int, type[Message]] = {code: cls for cls, code in TYPE_CODES.items()}
 
@@ -105,9 +114,14 @@ _FIELDS: dict[type, tuple[str, ...]] = {
     for cls in (*TYPE_CODES, IndexEntry)
 }
 
-# The largest header [17, request_id, offset, hash, leading_zeros] takes 43 bytes even with
-# the widest msgpack integer encodings.
-_CHUNK_HEADER_LIMIT = 64
+# Messages whose `data` follows their header raw (module docstring): the header's fields.
+_RAW_HEADERS: dict[type[Message], tuple[str, ...]] = {
+    cls: tuple(name for name in _FIELDS[cls] if name != "data") for cls in (ChunkData, FileData)
+}
+# The largest header, [17, request_id, offset, hash, leading_zeros] or [22, request_id, index,
+# hash, error] (an error code of at most 64 characters), takes at most 110 bytes even with the
+# widest msgpack integer encodings.
+_RAW_HEADER_LIMIT = 128
 
 # Hostile input must not make us allocate more than a bounded multiple of the frame: msgpack
 # preallocates arrays and maps from their announced counts, so those are capped at the
@@ -167,11 +181,13 @@ def encode_frame(message: Message) -> list[Buffer]:
     code = TYPE_CODES.get(cls)
     if code is None:
         raise LocalProtocolError(f"cannot send {cls.__name__}: not a protocol message")
-    if isinstance(message, ChunkData):
-        header = _pack(
-            [code, message.request_id, message.offset, message.hash, message.leading_zeros]
-        )
+    raw = _RAW_HEADERS.get(cls)
+    if raw is not None:
+        assert isinstance(message, ChunkData | FileData)
+        header = _pack([code, message.request_id, *(getattr(message, name) for name in raw)])
         size = len(header) + len(message.data)
+        if size > MAX_FRAME_SIZE:
+            raise LocalProtocolError(f"{cls.__name__} of {size} bytes exceeds MAX_FRAME_SIZE")
         return [FRAME_HEADER.pack(size) + header, message.data]
     body = _pack(
         [
@@ -261,18 +277,25 @@ def _check_hello_version(items: list[Any]) -> None:
         )
 
 
-def _decode_chunk_data(body: memoryview) -> Message:
-    # Parse the small header alone; the rest of the frame is the chunk, sliced, not copied.
-    unpacker = msgpack.Unpacker(max_buffer_size=_CHUNK_HEADER_LIMIT, **_UNPACK_OPTIONS)
-    unpacker.feed(body[:_CHUNK_HEADER_LIMIT])
+def _decode_raw(cls: type[Message], body: memoryview) -> Message:
+    # Parse the small header alone; the rest of the frame is the data, sliced, not copied.
+    unpacker = msgpack.Unpacker(max_buffer_size=_RAW_HEADER_LIMIT, **_UNPACK_OPTIONS)
+    unpacker.feed(body[:_RAW_HEADER_LIMIT])
     try:
         header = unpacker.unpack()
     except _UNPACK_ERRORS as exc:
         raise RemoteProtocolError(
-            f"undecodable ChunkData header: {str(exc) or 'truncated'}"
+            f"undecodable {cls.__name__} header: {str(exc) or 'truncated'}"
         ) from None
+    names = _RAW_HEADERS[cls]
+    if len(header) != len(names) + 2:
+        raise RemoteProtocolError(  # as _build says it, the data counting as a field
+            f"{cls.__name__} has {len(names) + 1} fields, the frame has {len(header) - 1}"
+        )
     # the header's fields, with the data that follows it in the place of `data`
-    return _build(ChunkData, header[1], [*header[2:4], body[unpacker.tell() :], *header[4:]])
+    given = dict(zip(names, header[2:], strict=True))
+    given["data"] = body[unpacker.tell() :]
+    return _build(cls, header[1], [given[name] for name in _FIELDS[cls]])
 
 
 def decode_body(body: memoryview) -> Message:
@@ -283,8 +306,8 @@ def decode_body(body: memoryview) -> Message:
     cls = MESSAGE_TYPES.get(body[1])
     if cls is None:
         raise RemoteProtocolError(f"unknown message type (code byte 0x{body[1]:02x})")
-    if cls is ChunkData:
-        return _decode_chunk_data(body)
+    if cls in _RAW_HEADERS:
+        return _decode_raw(cls, body)
     try:
         items = msgpack.unpackb(body, **_UNPACK_OPTIONS)
     except _UNPACK_ERRORS as exc:

@@ -24,7 +24,7 @@ Every change applied here takes a new local sequence number, so a third node tha
 us later receives it: a node relays what it learned from one peer to another.
 
 Locking: `apply_lock` serializes what changes this node's index and disk: deciding a path and
-acting on it locally, the switch of a pulled file into place (`pull_file`'s `switch_lock`),
+acting on it locally, the switch of pulled files into place (`committer`, ironsync.sync.commit),
 scans and the watcher's updates. It is never held while waiting on a peer: a peer that answers
 slowly, or not at all, delays only its own pulls, never another peer's or a scan. A decision
 whose pull waited on the peer is checked again under the lock before anything is replaced
@@ -78,6 +78,7 @@ from ironsync.store import events as ev
 from ironsync.sync import entries
 from ironsync.sync.blocking import in_thread
 from ironsync.sync.coalesce import Coalescer
+from ironsync.sync.commit import Committer
 from ironsync.sync.link import PeerError, PeerLink
 from ironsync.sync.local import StorageUnavailable, entry_detail, rescan_paths, scan_storage
 from ironsync.sync.paths import (
@@ -88,13 +89,23 @@ from ironsync.sync.paths import (
     name_refused,
     resolve_inside,
 )
-from ironsync.sync.transfer import IO_ERROR, NOT_STORABLE, pull_file
+from ironsync.sync.transfer import (
+    IO_ERROR,
+    NOT_STORABLE,
+    SMALL_BATCH_BYTES,
+    SMALL_BATCH_FILES,
+    SMALL_FILE_BYTES,
+    SmallPull,
+    TransferResult,
+    pull_file,
+    pull_small_files,
+)
 from ironsync.sync.versions import keep_version
 
 log = logging.getLogger(__name__)
 
 MAX_ROUNDS = 6
-PULL_CONCURRENCY = 16
+PULL_CONCURRENCY = 64
 """Files in flight at most during one pull pass: small files are latency-bound (two round
 trips, a write, two fsyncs and a transaction each), so many overlap."""
 PULL_BUDGET_BYTES = 48 * 1024 * 1024
@@ -231,6 +242,7 @@ class SyncEngine:
         self.clock = clock
         # Local changes one at a time; never held while waiting on a peer (module docstring).
         self.apply_lock = asyncio.Lock()
+        self.committer = Committer(db, self.apply_lock)  # pulled files switch in groups
         self._scans: Coalescer[list[str]] = Coalescer(self._scan_job)
         # (peer, storage) -> {path: reason} skipped in the last pass: logged when new
         self._skipped_logged: dict[tuple[str, str], dict[str, str]] = {}
@@ -559,40 +571,62 @@ class SyncEngine:
         pulls: list[PendingPull],
         report: PullReport,
     ) -> None:
-        """Pull several files at once: round trips, writes and fsyncs overlap. At most
-        PULL_CONCURRENCY files are in flight, and PULL_BUDGET_BYTES of what they may hold
-        (a file counts its size, at most PULL_CHARGE_MAX: what a pull keeps in flight)."""
+        """Pull several files at once: round trips, writes and fsyncs overlap. Small files
+        (transfer.SMALL_FILE_BYTES) go in batches, many per request (`_pull_batch`); larger
+        ones one by one. At most PULL_CONCURRENCY batches or files are in flight, and
+        PULL_BUDGET_BYTES of what they may hold (a file counts its size, at most
+        PULL_CHARGE_MAX: what a pull keeps in flight)."""
         budget = _Budget(PULL_BUDGET_BYTES)
-        queue = iter(pulls)  # shared by the workers: each takes the next file
+        jobs: list[list[PendingPull]] = []
+        batch: list[PendingPull] = []
+        batch_bytes = 0
+        for pull in pulls:
+            size = pull.target.size
+            if size > SMALL_FILE_BYTES:
+                jobs.append([pull])
+                continue
+            if batch and (
+                len(batch) >= SMALL_BATCH_FILES or batch_bytes + size > SMALL_BATCH_BYTES
+            ):
+                jobs.append(batch)
+                batch, batch_bytes = [], 0
+            batch.append(pull)
+            batch_bytes += size
+        if batch:
+            jobs.append(batch)
+        queue = iter(jobs)  # shared by the workers: each takes the next job
 
         async def worker() -> None:
-            for pull in queue:
-                key = (row.id, pull.path)
-                other = self._pulls_in_flight.get(key)
-                if other is not None:
-                    # another pass (through another session with a peer) is pulling this
-                    # path now: one write at a time; wait for it, and decide again next round
-                    await other.wait()
-                    report.changed += 1
-                    continue
-                charge = min(pull.target.size, PULL_CHARGE_MAX) + PULL_CHARGE_MIN
-                done = self._pulls_in_flight[key] = asyncio.Event()
+            for job in queue:
+                mine: list[PendingPull] = []
+                others: list[asyncio.Event] = []
+                for pull in job:
+                    other = self._pulls_in_flight.get((row.id, pull.path))
+                    if other is not None:
+                        # another pass (through another session with a peer) is pulling this
+                        # path now: one write at a time; wait for it, and decide again next
+                        # round
+                        others.append(other)
+                    else:
+                        mine.append(pull)
+                        self._pulls_in_flight[(row.id, pull.path)] = asyncio.Event()
+                charge = sum(min(p.target.size, PULL_CHARGE_MAX) for p in mine) + PULL_CHARGE_MIN
                 try:
                     async with budget.taken(charge):
-                        await self._pull(
-                            link, storage, row, pull.target, pull.path, report, pull.decided,
-                            pull.expected,
-                        )  # fmt: skip
-                except NotStorable as exc:
-                    report.skipped.append((storage.name, pull.path, exc.reason))
-                except (UnsafePath, OSError) as exc:
-                    reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
-                    report.failed.append((f"{storage.name}:{pull.path}", reason))
+                        if len(mine) == 1 and mine[0].target.size > SMALL_FILE_BYTES:
+                            await self._pull_one(link, storage, row, mine[0], report)
+                        elif mine:
+                            await self._pull_batch(link, storage, row, mine, report)
                 finally:
-                    del self._pulls_in_flight[key]
-                    done.set()
+                    for pull in mine:
+                        self._pulls_in_flight.pop((row.id, pull.path)).set()
+                for other in others:
+                    await other.wait()
+                    report.changed += 1
 
-        tasks = [asyncio.create_task(worker()) for _ in range(min(PULL_CONCURRENCY, len(pulls)))]
+        group = self.committer
+        before = (group.groups, group.switched, group.flush_seconds)
+        tasks = [asyncio.create_task(worker()) for _ in range(min(PULL_CONCURRENCY, len(jobs)))]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -600,6 +634,61 @@ class SyncEngine:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        log.debug(
+            "'%s' from %s: %d jobs; %d files switched in %d groups (largest so far %d), "
+            "%.3f s flushing",
+            storage.name, link.peer_id, len(jobs), group.switched - before[1],
+            group.groups - before[0], group.largest, group.flush_seconds - before[2],
+        )  # fmt: skip
+
+    async def _pull_one(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        pull: PendingPull,
+        report: PullReport,
+    ) -> None:
+        try:
+            await self._pull(
+                link, storage, row, pull.target, pull.path, report, pull.decided, pull.expected
+            )
+        except NotStorable as exc:
+            report.skipped.append((storage.name, pull.path, exc.reason))
+        except (UnsafePath, OSError) as exc:
+            reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
+            report.failed.append((f"{storage.name}:{pull.path}", reason))
+
+    async def _pull_batch(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        pulls: list[PendingPull],
+        report: PullReport,
+    ) -> None:
+        """`_pull` for many small files: one request for all of them
+        (transfer.pull_small_files), each switched into place as `_pull` does it."""
+        checks = [
+            self._still_as_decided(link, storage, row, p.target, p.path, report, p.decided)
+            for p in pulls
+        ]
+        smalls = [
+            SmallPull(p.target, p.path, p.expected, check)
+            for p, (check, _) in zip(pulls, checks, strict=True)
+        ]
+        results = await pull_small_files(
+            self.db, link, row, smalls, committer=self.committer, now_ns=self.clock,
+            keep_versions=self.config.keep_versions_days > 0,
+        )  # fmt: skip
+        for pull, result, (_, kept) in zip(pulls, results, checks, strict=True):
+            try:
+                await self._account(storage, pull.target, pull.path, result, report, kept)
+            except NotStorable as exc:
+                report.skipped.append((storage.name, pull.path, exc.reason))
+            except (UnsafePath, OSError) as exc:
+                reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
+                report.failed.append((f"{storage.name}:{pull.path}", reason))
 
     def _move_locally(
         self,
@@ -989,6 +1078,28 @@ class SyncEngine:
         """Pull `target` into `dest` without holding `apply_lock` while the peer answers; the
         switch takes it, and goes ahead only if `dest` is still as decided. A folder or link
         at `dest` is cleared then, under the lock (a folder only if it is empty)."""
+        still_as_decided, kept = self._still_as_decided(
+            link, storage, row, target, dest, report, decided
+        )
+        result = await pull_file(
+            self.db, link, row, target, dest_path=dest, expected=expected, now_ns=self.clock,
+            keep_versions=self.config.keep_versions_days > 0, committer=self.committer,
+            still_valid=still_as_decided,
+        )  # fmt: skip
+        return await self._account(storage, target, dest, result, report, kept)
+
+    def _still_as_decided(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        target: ResolvedFile,
+        dest: str,
+        report: PullReport,
+        decided: index.FileRow | None,
+    ) -> tuple[Callable[[], bool], list[str]]:
+        """The check a pull into `dest` makes under the lock before it switches (True: go
+        ahead), and the list it adds `dest` to when it kept a folder there instead."""
         db = self.db
         kept: list[str] = []
 
@@ -1008,11 +1119,19 @@ class SyncEngine:
                 return False
             return True
 
-        result = await pull_file(
-            self.db, link, row, target, dest_path=dest, expected=expected, now_ns=self.clock,
-            keep_versions=self.config.keep_versions_days > 0, switch_lock=self.apply_lock,
-            still_valid=still_as_decided,
-        )  # fmt: skip
+        return still_as_decided, kept
+
+    async def _account(
+        self,
+        storage: Storage,
+        target: ResolvedFile,
+        dest: str,
+        result: TransferResult,
+        report: PullReport,
+        kept: list[str],
+    ) -> bool:
+        """Count a pull's result in `report`; a pull abandoned for a local change has the
+        path rescanned (the change is indexed, and decided next round)."""
         if result.ok:
             report.changed += 1
             report.pulled += 1

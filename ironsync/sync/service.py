@@ -14,9 +14,9 @@ request arriving during the same scan shares that next one. A peer asking in a l
 most one scan busy and delays nobody else's answers; each asker waits for at most two scans.
 
 Paths: a peer that names an unsafe path, in its index (`SyncRequest`, checked by the sync
-engine) or in a request for chunks (`GetChunkList`, `GetChunks`), breaks the rules no honest
-node breaks: it gets an Error "violation", a `peer_refused` event records why, and
-`on_violation` disconnects it.
+engine) or in a request for chunks or files (`GetChunkList`, `GetChunks`, `GetFiles`), breaks
+the rules no honest node breaks: it gets an Error "violation", a `peer_refused` event records
+why, and `on_violation` disconnects it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ironsync.protocol import (
     ChangeNotice,
     GetChunkList,
     GetChunks,
+    GetFiles,
     GetIndex,
     GetStorageHashes,
     IndexEntry,
@@ -49,7 +50,7 @@ from ironsync.store import events as ev
 from ironsync.sync.fullsync import PeerViolation, SyncEngine
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import UnsafePath, check_peer_path
-from ironsync.sync.transfer import serve_chunk_list, serve_chunks
+from ironsync.sync.transfer import serve_chunk_list, serve_chunks, serve_files
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,11 @@ class SyncService:
             self._check_path(link, request.path)
             row = self._storage(link, request.storage)
             await serve_chunks(self.db, row, request, respond, peer=link.peer_id)
+        elif isinstance(request, GetFiles):
+            for path in request.paths:
+                self._check_path(link, path)
+            row = self._storage(link, request.storage)
+            await serve_files(self.db, row, request, respond, peer=link.peer_id)
         elif isinstance(request, SyncRequest):
             await respond.send(await self.sync_request(link, request))
         else:

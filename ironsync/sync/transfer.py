@@ -31,17 +31,20 @@ Pulling (the receiver) follows shared/DESIGN.md, "Rules that keep data safe":
 4. the file is assembled in order in `.ironsync-<random>.tmp` in the target's folder; every
    chunk is verified (a local source that no longer holds it is fetched from the peer
    instead), the whole-file hash is computed while writing and compared with the target's,
-   then the file gets the target's mode and mtime and is fsynced. Zeros are never written,
+   then the file gets the target's mode and mtime. Zeros are never written,
    as `rsync --sparse` does: chunks of zeros and every HOLE_BLOCK-aligned block of zeros in
    other chunks are skipped over (pwritev at offsets; ftruncate gives the size when the file
    ends in a hole), so a sparse file arrives sparse, and so do long runs of written zeros;
 5. if the local target changed since the decision (size, mtime or inode differ from
    `expected`, or a file appeared or vanished), the pull is abandoned: an edit the scanner has
    not seen is never overwritten;
-6. rename over the target, fsync the folder, then the index row and `write_finished` in one
-   transaction; steps 5 and 6 hold `switch_lock` when one is given (the caller's lock on
-   local changes, which is not held while the peer answers), and with `still_valid` the pull
-   is abandoned as in 5 when it says the decision no longer holds;
+6. the temp file is flushed, renamed over the target, the folder flushed, then the index row
+   and `write_finished` are committed: together with the other pulls ready at that moment
+   (ironsync.sync.commit.Committer: one flush of every temp file, the renames, one flush of
+   every folder, one transaction). Steps 5 and 6 hold the committer's lock (`switch_lock`,
+   the caller's lock on local changes, which is not held while the peer answers) from the
+   check to the commit, and with `still_valid` the pull is abandoned as in 5 when it says the
+   decision no longer holds;
 7. on any failure (peer error, I/O error such as ENOSPC, bad data, cancellation) the temp file
    is removed, and so are the folders the pull made for it, and `write_failed` says why; the
    old file is untouched. A crash at any point leaves the old file or the new one
@@ -59,25 +62,30 @@ Requests are built with request_id=1: the PeerLink gives each the connection's n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
-import secrets
-import signal
+import random
 import stat as stat_mod
 import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
-from ironsync.chunking import MIN_CHUNK, ChunkInfo, content_hash, is_zero_chunk, zero_bytes
+from ironsync.chunking import (
+    MIN_CHUNK,
+    ChunkInfo,
+    chunk_bytes,
+    content_hash,
+    is_zero_chunk,
+    zero_bytes,
+)
 from ironsync.ignore import TEMP_PREFIX, TEMP_SUFFIX, is_temp_name
 from ironsync.model import FILE
 from ironsync.protocol import (
@@ -86,8 +94,11 @@ from ironsync.protocol import (
     ChunkRef,
     ChunkRefs,
     ChunksDone,
+    FileData,
+    FilesDone,
     GetChunkList,
     GetChunks,
+    GetFiles,
     Reply,
     Request,
 )
@@ -99,6 +110,8 @@ from ironsync.store import Database, index
 from ironsync.store import events as ev
 from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.blocking import in_thread
+from ironsync.sync.commit import Committer
+from ironsync.sync.crashpoints import crash_point
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import (
     NotStorable,
@@ -131,7 +144,11 @@ at a time."""
 SERVE_MAX_REFS = 1024
 """Most chunks we serve for one GetChunks; more is refused with "too_large"."""
 SERVE_MAX_BYTES = 16 * MiB
-"""Most chunk bytes we serve for one GetChunks; more is refused with "too_large"."""
+"""Most chunk bytes we serve for one GetChunks or file bytes for one GetFiles; more is refused
+with "too_large"."""
+SERVE_MAX_FILE_BYTES = 1 * MiB
+"""Largest file we serve whole in a GetFiles (read into memory at once); a request naming a
+larger one is refused with "too_large"."""
 READ_RUN_BYTES = 1 * MiB
 """Adjacent chunks are served from one pread of up to this many bytes."""
 TRIM_MIN_ZEROS = 1 * KiB
@@ -167,6 +184,9 @@ FILE_MODE_BITS = 0o777
 """Mode bits a pulled file gets from the peer: never setuid, setgid or sticky."""
 
 _REQUEST_ID = 1  # replaced by the PeerLink (module docstring)
+# Temp file names need not be unguessable (O_EXCL | O_NOFOLLOW create them, in a folder opened
+# without following links), only unlikely to collide: no system call for each.
+_temp_names = random.Random(os.urandom(16))
 _ZEROS = bytes(HOLE_BLOCK)
 _TRIM_ZEROS = bytes(TRIM_MIN_ZEROS)
 
@@ -318,6 +338,64 @@ async def serve_chunks(
         os.close(fd)
 
 
+async def serve_files(
+    db: Database,
+    storage_row: index.StorageRow,
+    request: GetFiles,
+    respond: Responder,
+    *,
+    peer: str,
+) -> None:
+    """Answer GetFiles: for each file, in the order asked, one FileData with its whole content,
+    read and checked against its hash (or an error code for that file alone: "not_found",
+    "changed", "unreadable"), then FilesDone. A request whose files add up to more than
+    SERVE_MAX_BYTES, or that names a file over SERVE_MAX_FILE_BYTES, is refused whole with
+    "too_large", before anything is read."""
+    hashes = [request.file_hash(i) for i in range(len(request.paths))]
+    sources: list[index.FileRow | None] = []
+    for path, file_hash in zip(request.paths, hashes, strict=True):
+        try:
+            sources.append(_source_file(db, storage_row, path, file_hash, peer))
+        except PeerError:
+            sources.append(None)
+    total = sum(row.size for row in sources if row is not None)
+    largest = max((row.size for row in sources if row is not None), default=0)
+    if total > SERVE_MAX_BYTES or largest > SERVE_MAX_FILE_BYTES:
+        raise PeerError(
+            peer,
+            "too_large",
+            f"GetFiles asks for {total} bytes (a file of {largest}); at most {SERVE_MAX_BYTES} "
+            f"bytes, {SERVE_MAX_FILE_BYTES} a file, are served per request",
+        )
+    rid = request.request_id
+    for i, (row, file_hash) in enumerate(zip(sources, hashes, strict=True)):
+        data, error = b"", "not_found"
+        if row is not None:
+            data, error = _read_whole(storage_row.root, row, file_hash)
+        await respond.send(FileData(i, file_hash, error, data, request_id=rid))
+    await respond.send(FilesDone(request_id=rid))
+
+
+def _read_whole(root: Path, row: index.FileRow, file_hash: bytes) -> tuple[bytes, str]:
+    """(the content of the indexed file `row`, "") when it still has `file_hash`; else
+    (b"", why not: "changed" or "unreadable")."""
+    try:
+        fd = open_inside(root, row.path)
+    except (FileNotFoundError, NotADirectoryError):
+        return b"", "changed"
+    except (OSError, UnsafePath):
+        return b"", "unreadable"
+    try:
+        data = os.pread(fd, row.size + 1, 0)  # one byte more: a file that grew is seen
+    except OSError:
+        return b"", "unreadable"
+    finally:
+        os.close(fd)
+    if len(data) != row.size or content_hash(data) != file_hash:
+        return b"", "changed"
+    return data, ""
+
+
 def _source_file(
     db: Database, storage_row: index.StorageRow, path: str, file_hash: bytes, peer: str
 ) -> index.FileRow:
@@ -394,6 +472,7 @@ async def pull_file(
     progress: Callable[[int, int], None] | None = None,
     keep_versions: bool = False,
     switch_lock: asyncio.Lock | None = None,
+    committer: Committer | None = None,
     still_valid: Callable[[], bool] | None = None,
 ) -> TransferResult:
     """Fetch `target`'s content from the peer behind `link` into `dest_path` (default: the
@@ -423,11 +502,14 @@ async def pull_file(
     pull = _Pull(db, link, storage_row, target, path, progress)
     pull.keep_versions = keep_versions
     pull.switch_lock = switch_lock
+    pull.committer = committer
     pull.still_valid = still_valid
     try:
         await pull.run(expected, now_ns)
     except BaseException as exc:
         pull.discard()
+        if pull.recorded:  # cancelled once its group had committed it: the file is in place
+            raise
         code, reason, status = _failure(exc)
         detail = {
             **about,
@@ -449,6 +531,200 @@ async def pull_file(
     finally:
         pull.close()
     return TransferResult(True, path, pull.bytes_from_peer, pull.bytes_reused)
+
+
+@dataclass(frozen=True)
+class SmallPull:
+    """One file of `pull_small_files`: as `pull_file`'s arguments."""
+
+    target: ResolvedFile
+    dest: str
+    expected: KnownStat | None
+    still_valid: Callable[[], bool] | None = None
+
+
+SMALL_FILE_BYTES = 128 * KiB
+"""Files of at most this size are pulled whole, many per request (`pull_small_files`): for
+them a chunk list and local chunk reuse cost more round trips than they save bytes."""
+SMALL_BATCH_FILES = 256
+"""Files one GetFiles of ours asks for at most..."""
+SMALL_BATCH_BYTES = 4 * MiB
+"""... and their bytes at most (a single larger file goes alone)."""
+
+
+async def pull_small_files(
+    db: Database,
+    link: PeerLink,
+    storage_row: index.StorageRow,
+    pulls: Sequence[SmallPull],
+    *,
+    committer: Committer | None = None,
+    now_ns: Callable[[], int] = time.time_ns,
+    keep_versions: bool = False,
+) -> list[TransferResult]:
+    """`pull_file` for many small files at once (issue 13), with the same rules and events:
+    one GetFiles asks for every file's whole content; each is verified against its hash,
+    written to its temp file (all of them in one thread job), and the files switch into place
+    together through `committer`. Each file succeeds or fails alone; the results are in the
+    order of `pulls`."""
+    results: list[TransferResult | None] = [None] * len(pulls)
+    started: list[int] = []  # indexes of pulls with a write_started event
+    for i, small in enumerate(pulls):
+        target = small.target
+        if target.deleted or target.hash is None or target.size > SERVE_MAX_FILE_BYTES:
+            raise ValueError(f"{target.path!r}: not a small file to pull")
+        if small.expected is None:  # a new name here: one this disk refuses is skipped
+            try:
+                check_storable(storage_row.root, small.dest)
+            except NotStorable as exc:
+                results[i] = TransferResult(False, small.dest, 0, 0, exc.reason, NOT_STORABLE)
+                continue
+            except (OSError, UnsafePath):
+                pass  # the pull meets it again, and reports it as a failure
+        started.append(i)
+    if not started:
+        return [r for r in results if r is not None]
+
+    def about(i: int) -> dict[str, Any]:
+        target = pulls[i].target
+        assert target.hash is not None
+        detail: dict[str, Any] = {"size": target.size, "hash": target.hash.hex()}
+        if pulls[i].dest != target.path:
+            detail["from"] = target.path
+        return detail
+
+    where = {"storage": storage_row.name, "peer": link.peer_id}
+    with db.atomic():
+        for i in started:
+            ev.append_event(db, "write_started", detail=about(i), path=pulls[i].dest, **where)
+    made: dict[int, _Pull] = {}
+    errors: dict[int, BaseException] = {}
+    try:
+        received = await _receive_files(link, storage_row, [pulls[i] for i in started])
+        data_of: dict[int, memoryview] = {}
+        for i, got in zip(started, received, strict=True):
+            if isinstance(got, BaseException):
+                errors[i] = got
+                continue
+            small = pulls[i]
+            pull = _Pull(db, link, storage_row, small.target, small.dest, None)
+            pull.keep_versions = keep_versions
+            pull.committer = committer
+            pull.still_valid = small.still_valid
+            pull.bytes_from_peer = len(got)
+            pull._expected, pull._now_ns = small.expected, now_ns
+            made[i], data_of[i] = pull, got
+        written = await in_thread(_write_all_whole, [(made[i], data_of[i]) for i in made])
+        data_of.clear()
+        ready = [i for i, error in zip(made, written, strict=True) if error is None]
+        errors.update((i, e) for i, e in zip(made, written, strict=True) if e is not None)
+        if ready:
+            group = committer or Committer(db)
+            committed = await group.commit_many([made[i] for i in ready])
+            errors.update((i, e) for i, e in zip(ready, committed, strict=True) if e is not None)
+    except BaseException as exc:  # cancelled, or an internal error: every open pull fails
+        for i in started:
+            if i not in errors and not (i in made and made[i].recorded):
+                errors[i] = exc
+        raise
+    finally:
+        failed_events = []
+        for i in started:
+            pull = made.get(i)
+            error = errors.get(i)
+            if error is None:
+                assert pull is not None
+                results[i] = TransferResult(True, pull.path, pull.bytes_from_peer, 0)
+                continue
+            if pull is not None:
+                pull.discard()
+            code, reason, status = _failure(error)
+            detail = {
+                **about(i),
+                "reason": reason,
+                "code": code or "internal",
+                "bytes_from_peer": 0 if pull is None else pull.bytes_from_peer,
+                "bytes_reused": 0,
+            }
+            if pull is not None and pull.replaced:
+                detail["replaced"] = True
+            failed_events.append((pulls[i].dest, status, detail))
+            bytes_in = 0 if pull is None else pull.bytes_from_peer
+            results[i] = TransferResult(False, pulls[i].dest, bytes_in, 0, reason, code)
+        for pull in made.values():
+            pull.close()
+        try:
+            with db.atomic():
+                for path, status, detail in failed_events:
+                    ev.append_event(
+                        db, "write_failed", status=status, detail=detail, path=path, **where
+                    )
+        except Exception:
+            log.exception("could not record write_failed for %d files", len(failed_events))
+    for error in errors.values():
+        if _failure(error)[0] is None:  # not a transfer failure: a bug, not the peer's doing
+            raise error
+    return [r for r in results if r is not None]
+
+
+async def _receive_files(
+    link: PeerLink, storage_row: index.StorageRow, pulls: Sequence[SmallPull]
+) -> list[memoryview | BaseException]:
+    """Each file's verified content from one GetFiles, or why not (a TransferFailed or
+    PeerError for that file; a failure of the whole request fails every file not received)."""
+    hashes = []
+    for small in pulls:
+        assert small.target.hash is not None
+        hashes.append(small.target.hash)
+    request = GetFiles(
+        storage_row.name,
+        tuple(small.target.path for small in pulls),
+        b"".join(hashes),
+        request_id=_REQUEST_ID,
+    )
+    got: list[memoryview | BaseException] = []
+    try:
+        async with _replies(link, request) as replies:
+            async for reply in replies:
+                if isinstance(reply, FilesDone):
+                    break
+                if not isinstance(reply, FileData) or reply.index != len(got):
+                    what = type(reply).__name__
+                    raise TransferFailed(CORRUPT, f"GetFiles answered out of order ({what})")
+                target = pulls[reply.index].target
+                if reply.hash != target.hash:
+                    raise TransferFailed(CORRUPT, "the peer sent another file's content")
+                if reply.error:
+                    why = f"the peer cannot send {target.path!r}: {reply.error}"
+                    got.append(PeerError(link.peer_id, reply.error, why))
+                    continue
+                data = memoryview(reply.data)
+                if len(data) != target.size or content_hash(data) != target.hash:
+                    got.append(
+                        TransferFailed(
+                            CORRUPT, f"the received file does not have the hash {reply.hash.hex()}"
+                        )
+                    )
+                    continue
+                got.append(data)
+        if len(got) != len(pulls):
+            raise TransferFailed(CORRUPT, f"GetFiles answered {len(got)} of {len(pulls)} files")
+    except (PeerError, TransferFailed) as exc:
+        got += [exc] * (len(pulls) - len(got))
+    return got
+
+
+def _write_all_whole(pulls: list[tuple[_Pull, memoryview]]) -> list[BaseException | None]:
+    """Write each small file's temp file (in a thread: one job for the whole batch)."""
+    errors: list[BaseException | None] = []
+    for pull, data in pulls:
+        try:
+            pull.write_whole(data)
+        except Exception as exc:  # that file fails alone
+            errors.append(exc)
+        else:
+            errors.append(None)
+    return errors
 
 
 def _failure(exc: BaseException) -> tuple[str | None, str, str]:
@@ -504,6 +780,10 @@ class _Pull:
         self.replaced = False  # the new file has been renamed over the target
         self.keep_versions = False
         self.switch_lock: asyncio.Lock | None = None
+        self.committer: Committer | None = None
+        self.recorded = False  # the index row and write_finished are committed
+        self._expected: KnownStat | None = None
+        self._now_ns: Callable[[], int] = time.time_ns
         self.still_valid: Callable[[], bool] | None = None
         self._created: list[str] = []  # folders made for the temp file
         self._chunks: _ChunkListSpool | None = None
@@ -528,7 +808,7 @@ class _Pull:
             self.storage.root, self.path, create=True, created=self._created
         )
         _MADE_FOR_PULLS.update((str(self.storage.root), folder) for folder in self._created)
-        _crash_point("before_temp")
+        crash_point("before_temp")
         await in_thread(self._open_temp)  # a create waits on the folder: not on the loop
         await self._assemble(chunks)
         if self._written != target.size or self._hasher.digest() != target.hash:
@@ -536,61 +816,85 @@ class _Pull:
                 CORRUPT, f"the assembled file does not have the hash {target.hash.hex()}"
             )
         assert self._fd is not None
-        _crash_point("after_verify")
+        crash_point("after_verify")
         os.fchmod(self._fd, target.mode & FILE_MODE_BITS)
         os.utime(self._fd, ns=(target.mtime_ns, target.mtime_ns))
-        await in_thread(os.fsync, self._fd)
-        lock: AbstractAsyncContextManager[Any] = (
-            contextlib.nullcontext() if self.switch_lock is None else self.switch_lock
-        )
-        async with lock:
-            if self.still_valid is not None and not self.still_valid():
-                raise TransferFailed(CHANGED_LOCALLY, REASON_CHANGED_LOCALLY, "warning")
-            await self._switch(expected, now_ns)
+        self._expected, self._now_ns = expected, now_ns
+        committer = self.committer or Committer(self.db, self.switch_lock)
+        await committer.commit(self)  # fsync, rename, fsync, index: shared with other pulls
 
-    async def _switch(self, expected: KnownStat | None, now_ns: Callable[[], int]) -> None:
+    def write_whole(self, data: memoryview) -> None:
+        """Steps 2 to 4 for a small file received whole and verified (`pull_small_files`):
+        its chunks, computed here, and its temp file, with the target's mode and mtime. In a
+        thread."""
         target = self.target
-        assert target.hash is not None and self._fd is not None
-        _crash_point("before_rename")
-        self._replace_target(expected)
-        _crash_point("after_rename")
-        await in_thread(os.fsync, self._folder_fd)
-        indexed_at_ns = now_ns()
-        new_stat = Stat.of(os.fstat(self._fd))
-        assert self._chunks is not None
-        with self.db.atomic():
-            index.put_live_file(
-                self.db,
-                self.storage.id,
-                self.path,
-                new_stat,
-                target.hash,
-                (
-                    ChunkInfo(ref.offset, ref.length, ref.hash)
-                    for window in self._chunks.windows(WINDOW_REFS)
-                    for ref in window
-                ),
-                version=target.version.to_json(),
-                modified_by=target.modified_by,
-                indexed_at_ns=indexed_at_ns,
-            )
-            _crash_point("mid_transaction")
-            detail: dict[str, Any] = {
-                "size": target.size,
-                "hash": target.hash.hex(),
-                "bytes_from_peer": self.bytes_from_peer,
-                "bytes_reused": self.bytes_reused,
-            }
-            if self.path != target.path:
-                detail["from"] = target.path
-            ev.append_event(
-                self.db,
-                "write_finished",
-                storage=self.storage.name,
-                path=self.path,
-                peer=self.link.peer_id,
-                detail=detail,
-            )
+        check_peer_path(self.path)
+        chunks = self._chunks = _ChunkListSpool()
+        chunks.extend([ChunkRef(c.offset, c.length, c.hash) for c in chunk_bytes(data).chunks])
+        self._folder_fd, self._name = open_parent_folder(
+            self.storage.root, self.path, create=True, created=self._created
+        )
+        _MADE_FOR_PULLS.update((str(self.storage.root), folder) for folder in self._created)
+        crash_point("before_temp")
+        self._open_temp()
+        if len(data):
+            self._pwritev_all([data], 0)
+        self._written = len(data)
+        assert self._fd is not None
+        os.fchmod(self._fd, target.mode & FILE_MODE_BITS)
+        os.utime(self._fd, ns=(target.mtime_ns, target.mtime_ns))
+
+    # Committer's steps (ironsync.sync.commit.Switchable)
+
+    def data_fd(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def rename(self) -> int:
+        if self.still_valid is not None and not self.still_valid():
+            raise TransferFailed(CHANGED_LOCALLY, REASON_CHANGED_LOCALLY, "warning")
+        crash_point("before_rename")
+        self._replace_target(self._expected)
+        crash_point("after_rename")
+        assert self._folder_fd is not None
+        return self._folder_fd
+
+    def record(self) -> None:
+        target = self.target
+        assert target.hash is not None and self._fd is not None and self._chunks is not None
+        index.put_live_file(
+            self.db,
+            self.storage.id,
+            self.path,
+            Stat.of(os.fstat(self._fd)),
+            target.hash,
+            (
+                ChunkInfo(ref.offset, ref.length, ref.hash)
+                for window in self._chunks.windows(WINDOW_REFS)
+                for ref in window
+            ),
+            version=target.version.to_json(),
+            modified_by=target.modified_by,
+            indexed_at_ns=self._now_ns(),
+        )
+        crash_point("mid_transaction")
+        detail: dict[str, Any] = {
+            "size": target.size,
+            "hash": target.hash.hex(),
+            "bytes_from_peer": self.bytes_from_peer,
+            "bytes_reused": self.bytes_reused,
+        }
+        if self.path != target.path:
+            detail["from"] = target.path
+        ev.append_event(
+            self.db,
+            "write_finished",
+            storage=self.storage.name,
+            path=self.path,
+            peer=self.link.peer_id,
+            detail=detail,
+        )
+        self.recorded = True
 
     # --- step 2: the chunk list ----------------------------------------------------------------
 
@@ -655,7 +959,7 @@ class _Pull:
 
     def _open_temp(self) -> None:
         for _ in range(8):
-            name = f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            name = f"{TEMP_PREFIX}{_temp_names.getrandbits(64):016x}{TEMP_SUFFIX}"
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
                 self._fd = os.open(name, flags, 0o600, dir_fd=self._folder_fd)
@@ -783,7 +1087,7 @@ class _Pull:
         assert self._fd is not None
         while buffers:
             done = os.pwritev(self._fd, buffers, offset)
-            _crash_point("mid_chunk")
+            crash_point("mid_chunk")
             offset += done
             # A short write (rare on regular files) leaves the rest for the next round.
             while buffers and done >= len(buffers[0]):
@@ -1210,18 +1514,6 @@ async def _replies(link: PeerLink, request: Request) -> AsyncIterator[AsyncItera
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-# --- crash tests --------------------------------------------------------------------------------
-
-_CRASH_AT = os.environ.get("IRONSYNC_TEST_CRASH_AT")
-"""Tests only (tests/histories.py): the named point of a pull where this process kills itself
-with SIGKILL, to check that a crash there leaves the old file or the new one. Unset: nothing."""
-
-
-def _crash_point(name: str) -> None:
-    if name == _CRASH_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- crash leftovers ---------------------------------------------------------------------------

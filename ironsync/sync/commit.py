@@ -1,0 +1,208 @@
+"""Pulled files switch into place in groups: durability shared, never skipped (issue 13).
+
+A pull that has written and verified its temp file hands it to a Committer, which switches
+every pull that is ready at that moment together, in the order the safety rules need
+(shared/DESIGN.md, "Rules that keep data safe"):
+
+1. the temp files' data is flushed to disk (`flush`: one syncfs per file system, or an fsync
+   each), outside the lock: the rest of the node goes on meanwhile;
+2. under the lock (the engine's `apply_lock`), each pull checks its decision again and renames
+   its temp file over the target (`Switchable.rename`); a pull whose check fails, fails alone;
+3. the renames are flushed (`flush` of the folders);
+4. one transaction records every renamed file: its index row and `write_finished` event.
+
+So a group of N small files costs two flushes and one transaction, not 2N fsyncs and N
+transactions. The index is never committed before the rename is durable: a crash before step 4
+leaves the new files in place and their old index rows, and the next scan indexes what it finds
+(the content is the peer's, so the versions merge without a conflict copy). The lock is held
+from the first rename to the commit, so no decision sees a disk the index does not describe.
+
+Groups form by themselves: the first pull that is ready starts a group at once; the pulls that
+become ready while it is being switched form the next group. A pull that is cancelled while it
+waits for its group leaves it; once its group has taken it, it waits for the group to finish
+(its file descriptors are in use), then the cancellation goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ironsync.store import Database
+from ironsync.sync.blocking import in_thread
+from ironsync.sync.crashpoints import crash_point
+
+
+class Switchable(Protocol):
+    """A pull whose temp file is written and verified (transfer._Pull)."""
+
+    def data_fd(self) -> int:
+        """The temp file's descriptor: flushed in step 1."""
+
+    def rename(self) -> int:
+        """Step 2, under the lock: check the decision again, rename the temp file over the
+        target; the descriptor of the target's folder (flushed in step 3). Raises to fail
+        this pull alone."""
+
+    def record(self) -> None:
+        """Step 4, inside the group's transaction: the index row and the event."""
+
+
+@dataclass(eq=False)
+class _Entry:
+    item: Switchable
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    taken: bool = False
+
+
+class Committer:
+    """Switches pulls into place in groups (module docstring)."""
+
+    def __init__(self, db: Database, lock: asyncio.Lock | None = None) -> None:
+        self.db = db
+        self.lock = lock if lock is not None else asyncio.Lock()
+        self._queue: list[_Entry] = []
+        self._task: asyncio.Task[None] | None = None
+        self.groups = 0  # groups switched, for tests and benchmarks
+        self.largest = 0  # the most pulls one group switched
+        self.switched = 0  # pulls renamed into place
+        self.flush_seconds = 0.0  # spent flushing (data and renames)
+
+    @property
+    def waiting(self) -> int:
+        """Pulls ready and waiting for the next group."""
+        return len(self._queue)
+
+    async def commit(self, item: Switchable) -> None:
+        """Switch `item` into place with whatever else is ready; raises what its own rename
+        raised, or what failed for its whole group."""
+        (error,) = await self.commit_many([item])
+        if error is not None:
+            raise error
+
+    async def commit_many(self, items: list[Switchable]) -> list[BaseException | None]:
+        """`commit` for several items, which join the same group: what each one raised."""
+        entries = [_Entry(item) for item in items]
+        self._queue.extend(entries)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        try:
+            await asyncio.shield(asyncio.gather(*(e.done for e in entries), return_exceptions=True))
+        except asyncio.CancelledError:
+            taken = [e.done for e in entries if e.taken]
+            for entry in entries:
+                if not entry.taken:
+                    self._queue.remove(entry)
+                    entry.done.cancel()
+            if taken:  # their descriptors are in use: wait, then go on
+                await asyncio.wait(taken)
+                for done in taken:
+                    if not done.cancelled():
+                        done.exception()  # retrieved: the cancellation is what goes on
+            raise
+        return [e.done.exception() for e in entries]
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                group, self._queue = self._queue, []
+                for entry in group:
+                    entry.taken = True
+                try:
+                    await self._switch(group)
+                except asyncio.CancelledError:
+                    for entry in group:
+                        entry.done.cancel()
+                    raise
+                except BaseException as exc:
+                    for entry in group:
+                        if not entry.done.done():
+                            entry.done.set_exception(exc)
+        finally:
+            self._task = None
+            for entry in self._queue:  # cancelled with pulls still queued: they fail too
+                entry.done.cancel()
+            self._queue = []
+
+    async def _switch(self, group: list[_Entry]) -> None:
+        self.groups += 1
+        self.largest = max(self.largest, len(group))
+        started = time.monotonic()
+        await in_thread(flush, [entry.item.data_fd() for entry in group])
+        self.flush_seconds += time.monotonic() - started
+        async with self.lock:
+            renamed: list[_Entry] = []
+            folders: list[int] = []
+            for entry in group:
+                try:
+                    folders.append(entry.item.rename())
+                except Exception as exc:
+                    entry.done.set_exception(exc)
+                else:
+                    renamed.append(entry)
+            if not renamed:
+                return
+            crash_point("group_renamed")
+            started = time.monotonic()
+            await in_thread(flush, folders)
+            self.flush_seconds += time.monotonic() - started
+            self.switched += len(renamed)
+            with self.db.atomic():
+                for entry in renamed:
+                    entry.item.record()
+        for entry in renamed:
+            entry.done.set_result(None)
+
+
+# --- flushing ----------------------------------------------------------------------------------
+
+
+def _syncfs_function() -> Callable[[int], int] | None:
+    """libc's syncfs when the kernel reports its write-back errors (Linux 5.8 and later;
+    before, syncfs returned 0 whatever happened), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) < (5, 8):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNCFS = _syncfs_function()
+
+
+def flush(fds: Iterable[int]) -> None:
+    """Make durable what was written through `fds` (files, or folders after renames): an fsync
+    of each, or one syncfs for the file system of several (the same guarantee: every dirty
+    page and every metadata change of that file system reaches the disk). Raises OSError."""
+    by_device: dict[int, dict[int, int]] = {}  # device -> inode -> a descriptor of it
+    for fd in fds:
+        st = os.fstat(fd)
+        by_device.setdefault(st.st_dev, {}).setdefault(st.st_ino, fd)
+    for same in by_device.values():
+        if _SYNCFS is not None and len(same) > 1:
+            if _SYNCFS(next(iter(same.values()))) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"syncfs: {os.strerror(code)}")
+        else:
+            for fd in same.values():
+                os.fsync(fd)
