@@ -669,20 +669,15 @@ def _ask_daemon_status(config: Config) -> dict[str, Any] | None:
 
 def _daemon_answer(config: Config, request: dict[str, Any]) -> dict[str, Any] | None:
     """The running daemon's one-line answer to `request` (None when no daemon answers)."""
-    import asyncio
-
     from ironsync.control import ask_daemon
 
-    async def ask() -> dict[str, Any] | None:
-        try:
-            async with contextlib.aclosing(ask_daemon(config, request)) as replies:
-                async for reply in replies:
-                    return reply
-        except (TimeoutError, OSError, ValueError):
-            return None
+    try:
+        with contextlib.closing(ask_daemon(config, request)) as replies:
+            for reply in replies:
+                return reply
+    except (OSError, ValueError):  # TimeoutError is an OSError
         return None
-
-    return asyncio.run(ask())
+    return None
 
 
 def collect_status(db: Database, config: Config) -> dict[str, Any]:
@@ -929,8 +924,6 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
     peer converged; 1: a sync failed or did not converge; 2: usage or config error; 3: no peer
     reachable; 4: converged, but files were left out (listed): files that cannot be read here,
     names that are not valid UTF-8, names this node (or a peer) cannot store."""
-    import asyncio
-
     from ironsync.control import LockHeld, ask_daemon
 
     config = app.config()
@@ -951,9 +944,9 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
 
     shown = SyncTtyProgress() if tty else None
 
-    async def via_daemon() -> int | None:
+    def via_daemon() -> int | None:
         try:
-            async for message in ask_daemon(config, {"cmd": "sync", "storages": storages}):
+            for message in ask_daemon(config, {"cmd": "sync", "storages": storages}):
                 if "progress" in message and shown is not None:
                     item = message["progress"]
                     shown.file_done(item["storage"], item["path"], item["bytes"])
@@ -961,13 +954,15 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
                     report(message["peer_result"])
                 elif "exit" in message:
                     return int(message["exit"])
-        except (TimeoutError, OSError):
+        except OSError:  # TimeoutError is one
             return None
         raise click.ClickException("the daemon closed the control socket without a result")
 
     # A daemon that is starting holds the lock before its socket answers: ask again a while.
     deadline = time.monotonic() + DAEMON_START_WAIT_S
-    while (code := asyncio.run(via_daemon())) is None:
+    while (code := via_daemon()) is None:
+        import asyncio
+
         from ironsync.daemon import standalone_sync  # only now: TLS, the engine, discovery
 
         with app.database(config) as db:

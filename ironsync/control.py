@@ -8,12 +8,11 @@ daemon itself (TLS, discovery, the sync engine), which a cron job would pay for 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import fcntl
 import json
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +57,20 @@ def control_socket_path(config: Config) -> Path:
     return config.database.with_name(config.database.name + ".sock")
 
 
-async def ask_daemon(config: Config, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+CONNECT_TIMEOUT_S = 5.0
+"""Seconds to reach the daemon's socket; its answers may take as long as a sync takes."""
+
+
+def ask_daemon(config: Config, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Send one request to the running daemon; yield its JSON replies. Raises OSError when no
-    daemon answers."""
+    daemon answers. A plain blocking socket: a command that only talks to the daemon does not
+    pay for importing asyncio (issue 13's fixed cost)."""
     path = control_socket_path(config)
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
-    try:
-        writer.write(json.dumps(request).encode() + b"\n")
-        await writer.drain()
-        while line := await reader.readline():
-            yield json.loads(line)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        sock.connect(str(path))
+        sock.settimeout(None)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        with sock.makefile("rb") as replies:
+            for line in replies:
+                yield json.loads(line)
