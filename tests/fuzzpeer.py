@@ -374,7 +374,7 @@ class Responder:
         entries = [
             raw_entry(
                 name,
-                size=rng.choice([1, 5, 1000, 70_000, 300_000, 1_000_000, 3_000_000]),
+                size=rng.choice([1, 5, 1000, 70_000, 300_000, 5_000_000, 20_000_000]),
                 hash=rng.randbytes(16),
                 version=f'{{"fuzzer":{rng.randint(1, 10**6)}}}',
                 sequence=rng.randint(1, 10**6),

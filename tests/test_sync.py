@@ -131,6 +131,35 @@ def test_move_made_offline_is_a_move_on_the_peer_without_resending_content(
     assert [e["kind"] for e in history["events"]] == ["moved"]
 
 
+def test_new_files_come_whole_and_copies_and_edits_still_reuse_what_is_here(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    """Issue 13: a new file of at most 4 MiB whose content is held nowhere here comes whole
+    (GetFiles, no chunk list); a copy of content held here, and an edit of a file here, still
+    cost only what differs."""
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    old, kept = os.urandom(2_000_000), os.urandom(1_500_000)
+    write(a.root, "old.bin", old)
+    write(a.root, "keep.bin", kept)
+    a.add_peers(b)
+    b.start()
+    assert a.sync()["exit"] == 0
+    mark = len(a.events("write_finished"))
+    fresh = os.urandom(3_000_000)
+    write(b.root, "fresh.bin", fresh)
+    write(b.root, "copy.bin", kept)
+    write(b.root, "old.bin", old[:1_000_000] + os.urandom(1000) + old[1_000_000:])
+    result = a.sync()
+    assert result["exit"] == 0 and tree(a.root) == tree(b.root)
+    finished = {e["path"]: e["detail"] for e in a.events("write_finished")[mark:]}
+    assert set(finished) == {"fresh.bin", "copy.bin", "old.bin"}
+    assert finished["fresh.bin"]["bytes_from_peer"] == len(fresh)
+    assert finished["copy.bin"]["bytes_from_peer"] == 0
+    assert finished["copy.bin"]["bytes_reused"] == len(kept)
+    assert finished["old.bin"]["bytes_from_peer"] < 200_000  # the changed chunks, not 2 MB
+
+
 def test_concurrent_edits_keep_both_contents_as_a_conflict_copy(
     nodes: list[SyncNode], tmp_path: Path
 ) -> None:

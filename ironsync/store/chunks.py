@@ -46,3 +46,12 @@ def find_local_chunks(db: Database, hashes: Iterable[bytes]) -> dict[bytes, Loca
         ):
             found[bytes(chunk_hash)] = (Path(root), path, offset, length)
     return found
+
+
+def holds_content(db: Database, file_hash: bytes) -> bool:
+    """Whether a live file of any storage has this whole-file hash (`files_by_hash`)."""
+    row = db.query_one(
+        "SELECT 1 FROM files WHERE hash = ? AND deleted = 0 AND type = 'file' LIMIT 1",
+        (file_hash,),
+    )
+    return row is not None

@@ -75,6 +75,7 @@ from ironsync.reconcile import (
 from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index, open_database, peers
 from ironsync.store import events as ev
+from ironsync.store.chunks import holds_content
 from ironsync.sync import entries
 from ironsync.sync.blocking import in_thread
 from ironsync.sync.coalesce import Coalescer
@@ -95,6 +96,7 @@ from ironsync.sync.transfer import (
     SMALL_BATCH_BYTES,
     SMALL_BATCH_FILES,
     SMALL_FILE_BYTES,
+    WHOLE_NEW_FILE_BYTES,
     SmallPull,
     TransferResult,
     pull_file,
@@ -572,32 +574,33 @@ class SyncEngine:
         report: PullReport,
     ) -> None:
         """Pull several files at once: round trips, writes and fsyncs overlap. Small files
-        (transfer.SMALL_FILE_BYTES) go in batches, many per request (`_pull_batch`); larger
-        ones one by one. At most PULL_CONCURRENCY batches or files are in flight, and
-        PULL_BUDGET_BYTES of what they may hold (a file counts its size, at most
-        PULL_CHARGE_MAX: what a pull keeps in flight)."""
+        (transfer.SMALL_FILE_BYTES, and new ones up to WHOLE_NEW_FILE_BYTES: `_whole`) go
+        whole in batches, many per request (`_pull_batch`); larger ones one by one. At most
+        PULL_CONCURRENCY batches or files are in flight, and PULL_BUDGET_BYTES of what they
+        may hold (a file counts its size, at most PULL_CHARGE_MAX: what a pull keeps in
+        flight)."""
         budget = _Budget(PULL_BUDGET_BYTES)
-        jobs: list[list[PendingPull]] = []
+        jobs: list[tuple[bool, list[PendingPull]]] = []  # (whole, its files)
         batch: list[PendingPull] = []
         batch_bytes = 0
         for pull in pulls:
             size = pull.target.size
-            if size > SMALL_FILE_BYTES:
-                jobs.append([pull])
+            if not self._whole(pull):
+                jobs.append((False, [pull]))
                 continue
             if batch and (
                 len(batch) >= SMALL_BATCH_FILES or batch_bytes + size > SMALL_BATCH_BYTES
             ):
-                jobs.append(batch)
+                jobs.append((True, batch))
                 batch, batch_bytes = [], 0
             batch.append(pull)
             batch_bytes += size
         if batch:
-            jobs.append(batch)
+            jobs.append((True, batch))
         queue = iter(jobs)  # shared by the workers: each takes the next job
 
         async def worker() -> None:
-            for job in queue:
+            for whole, job in queue:
                 mine: list[PendingPull] = []
                 others: list[asyncio.Event] = []
                 for pull in job:
@@ -613,7 +616,7 @@ class SyncEngine:
                 charge = sum(min(p.target.size, PULL_CHARGE_MAX) for p in mine) + PULL_CHARGE_MIN
                 try:
                     async with budget.taken(charge):
-                        if len(mine) == 1 and mine[0].target.size > SMALL_FILE_BYTES:
+                        if mine and not whole:
                             await self._pull_one(link, storage, row, mine[0], report)
                         elif mine:
                             await self._pull_batch(link, storage, row, mine, report)
@@ -640,6 +643,19 @@ class SyncEngine:
             storage.name, link.peer_id, len(jobs), group.switched - before[1],
             group.groups - before[0], group.largest, group.flush_seconds - before[2],
         )  # fmt: skip
+
+    def _whole(self, pull: PendingPull) -> bool:
+        """Whether `pull` goes whole, in a batch (transfer.pull_small_files), rather than
+        chunk by chunk."""
+        size, file_hash = pull.target.size, pull.target.hash
+        if size <= SMALL_FILE_BYTES:
+            return True
+        return (
+            size <= WHOLE_NEW_FILE_BYTES
+            and pull.expected is None
+            and file_hash is not None
+            and not holds_content(self.db, file_hash)
+        )
 
     async def _pull_one(
         self,

@@ -146,7 +146,7 @@ SERVE_MAX_REFS = 1024
 SERVE_MAX_BYTES = 16 * MiB
 """Most chunk bytes we serve for one GetChunks or file bytes for one GetFiles; more is refused
 with "too_large"."""
-SERVE_MAX_FILE_BYTES = 1 * MiB
+SERVE_MAX_FILE_BYTES = 4 * MiB
 """Largest file we serve whole in a GetFiles (read into memory at once); a request naming a
 larger one is refused with "too_large"."""
 READ_RUN_BYTES = 1 * MiB
@@ -546,6 +546,10 @@ class SmallPull:
 SMALL_FILE_BYTES = 128 * KiB
 """Files of at most this size are pulled whole, many per request (`pull_small_files`): for
 them a chunk list and local chunk reuse cost more round trips than they save bytes."""
+WHOLE_NEW_FILE_BYTES = 4 * MiB
+"""... and so are new files (no file at their path here) of at most this size whose content
+this node holds nowhere: no chunk of theirs is likely to be here either (issue 13: a first
+sync of photos moves whole files, not a chunk list and 64-256 chunks each)."""
 SMALL_BATCH_FILES = 256
 """Files one GetFiles of ours asks for at most..."""
 SMALL_BATCH_BYTES = 4 * MiB
