@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -158,6 +159,29 @@ def test_new_files_come_whole_and_copies_and_edits_still_reuse_what_is_here(
     assert finished["copy.bin"]["bytes_from_peer"] == 0
     assert finished["copy.bin"]["bytes_reused"] == len(kept)
     assert finished["old.bin"]["bytes_from_peer"] < 200_000  # the changed chunks, not 2 MB
+
+
+def test_a_first_sync_of_far_more_files_than_descriptors_allowed_converges(
+    nodes: list[SyncNode], tmp_path: Path
+) -> None:
+    """Pulls hold at most a share of the process's descriptors open (temp files and folders
+    of files waiting for their group): 3,000 small files under a limit of 256 descriptors."""
+    a = node(nodes, tmp_path, "alpha")
+    b = node(nodes, tmp_path, "beta")
+    for n in range(3000):
+        write(a.root, f"d{n % 30:02d}/f{n}.txt", os.urandom(100 + n % 3000))
+    b.add_peers(a)
+    a.start()
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.run(
+        [*IRONSYNC, "sync", "--json"], env=b.env(), capture_output=True, text=True,
+        timeout=300, preexec_fn=low_limit,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert tree(a.root) == tree(b.root)
 
 
 def test_concurrent_edits_keep_both_contents_as_a_conflict_copy(

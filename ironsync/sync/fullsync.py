@@ -43,6 +43,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -110,6 +111,11 @@ MAX_ROUNDS = 6
 PULL_CONCURRENCY = 64
 """Files in flight at most during one pull pass: small files are latency-bound (two round
 trips, a write, two fsyncs and a transaction each), so many overlap."""
+OPEN_FILES_MAX = 256
+"""Files that pulls hold open at once, engine-wide: each holds its temp file and its folder
+(and a chunk pull the local files it copies from), so a first sync of many small files stays
+well under the usual limit of 1024 descriptors; fewer when this process's limit is lower
+(`_open_files_allowed`)."""
 PULL_BUDGET_BYTES = 48 * 1024 * 1024
 """... and the bytes those files may hold in flight (see PULL_CHARGE_MAX)."""
 PULL_CHARGE_MAX = 16 * 1024 * 1024
@@ -215,6 +221,18 @@ class _Budget:
                 self._changed.notify_all()
 
 
+def _open_files_allowed() -> int:
+    """OPEN_FILES_MAX, or a third of the descriptors this process may open beyond 128 (the
+    database, sockets, the watcher), at least 8."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return OPEN_FILES_MAX
+    if soft == resource.RLIM_INFINITY:
+        return OPEN_FILES_MAX
+    return max(8, min(OPEN_FILES_MAX, (soft - 128) // 3))
+
+
 class SyncProgress:
     """Progress callbacks of a sync (the default does nothing)."""
 
@@ -245,6 +263,7 @@ class SyncEngine:
         # Local changes one at a time; never held while waiting on a peer (module docstring).
         self.apply_lock = asyncio.Lock()
         self.committer = Committer(db, self.apply_lock)  # pulled files switch in groups
+        self._files: tuple[asyncio.AbstractEventLoop, _Budget] | None = None
         self._scans: Coalescer[list[str]] = Coalescer(self._scan_job)
         # (peer, storage) -> {path: reason} skipped in the last pass: logged when new
         self._skipped_logged: dict[tuple[str, str], dict[str, str]] = {}
@@ -615,7 +634,7 @@ class SyncEngine:
                         self._pulls_in_flight[(row.id, pull.path)] = asyncio.Event()
                 charge = sum(min(p.target.size, PULL_CHARGE_MAX) for p in mine) + PULL_CHARGE_MIN
                 try:
-                    async with budget.taken(charge):
+                    async with self._open_files().taken(len(mine)), budget.taken(charge):
                         if mine and not whole:
                             await self._pull_one(link, storage, row, mine[0], report)
                         elif mine:
@@ -643,6 +662,13 @@ class SyncEngine:
             storage.name, link.peer_id, len(jobs), group.switched - before[1],
             group.groups - before[0], group.largest, group.flush_seconds - before[2],
         )  # fmt: skip
+
+    def _open_files(self) -> _Budget:
+        """The files pulls may hold open, shared by every pass on this event loop."""
+        loop = asyncio.get_running_loop()
+        if self._files is None or self._files[0] is not loop:
+            self._files = (loop, _Budget(_open_files_allowed()))
+        return self._files[1]
 
     def _whole(self, pull: PendingPull) -> bool:
         """Whether `pull` goes whole, in a batch (transfer.pull_small_files), rather than

@@ -550,7 +550,7 @@ WHOLE_NEW_FILE_BYTES = 4 * MiB
 """... and so are new files (no file at their path here) of at most this size whose content
 this node holds nowhere: no chunk of theirs is likely to be here either (issue 13: a first
 sync of photos moves whole files, not a chunk list and 64-256 chunks each)."""
-SMALL_BATCH_FILES = 256
+SMALL_BATCH_FILES = 64
 """Files one GetFiles of ours asks for at most..."""
 SMALL_BATCH_BYTES = 4 * MiB
 """... and their bytes at most (a single larger file goes alone)."""
