@@ -30,11 +30,11 @@ from tests.histories import (
 
 pytestmark = pytest.mark.slow
 
-HISTORY_SEEDS = range(20)
+HISTORY_SEEDS = range(12)  # bin/soak runs many more; these keep the suite's time down
 HISTORY_OPS = 10  # after a prelude of 7: files on every node, a folder, a link, a daemon up, a sync
 # watchers on: changes propagate while the history runs (live seeds 6 and 33 with 14 ops found
 # conflict copies replacing each other; fixed, see the test of it below)
-LIVE_SEEDS = range(8)
+LIVE_SEEDS = range(7)  # seed 6 found the conflict copies replacing each other
 LIVE_OPS = 12  # after a prelude of 8: files on every node, a folder, a link, every daemon up
 CRASH_SEEDS = (1, 3, 5, 6)  # mid_chunk, before_rename, mid_transaction, a random moment
 SENDER_CRASH_SEEDS = (0, 1, 2)  # serving, serving_to_daemon, writing
