@@ -1173,46 +1173,63 @@ def crash_trial(seed: int, base: Path | None = None, *, small: bool = False) -> 
             at = rng.randint(0, size - 100_000)
             new = old[:at] + rng.randbytes(rng.randint(1_200_000, 3_000_000)) + old[at + 50_000 :]
         write(sender.root, "big.bin", new)
-        env = receiver.env()
-        if point != "random":
-            env["IRONSYNC_TEST_CRASH_AT"] = point
-        proc = subprocess.Popen(
-            [*IRONSYNC, "sync"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        if point == "random":
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and proc.poll() is None:
-                if any(p.name.startswith(".ironsync-") for p in receiver.root.iterdir()):
-                    break
-                time.sleep(0.005)
-            time.sleep(rng.random() ** 3 * 0.2)  # mostly early: pulls are fast here
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-        code = proc.wait(timeout=120)
-        result.killed = code == -signal.SIGKILL
+        # at random: mostly early, pulls are fast here
+        result.killed, _ = _sync_killed_at(receiver, point, rng.random() ** 3 * 0.2)
         result.state = _old_or_new(receiver.root / "big.bin", old, new, fresh_file, fail, "")
         again = receiver.run("sync", "--json", check=False)
         if again.returncode != 0:
             fail(f"the sync after the crash exited {again.returncode}: {again.stdout[-1500:]}")
         if tree(receiver.root) != tree(sender.root) or _read(receiver.root / "big.bin") != new:
             fail("not converged after the crash")
-        temps = [p.name for p in receiver.root.rglob(".ironsync-*.tmp")]
-        if temps:
-            fail(f"temporary files left: {temps}")
-        for node in (sender, receiver):
-            if node is sender:
-                node.stop()
-            _check_integrity(node, fail)
+        _check_after_crash(sender, receiver, fail)
     except Exception as exc:
         fail(f"{exc!r}"[:3000])
     finally:
-        if sender.proc is not None:
-            sender.stop(signal.SIGKILL)
-        if owned and result.ok:
-            shutil.rmtree(base, ignore_errors=True)
+        _clean_up_trial(sender, base if owned and result.ok else None)
     if not result.ok:
         fail(f"nodes kept at {base}")
     return result
+
+
+def _sync_killed_at(receiver: SyncNode, point: str, delay: float) -> tuple[bool, int]:
+    """Run the receiver's `ironsync sync` to its end, which IRONSYNC_TEST_CRASH_AT=`point`
+    makes a SIGKILL at that point; for "random", it is killed `delay` s after its first
+    temporary file appears. (whether SIGKILL ended it, its exit code)"""
+    env = receiver.env()
+    if point != "random":
+        env["IRONSYNC_TEST_CRASH_AT"] = point
+    proc = subprocess.Popen(
+        [*IRONSYNC, "sync"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    if point == "random":
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if next(receiver.root.rglob(".ironsync-*.tmp"), None) is not None:
+                break
+            time.sleep(0.002)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    code = proc.wait(timeout=120)
+    return code == -signal.SIGKILL, code
+
+
+def _check_after_crash(sender: SyncNode, receiver: SyncNode, fail: Callable[[str], None]) -> None:
+    """No temporary file left on the receiver; both databases intact (the sender stopped)."""
+    temps = [p.name for p in receiver.root.rglob(".ironsync-*.tmp")]
+    if temps:
+        fail(f"temporary files left: {temps}")
+    sender.stop()
+    for node in (sender, receiver):
+        _check_integrity(node, fail)
+
+
+def _clean_up_trial(sender: SyncNode, remove: Path | None) -> None:
+    """End the sender's daemon if it still runs (by its pid); remove a trial's folder."""
+    if sender.proc is not None:
+        sender.stop(signal.SIGKILL)
+    if remove is not None:
+        shutil.rmtree(remove, ignore_errors=True)
 
 
 # --- batch crash trials ----------------------------------------------------------------------
@@ -1266,23 +1283,8 @@ def batch_crash_trial(seed: int, base: Path | None = None) -> BatchCrashResult:
         new = {rel: rng.randbytes(rng.randint(1, 6000)) for rel in paths}
         for rel, data in new.items():
             write(sender.root, rel, data)
-        env = receiver.env()
-        if point != "random":
-            env["IRONSYNC_TEST_CRASH_AT"] = point
-        proc = subprocess.Popen(
-            [*IRONSYNC, "sync"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        if point == "random":
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and proc.poll() is None:
-                if any(p.name.startswith(".ironsync-") for p in receiver.root.rglob("*.tmp")):
-                    break
-                time.sleep(0.002)
-            time.sleep(rng.random() * 0.25)  # the pulls take a few tenths of a second
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-        code = proc.wait(timeout=120)
-        result.killed = code == -signal.SIGKILL
+        # at random: the pulls take a few tenths of a second
+        result.killed, code = _sync_killed_at(receiver, point, rng.random() * 0.25)
         if point != "random" and not result.killed:
             fail(f"the sync was to die at {point}, and exited {code}")
         for rel in paths:
@@ -1299,19 +1301,11 @@ def batch_crash_trial(seed: int, base: Path | None = None) -> BatchCrashResult:
         copies = [p for root in roots for p in root.rglob(f"*{CONFLICT_MARKER}*")]
         if copies:
             fail(f"conflict copies made after the crash: {copies}")
-        temps = [p.name for p in receiver.root.rglob(".ironsync-*.tmp")]
-        if temps:
-            fail(f"temporary files left: {temps}")
-        sender.stop()
-        for node in (sender, receiver):
-            _check_integrity(node, fail)
+        _check_after_crash(sender, receiver, fail)
     except Exception as exc:
         fail(f"{exc!r}"[:3000])
     finally:
-        if sender.proc is not None:
-            sender.stop(signal.SIGKILL)
-        if owned and result.ok:
-            shutil.rmtree(base, ignore_errors=True)
+        _clean_up_trial(sender, base if owned and result.ok else None)
     if not result.ok:
         fail(f"nodes kept at {base}")
     return result

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 from ironsync.protocol import GetChunkList, GetChunks, GetFiles
+from ironsync.store import index
 from ironsync.sync.fullsync import SyncEngine
 from ironsync.sync.service import SyncService
 from tests.conftest import Node
@@ -60,3 +61,31 @@ def test_new_files_come_whole_in_batches_and_copies_and_edits_by_chunks(tmp_path
     assert by_chunks == {"copy.bin", "old.bin"}
     fetched = sum(len(r.chunks) for r in asked if isinstance(r, GetChunks))
     assert fetched <= 4  # old.bin's changed chunks; copy.bin's are all here
+
+
+def test_a_pulled_file_the_index_did_not_record_before_a_crash_keeps_the_peers_version(
+    tmp_path: Path,
+) -> None:
+    """A crash between a group's renames and its transaction leaves the peer's content on
+    disk and no index row (ironsync.sync.commit). The next scan records the peer's version,
+    not a new one of ours: the peer's next change of the file is then no conflict."""
+    alpha, beta = Node(tmp_path, "alpha"), Node(tmp_path, "beta")
+    write(alpha.root, "f.txt", "version one")
+    (engine_a, service_a), (engine_b, _) = engine_of(alpha), engine_of(beta)
+
+    async def pull() -> None:
+        link = MemoryLink("alpha", service_a, local_id="beta", peer_storages=("docs",))
+        report = await engine_b.pull_from(link, ["docs"])
+        assert not report.failed, report.failed
+
+    asyncio.run(pull())
+    db = engine_b.db
+    with db.atomic():  # what the crash lost: the row the group's transaction would have written
+        db.execute("DELETE FROM files WHERE path = 'f.txt'")
+    engine_b.scan()
+    row = index.get_file(db, index.get_storage(db, "docs").id, "f.txt")  # type: ignore[union-attr]
+    assert row is not None and (row.version, row.modified_by) == ('{"alpha":1}', "alpha")
+    write(alpha.root, "f.txt", "version two")
+    engine_a.scan()
+    asyncio.run(pull())
+    assert tree(beta.root) == {"f.txt": b"version two"}  # no conflict copy

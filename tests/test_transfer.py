@@ -912,6 +912,23 @@ def tree_of(root: Path) -> dict[str, tuple[bytes, int, int]]:
     }  # fmt: skip
 
 
+def start_pull(
+    alpha: Side, beta: Side, name: str, committer: Committer, valid: bool = True
+) -> asyncio.Task[TransferResult]:
+    """A task pulling alpha's new file `name` into beta through `committer`."""
+    return asyncio.create_task(
+        pull_file(
+            beta.db,
+            link_to(alpha),
+            beta.row,
+            alpha.target(name),
+            expected=None,
+            committer=committer,
+            still_valid=lambda: valid,
+        )
+    )
+
+
 async def _until(condition: Callable[[], bool], what: str) -> None:
     """Let the loop run until `condition` holds (a deadline only against a hang)."""
     deadline = asyncio.get_running_loop().time() + 60
@@ -933,17 +950,7 @@ def test_pulls_ready_together_switch_in_one_group_and_a_refused_one_fails_alone(
         await committer.lock.acquire()  # the first group waits for it, the rest gather behind
 
         def start(name: str, valid: bool = True) -> asyncio.Task[TransferResult]:
-            return asyncio.create_task(
-                pull_file(
-                    beta.db,
-                    link_to(alpha),
-                    beta.row,
-                    alpha.target(name),
-                    expected=None,
-                    committer=committer,
-                    still_valid=lambda: valid,
-                )
-            )
+            return start_pull(alpha, beta, name, committer, valid)
 
         first = start(names[0])
         await _until(lambda: committer.groups == 1, "the first group")
@@ -980,16 +987,7 @@ def test_a_pull_cancelled_while_it_waits_for_its_group_leaves_nothing_behind(
         await committer.lock.acquire()
 
         def start(name: str) -> asyncio.Task[TransferResult]:
-            return asyncio.create_task(
-                pull_file(
-                    beta.db,
-                    link_to(alpha),
-                    beta.row,
-                    alpha.target(name),
-                    expected=None,
-                    committer=committer,
-                )
-            )
+            return start_pull(alpha, beta, name, committer)
 
         first = start("a.bin")
         await _until(lambda: committer.groups == 1, "the first group")

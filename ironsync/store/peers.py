@@ -163,3 +163,18 @@ def divergent_paths(db: Database, peer: str, storage_id: int) -> list[str]:
         {"peer": peer, "sid": storage_id},
     )
     return [r[0] for r in rows]
+
+
+def peer_version_of_content(
+    db: Database, storage_id: int, path: str, content_hash: bytes
+) -> tuple[str, str] | None:
+    """(version, modified_by) of a peer's live file at `path` with this content, if a peer
+    has one (each peer's row found by its primary key)."""
+    row = db.query_one(
+        "SELECT p.version, p.modified_by FROM peer_storages AS s"
+        " JOIN peer_files AS p ON p.peer = s.peer AND p.storage_id = s.storage_id"
+        " WHERE s.storage_id = ? AND p.path = ? AND p.hash = ? AND p.deleted = 0"
+        " AND p.type = 'file' LIMIT 1",
+        (storage_id, path, content_hash),
+    )
+    return None if row is None else (row[0], row[1])

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ironsync.store import Database
-from ironsync.sync.blocking import in_thread
+from ironsync.sync.blocking import in_thread, wait_through_cancellations
 from ironsync.sync.crashpoints import crash_point
 
 
@@ -104,7 +104,7 @@ class Committer:
                     self._queue.remove(entry)
                     entry.done.cancel()
             if taken:  # their descriptors are in use: wait, then go on
-                await asyncio.wait(taken)
+                await wait_through_cancellations(taken)
                 for done in taken:
                     if not done.cancelled():
                         done.exception()  # retrieved: the cancellation is what goes on

@@ -221,6 +221,18 @@ class _Budget:
                 self._changed.notify_all()
 
 
+def _report_refused(
+    report: PullReport, storage: Storage, path: str, exc: NotStorable | UnsafePath | OSError
+) -> None:
+    """A path the disk refused while a pull was accounted: skipped (a name this node cannot
+    store) or failed."""
+    if isinstance(exc, NotStorable):
+        report.skipped.append((storage.name, path, exc.reason))
+    else:
+        reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
+        report.failed.append((f"{storage.name}:{path}", reason))
+
+
 def _open_files_allowed() -> int:
     """OPEN_FILES_MAX, or a third of the descriptors this process may open beyond 128 (the
     database, sockets, the watcher), at least 8."""
@@ -695,11 +707,8 @@ class SyncEngine:
             await self._pull(
                 link, storage, row, pull.target, pull.path, report, pull.decided, pull.expected
             )
-        except NotStorable as exc:
-            report.skipped.append((storage.name, pull.path, exc.reason))
-        except (UnsafePath, OSError) as exc:
-            reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
-            report.failed.append((f"{storage.name}:{pull.path}", reason))
+        except (NotStorable, UnsafePath, OSError) as exc:
+            _report_refused(report, storage, pull.path, exc)
 
     async def _pull_batch(
         self,
@@ -726,11 +735,8 @@ class SyncEngine:
         for pull, result, (_, kept) in zip(pulls, results, checks, strict=True):
             try:
                 await self._account(storage, pull.target, pull.path, result, report, kept)
-            except NotStorable as exc:
-                report.skipped.append((storage.name, pull.path, exc.reason))
-            except (UnsafePath, OSError) as exc:
-                reason = exc.reason if isinstance(exc, UnsafePath) else str(exc)
-                report.failed.append((f"{storage.name}:{pull.path}", reason))
+            except (NotStorable, UnsafePath, OSError) as exc:
+                _report_refused(report, storage, pull.path, exc)
 
     def _move_locally(
         self,

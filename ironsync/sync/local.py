@@ -51,7 +51,7 @@ from ironsync.scan import (
     plan_scan_rows,
     shown_name,
 )
-from ironsync.store import Database, index, tree
+from ironsync.store import Database, index, peers, tree
 from ironsync.store import events as ev
 from ironsync.store.batch import IndexBatch
 
@@ -278,7 +278,16 @@ def _record_observed(
             batch.refresh_stat(current.id, seen.stat, seen.indexed_at_ns)
             return None
     kind = "created" if current is None or current.deleted else "modified"
-    _put(batch, node_id, seen, _bumped(current.version if current else None, node_id))
+    base = current.version if current else None
+    theirs = peers.peer_version_of_content(batch.db, batch.storage.id, seen.path, seen.content.hash)
+    if theirs is not None:
+        # A peer's content at this path, which a pull put here and a crash kept the index
+        # from recording (the group commit's window), or which was written here again: the
+        # peer's version, merged with ours, not a new one of ours (a new one would conflict
+        # with the peer's next change of the file).
+        _put(batch, theirs[1], seen, _merged(base, theirs[0]))
+    else:
+        _put(batch, node_id, seen, _bumped(base, node_id))
     same_content = (
         current is not None
         and not current.deleted
@@ -383,16 +392,24 @@ def _record_moved(batch: IndexBatch, node_id: str, old_path: str, seen: Observed
     return Change("moved", seen.path, old_path)
 
 
-def _put(batch: IndexBatch, node_id: str, seen: Observed, version: str) -> None:
+def _put(batch: IndexBatch, modified_by: str, seen: Observed, version: str) -> None:
     batch.put_live_file(
         seen.path,
         seen.stat,
         seen.content.hash,
         seen.content.chunks,
         version=version,
-        modified_by=node_id,
+        modified_by=modified_by,
         indexed_at_ns=seen.indexed_at_ns,
     )
+
+
+def _merged(version: str | None, theirs: str) -> str:
+    """The merge of our row's version (None: no row) and a peer's."""
+    from ironsync.reconcile import VersionVector, merge
+
+    peer = VersionVector.from_json(theirs)
+    return (peer if version is None else merge(VersionVector.from_json(version), peer)).to_json()
 
 
 @functools.lru_cache(maxsize=1024)
