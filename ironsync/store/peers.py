@@ -166,15 +166,25 @@ def divergent_paths(db: Database, peer: str, storage_id: int) -> list[str]:
 
 
 def peer_version_of_content(
-    db: Database, storage_id: int, path: str, content_hash: bytes
+    db: Database,
+    storage_id: int,
+    path: str,
+    content_hash: bytes,
+    size: int,
+    mtime_ns: int,
+    mode: int,
 ) -> tuple[str, str] | None:
-    """(version, modified_by) of a peer's live file at `path` with this content, if a peer
-    has one (each peer's row found by its primary key)."""
-    row = db.query_one(
-        "SELECT p.version, p.modified_by FROM peer_storages AS s"
+    """(version, modified_by) of a peer's live file at `path` that is exactly this one: the
+    same content, size, mtime and permission bits (what a pull of it writes), if a peer has
+    one (each peer's row found by its primary key)."""
+    rows = db.query(
+        "SELECT p.version, p.modified_by, p.mode FROM peer_storages AS s"
         " JOIN peer_files AS p ON p.peer = s.peer AND p.storage_id = s.storage_id"
         " WHERE s.storage_id = ? AND p.path = ? AND p.hash = ? AND p.deleted = 0"
-        " AND p.type = 'file' LIMIT 1",
-        (storage_id, path, content_hash),
+        " AND p.type = 'file' AND p.size = ? AND p.mtime_ns = ?",
+        (storage_id, path, content_hash, size, mtime_ns),
     )
-    return None if row is None else (row[0], row[1])
+    for version, modified_by, their_mode in rows:
+        if (their_mode & 0o777) == (mode & 0o777):
+            return version, modified_by
+    return None

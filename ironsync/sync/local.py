@@ -278,14 +278,14 @@ def _record_observed(
             batch.refresh_stat(current.id, seen.stat, seen.indexed_at_ns)
             return None
     kind = "created" if current is None or current.deleted else "modified"
-    base = current.version if current else None
-    theirs = peers.peer_version_of_content(batch.db, batch.storage.id, seen.path, seen.content.hash)
+    base = current.version if current else None  # a tombstone's or another kind's too
+    theirs = _pulled_version(batch, seen, base)
     if theirs is not None:
-        # A peer's content at this path, which a pull put here and a crash kept the index
-        # from recording (the group commit's window), or which was written here again: the
-        # peer's version, merged with ours, not a new one of ours (a new one would conflict
-        # with the peer's next change of the file).
-        _put(batch, theirs[1], seen, _merged(base, theirs[0]))
+        # Exactly a peer's file (content, size, mtime, mode), at a version at or past ours: a
+        # pull put it here and a crash kept the index from recording it (the group commit's
+        # window). Its version is the peer's: a new one of ours would conflict with the
+        # peer's next change of the file.
+        _put(batch, theirs[1], seen, theirs[0])
     else:
         _put(batch, node_id, seen, _bumped(base, node_id))
     same_content = (
@@ -404,12 +404,19 @@ def _put(batch: IndexBatch, modified_by: str, seen: Observed, version: str) -> N
     )
 
 
-def _merged(version: str | None, theirs: str) -> str:
-    """The merge of our row's version (None: no row) and a peer's."""
-    from ironsync.reconcile import VersionVector, merge
+def _pulled_version(batch: IndexBatch, seen: Observed, ours: str | None) -> tuple[str, str] | None:
+    """(version, modified_by) of the peer's row that `seen` is exactly, when that version is
+    ours or newer (a pull of it would have replaced our row); else None."""
+    theirs = peers.peer_version_of_content(
+        batch.db, batch.storage.id, seen.path, seen.content.hash, seen.stat.size,
+        seen.stat.mtime_ns, seen.stat.mode,
+    )  # fmt: skip
+    if theirs is None or ours is None:
+        return theirs
+    from ironsync.reconcile import Ordering, VersionVector, compare  # only when one is found
 
-    peer = VersionVector.from_json(theirs)
-    return (peer if version is None else merge(VersionVector.from_json(version), peer)).to_json()
+    order = compare(VersionVector.from_json(theirs[0]), VersionVector.from_json(ours))
+    return theirs if order in (Ordering.EQUAL, Ordering.GREATER) else None
 
 
 @functools.lru_cache(maxsize=1024)
