@@ -615,10 +615,9 @@ async def pull_small_files(
             pull.keep_versions = keep_versions
             pull.committer = committer
             pull.still_valid = small.still_valid
-            pull.bytes_from_peer = len(got)
-            pull._expected, pull._now_ns = small.expected, now_ns
             made[i], data_of[i] = pull, got
-        written = await in_thread(_write_all_whole, [(made[i], data_of[i]) for i in made])
+        jobs = [(made[i], data_of[i], pulls[i].expected) for i in made]
+        written = await in_thread(_write_all_whole, jobs, now_ns)
         data_of.clear()
         ready = [i for i, error in zip(made, written, strict=True) if error is None]
         errors.update((i, e) for i, e in zip(made, written, strict=True) if e is not None)
@@ -718,12 +717,14 @@ async def _receive_files(
     return got
 
 
-def _write_all_whole(pulls: list[tuple[_Pull, memoryview]]) -> list[BaseException | None]:
+def _write_all_whole(
+    pulls: list[tuple[_Pull, memoryview, KnownStat | None]], now_ns: Callable[[], int]
+) -> list[BaseException | None]:
     """Write each small file's temp file (in a thread: one job for the whole batch)."""
     errors: list[BaseException | None] = []
-    for pull, data in pulls:
+    for pull, data, expected in pulls:
         try:
-            pull.write_whole(data)
+            pull.write_whole(data, expected, now_ns)
         except Exception as exc:  # that file fails alone
             errors.append(exc)
         else:
@@ -827,11 +828,15 @@ class _Pull:
         committer = self.committer or Committer(self.db, self.switch_lock)
         await committer.commit(self)  # fsync, rename, fsync, index: shared with other pulls
 
-    def write_whole(self, data: memoryview) -> None:
+    def write_whole(
+        self, data: memoryview, expected: KnownStat | None, now_ns: Callable[[], int]
+    ) -> None:
         """Steps 2 to 4 for a small file received whole and verified (`pull_small_files`):
-        its chunks, computed here, and its temp file, with the target's mode and mtime. In a
-        thread."""
+        its chunks, computed here, and its temp file, with the target's mode and mtime; then
+        it is ready for its committer, as `run` leaves a pull. In a thread."""
         target = self.target
+        self.bytes_from_peer = len(data)
+        self._expected, self._now_ns = expected, now_ns
         check_peer_path(self.path)
         chunks = self._chunks = _ChunkListSpool()
         chunks.extend([ChunkRef(c.offset, c.length, c.hash) for c in chunk_bytes(data).chunks])
