@@ -1,4 +1,5 @@
-"""Many local changes written with a few statements: the scanner's batches.
+"""Many changes written with a few statements: the scanner's batches, and the groups of pulled
+files a Committer switches into place (ironsync.sync.commit).
 
 Written one at a time (`index.put_live_file`, `index.put_tombstone`, `events.append_event`), a
 change costs a sequence UPDATE, an upsert with RETURNING, a chunk DELETE, a savepoint and a
@@ -23,7 +24,7 @@ from ironsync.model import FILE
 from ironsync.scan import Stat
 from ironsync.store import index
 from ironsync.store.database import Database
-from ironsync.store.events import KINDS, append_local_events, iso_now
+from ironsync.store.events import KINDS, append_storage_events, iso_now
 
 _NOT_READ = object()
 
@@ -65,7 +66,8 @@ class IndexBatch:
         self._live: list[_LiveFile] = []
         self._tombstones: list[_Tombstone] = []
         self._refreshed: list[tuple[int, int, int, int]] = []
-        self._events: list[tuple[str, str, str | None]] = []  # (kind, path, detail JSON)
+        # (kind, path, detail JSON, peer)
+        self._events: list[tuple[str, str, str | None, str | None]] = []
 
     def __len__(self) -> int:
         """Changes and stat refreshes waiting to be written."""
@@ -124,11 +126,14 @@ class IndexBatch:
         """`index.refresh_stat` (no new sequence), written with the batch."""
         self._refreshed.append((stat.ctime_ns, stat.inode, indexed_at_ns, file_id))
 
-    def append_event(self, kind: str, path: str, detail: str | None = None) -> None:
-        """`events.append_event` of a local change (status ok, no peer); `detail` is JSON."""
+    def append_event(
+        self, kind: str, path: str, detail: str | None = None, peer: str | None = None
+    ) -> None:
+        """`events.append_event` of a change (status ok), local unless a `peer` brought it;
+        `detail` is JSON."""
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
-        self._events.append((kind, path, detail))
+        self._events.append((kind, path, detail, peer))
 
     def _before_change(self, path: str) -> int | None:
         current = self._rows.get(path, _NOT_READ)
@@ -186,7 +191,7 @@ class IndexBatch:
                 if gone:
                     conn.executemany(index.CHUNKS_DELETE, gone)
         if self._events:
-            append_local_events(self.db, self.storage.name, self._events, iso_now())
+            append_storage_events(self.db, self.storage.name, self._events, iso_now())
         for path in self._paths:
             self._rows.pop(path, None)
         self._paths.clear()

@@ -66,6 +66,11 @@ def iso_now(now: datetime | None = None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def detail_text(detail: Mapping[str, Any] | None) -> str | None:
+    """An event's detail as the events table holds it: compact JSON, keys sorted."""
+    return json.dumps(dict(detail), sort_keys=True, separators=(",", ":")) if detail else None
+
+
 def append_event(
     db: Database,
     kind: str,
@@ -82,7 +87,7 @@ def append_event(
         raise ValueError(f"unknown event kind {kind!r}")
     if status not in STATUSES:
         raise ValueError(f"unknown event status {status!r}")
-    text = json.dumps(dict(detail), sort_keys=True, separators=(",", ":")) if detail else None
+    text = detail_text(detail)
     return int(
         db.scalar(
             _INSERT + " RETURNING seq", (at or iso_now(), storage, path, kind, status, peer, text)
@@ -90,13 +95,13 @@ def append_event(
     )
 
 
-def append_local_events(
-    db: Database, storage: str, events: list[tuple[str, str, str | None]], at: str
+def append_storage_events(
+    db: Database, storage: str, events: list[tuple[str, str, str | None, str | None]], at: str
 ) -> None:
-    """Append many local changes at once: (kind, path, detail JSON text), one timestamp."""
-    db.conn.executemany(
-        _INSERT, [(at, storage, path, kind, "ok", None, detail) for kind, path, detail in events]
-    )
+    """Append many changes of one storage at once, status ok, one timestamp: (kind, path,
+    detail JSON text, the peer that brought it or None for a local change)."""
+    rows = [(at, storage, path, kind, "ok", peer, detail) for kind, path, detail, peer in events]
+    db.conn.executemany(_INSERT, rows)
 
 
 _COLUMNS = "seq, at, storage, path, kind, status, peer, detail"

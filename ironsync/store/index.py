@@ -23,7 +23,7 @@ from ironsync.scan import (
 )
 from ironsync.store.database import Database
 
-_PATHS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
+PATHS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,22 @@ def known_stat(db: Database, storage_id: int, path: str) -> KnownStat | None:
     return KnownStat(Stat(row[0], row[1], row[2], row[3], row[4]), row[5])
 
 
+def known_stats_of(db: Database, storage_id: int, paths: Iterable[str]) -> dict[str, KnownStat]:
+    """`known_stat` for many paths at once: path -> stat fields, for the live files among them."""
+    wanted = list(paths)
+    found: dict[str, KnownStat] = {}
+    for start in range(0, len(wanted), PATHS_PER_QUERY):
+        batch = wanted[start : start + PATHS_PER_QUERY]
+        marks = ", ".join("?" * len(batch))
+        for path, size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns in db.conn.execute(
+            "SELECT path, size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns FROM files"
+            f" WHERE storage_id = ? AND path IN ({marks}) AND deleted = 0 AND type = 'file'",
+            (storage_id, *batch),
+        ):
+            found[path] = KnownStat(Stat(size, mtime_ns, ctime_ns, inode, mode), indexed_at_ns)
+    return found
+
+
 def get_file(db: Database, storage_id: int, path: str) -> FileRow | None:
     row = db.query_one(
         f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND path = ?",
@@ -254,8 +270,8 @@ def get_files(db: Database, storage_id: int, paths: Iterable[str]) -> dict[str, 
     """`get_file` for many paths at once: path -> row, for those the index has."""
     wanted = list(paths)
     found: dict[str, FileRow] = {}
-    for start in range(0, len(wanted), _PATHS_PER_QUERY):
-        batch = wanted[start : start + _PATHS_PER_QUERY]
+    for start in range(0, len(wanted), PATHS_PER_QUERY):
+        batch = wanted[start : start + PATHS_PER_QUERY]
         marks = ", ".join("?" * len(batch))
         for row in db.conn.execute(
             f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND path IN ({marks})",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ironsync.model import FILE
 from ironsync.store.database import Database
 from ironsync.store.events import iso_now
+from ironsync.store.index import PATHS_PER_QUERY
 
 
 @dataclass(frozen=True)
@@ -134,15 +135,40 @@ def peer_storage_hash(db: Database, peer: str, storage_id: int) -> bytes:
     return bytes(value)
 
 
+_PEER_FILE_COLUMNS = (
+    "peer, path, size, mtime_ns, mode, hash, deleted, version, modified_by, sequence, type, target"
+)
+
+
+def _peer_file_row(row: tuple) -> PeerFileRow:
+    return PeerFileRow(*row[:6], bool(row[6]), *row[7:])  # type: ignore[arg-type]
+
+
 def get_peer_file(db: Database, peer: str, storage_id: int, path: str) -> PeerFileRow | None:
     row = db.query_one(
-        "SELECT peer, path, size, mtime_ns, mode, hash, deleted, version, modified_by, sequence,"
-        " type, target FROM peer_files WHERE peer = ? AND storage_id = ? AND path = ?",
+        f"SELECT {_PEER_FILE_COLUMNS} FROM peer_files"
+        " WHERE peer = ? AND storage_id = ? AND path = ?",
         (peer, storage_id, path),
     )
-    if row is None:
-        return None
-    return PeerFileRow(*row[:6], bool(row[6]), *row[7:])  # type: ignore[arg-type]
+    return None if row is None else _peer_file_row(row)
+
+
+def get_peer_files(
+    db: Database, peer: str, storage_id: int, paths: Iterable[str]
+) -> dict[str, PeerFileRow]:
+    """`get_peer_file` for many paths at once: path -> row, for those the peer's index has."""
+    wanted = list(paths)
+    found: dict[str, PeerFileRow] = {}
+    for start in range(0, len(wanted), PATHS_PER_QUERY):
+        batch = wanted[start : start + PATHS_PER_QUERY]
+        marks = ", ".join("?" * len(batch))
+        for row in db.conn.execute(
+            f"SELECT {_PEER_FILE_COLUMNS} FROM peer_files"
+            f" WHERE peer = ? AND storage_id = ? AND path IN ({marks})",
+            (peer, storage_id, *batch),
+        ):
+            found[row[1]] = _peer_file_row(row)
+    return found
 
 
 def divergent_paths(db: Database, peer: str, storage_id: int) -> list[str]:

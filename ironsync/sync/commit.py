@@ -9,13 +9,15 @@ every pull that is ready at that moment together, in the order the safety rules 
 2. under the lock (the engine's `apply_lock`), each pull checks its decision again and renames
    its temp file over the target (`Switchable.rename`); a pull whose check fails, fails alone;
 3. the renames are flushed (`flush` of the folders);
-4. one transaction records every renamed file: its index row and `write_finished` event.
+4. one transaction records every renamed file: its index row and `write_finished` event,
+   written per storage by an IndexBatch (a few statements for the whole group).
 
-So a group of N small files costs two flushes and one transaction, not 2N fsyncs and N
-transactions. The index is never committed before the rename is durable: a crash before step 4
-leaves the new files in place and their old index rows, and the next scan indexes what it finds
-(the content is the peer's, so the versions merge without a conflict copy). The lock is held
-from the first rename to the commit, so no decision sees a disk the index does not describe.
+So a group of N small files costs two flushes and one transaction of a few statements, not 2N
+fsyncs and N transactions. The index is never committed before the rename is durable: a crash
+before step 4 leaves the new files in place and their old index rows, and the next scan indexes
+what it finds (the content is the peer's, so the versions merge without a conflict copy). The
+lock is held from the first rename to the commit, so no decision sees a disk the index does not
+describe.
 
 Groups form by themselves: the first pull that is ready starts a group at once; the pulls that
 become ready while it is being switched form the next group. A pull that is cancelled while it
@@ -36,12 +38,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ironsync.store import Database
+from ironsync.store.batch import IndexBatch
+from ironsync.store.index import StorageRow
 from ironsync.sync.blocking import in_thread, wait_through_cancellations
 from ironsync.sync.crashpoints import crash_point
 
 
 class Switchable(Protocol):
     """A pull whose temp file is written and verified (transfer._Pull)."""
+
+    storage: StorageRow  # where it goes: its index row is written with its storage's batch
+    path: str
 
     def data_fd(self) -> int:
         """The temp file's descriptor: flushed in step 1."""
@@ -51,8 +58,9 @@ class Switchable(Protocol):
         target; the descriptor of the target's folder (flushed in step 3). Raises to fail
         this pull alone."""
 
-    def record(self) -> None:
-        """Step 4, inside the group's transaction: the index row and the event."""
+    def record(self, batch: IndexBatch) -> None:
+        """Step 4, inside the group's transaction: the index row and the event, added to
+        `batch` (its storage's), which the committer writes out before the commit."""
 
 
 @dataclass(eq=False)
@@ -157,8 +165,17 @@ class Committer:
             self.flush_seconds += time.monotonic() - started
             self.switched += len(renamed)
             with self.db.atomic():
+                batches: dict[int, IndexBatch] = {}
                 for entry in renamed:
-                    entry.item.record()
+                    item = entry.item
+                    if item.storage.id not in batches:
+                        batch = batches[item.storage.id] = IndexBatch(self.db, item.storage)
+                        batch.prefetch(
+                            e.item.path for e in renamed if e.item.storage.id == item.storage.id
+                        )
+                    item.record(batches[item.storage.id])
+                for batch in batches.values():
+                    batch.write()
         for entry in renamed:
             entry.done.set_result(None)
 

@@ -108,6 +108,7 @@ from ironsync.reconcile import ResolvedFile
 from ironsync.scan import KnownStat, Stat
 from ironsync.store import Database, index
 from ironsync.store import events as ev
+from ironsync.store.batch import IndexBatch
 from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.blocking import in_thread
 from ironsync.sync.commit import Committer
@@ -474,12 +475,15 @@ async def pull_file(
     switch_lock: asyncio.Lock | None = None,
     committer: Committer | None = None,
     still_valid: Callable[[], bool] | None = None,
+    on_written: Callable[[], None] | None = None,
 ) -> TransferResult:
     """Fetch `target`'s content from the peer behind `link` into `dest_path` (default: the
     target's path), verified, atomically, without overwriting a local change.
 
     `expected` is the local file the decision saw (None: no file there); with `keep_versions`
-    the file it replaces is kept in the versions folder first. Failures are returned
+    the file it replaces is kept in the versions folder first. `on_written` is called once the
+    temp file holds the verified content, before it waits for its committer: the pull holds
+    no received data from then on. Failures are returned
     as a TransferResult with ok=False, after a `write_failed` event; cancellation cleans up the
     same way, then propagates.
     """
@@ -504,6 +508,7 @@ async def pull_file(
     pull.switch_lock = switch_lock
     pull.committer = committer
     pull.still_valid = still_valid
+    pull.on_written = on_written
     try:
         await pull.run(expected, now_ns)
     except BaseException as exc:
@@ -565,12 +570,14 @@ async def pull_small_files(
     committer: Committer | None = None,
     now_ns: Callable[[], int] = time.time_ns,
     keep_versions: bool = False,
+    on_written: Callable[[], None] | None = None,
 ) -> list[TransferResult]:
     """`pull_file` for many small files at once (issue 13), with the same rules and events:
     one GetFiles asks for every file's whole content; each is verified against its hash,
     written to its temp file (all of them in one thread job), and the files switch into place
     together through `committer`. Each file succeeds or fails alone; the results are in the
-    order of `pulls`."""
+    order of `pulls`. `on_written` is called as `pull_file`'s, once for the batch: when every
+    temp file is written, before they wait for their committer."""
     results: list[TransferResult | None] = [None] * len(pulls)
     started: list[int] = []  # indexes of pulls with a write_started event
     for i, small in enumerate(pulls):
@@ -598,9 +605,11 @@ async def pull_small_files(
         return detail
 
     where = {"storage": storage_row.name, "peer": link.peer_id}
+    starts = [
+        ("write_started", pulls[i].dest, ev.detail_text(about(i)), link.peer_id) for i in started
+    ]
     with db.atomic():
-        for i in started:
-            ev.append_event(db, "write_started", detail=about(i), path=pulls[i].dest, **where)
+        ev.append_storage_events(db, storage_row.name, starts, ev.iso_now())
     made: dict[int, _Pull] = {}
     errors: dict[int, BaseException] = {}
     try:
@@ -617,10 +626,14 @@ async def pull_small_files(
             pull.still_valid = small.still_valid
             made[i], data_of[i] = pull, got
         jobs = [(made[i], data_of[i], pulls[i].expected) for i in made]
-        written = await in_thread(_write_all_whole, jobs, now_ns)
+        outcomes = await in_thread(_write_all_whole, jobs, now_ns)
+        jobs.clear()
         data_of.clear()
-        ready = [i for i, error in zip(made, written, strict=True) if error is None]
-        errors.update((i, e) for i, e in zip(made, written, strict=True) if e is not None)
+        received.clear()
+        if on_written is not None:
+            on_written()
+        ready = [i for i, error in zip(made, outcomes, strict=True) if error is None]
+        errors.update((i, e) for i, e in zip(made, outcomes, strict=True) if e is not None)
         if ready:
             group = committer or Committer(db)
             committed = await group.commit_many([made[i] for i in ready])
@@ -786,6 +799,7 @@ class _Pull:
         self.keep_versions = False
         self.switch_lock: asyncio.Lock | None = None
         self.committer: Committer | None = None
+        self.on_written: Callable[[], None] | None = None  # the temp file holds it all
         self.recorded = False  # the index row and write_finished are committed
         self._expected: KnownStat | None = None
         self._now_ns: Callable[[], int] = time.time_ns
@@ -825,6 +839,8 @@ class _Pull:
         os.fchmod(self._fd, target.mode & FILE_MODE_BITS)
         os.utime(self._fd, ns=(target.mtime_ns, target.mtime_ns))
         self._expected, self._now_ns = expected, now_ns
+        if self.on_written is not None:
+            self.on_written()
         committer = self.committer or Committer(self.db, self.switch_lock)
         await committer.commit(self)  # fsync, rename, fsync, index: shared with other pulls
 
@@ -868,12 +884,10 @@ class _Pull:
         assert self._folder_fd is not None
         return self._folder_fd
 
-    def record(self) -> None:
+    def record(self, batch: IndexBatch) -> None:
         target = self.target
         assert target.hash is not None and self._fd is not None and self._chunks is not None
-        index.put_live_file(
-            self.db,
-            self.storage.id,
+        batch.put_live_file(
             self.path,
             Stat.of(os.fstat(self._fd)),
             target.hash,
@@ -895,14 +909,7 @@ class _Pull:
         }
         if self.path != target.path:
             detail["from"] = target.path
-        ev.append_event(
-            self.db,
-            "write_finished",
-            storage=self.storage.name,
-            path=self.path,
-            peer=self.link.peer_id,
-            detail=detail,
-        )
+        batch.append_event("write_finished", self.path, ev.detail_text(detail), self.link.peer_id)
         self.recorded = True
 
     # --- step 2: the chunk list ----------------------------------------------------------------
