@@ -946,7 +946,8 @@ def sync(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
 
     def via_daemon() -> int | None:
         try:
-            for message in ask_daemon(config, {"cmd": "sync", "storages": storages}):
+            ask = {"cmd": "sync", "storages": storages, "progress": shown is not None}
+            for message in ask_daemon(config, ask):
                 if "progress" in message and shown is not None:
                     item = message["progress"]
                     shown.file_done(item["storage"], item["path"], item["bytes"])

@@ -748,7 +748,9 @@ class Daemon:
 
             assert self.node is not None
             engine = self.node.engine
-            previous, engine.progress = engine.progress, _ControlProgress(writer)
+            previous = engine.progress
+            if request.get("progress", True):  # a line per file, unless the asker shows none
+                engine.progress = _ControlProgress(writer)
             try:
                 results, unreachable = await self.node.sync_static_peers(storages, report)
             finally:
