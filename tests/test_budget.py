@@ -37,3 +37,73 @@ def test_tasks_share_the_budget_and_an_oversized_one_runs_alone() -> None:
     assert 80 < peak <= 100  # shared: several at once, never more than the budget
     assert alone == [100, 100]  # the 250 and the 100 each ran with nothing else
     assert free == 100
+
+
+def test_a_lease_released_early_lets_the_next_task_in_while_the_first_goes_on() -> None:
+    async def main() -> list[str]:
+        budget = _Budget(100)
+        order: list[str] = []
+        written = asyncio.Event()
+        finish = asyncio.Event()
+
+        async def first() -> None:
+            async with budget.taken(80) as lease:
+                order.append("first holds 80")
+                lease.release()  # its data is written; it still waits for its flush
+                lease.release()  # once only
+                written.set()
+                await finish.wait()
+            order.append("first ends")
+
+        async def second() -> None:
+            await written.wait()
+            async with budget.taken(90):
+                order.append("second holds 90")
+                finish.set()
+
+        await asyncio.gather(first(), second())
+        assert budget.free == 100
+        return order
+
+    assert asyncio.run(main()) == ["first holds 80", "second holds 90", "first ends"]
+
+
+def test_waiters_are_served_in_turn_and_a_cancelled_waiter_gives_its_share_back() -> None:
+    async def main() -> tuple[list[str], int]:
+        budget = _Budget(100)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with budget.taken(20):  # 80 stay free: "small" would fit at once
+                await release.wait()
+
+        async def waiter(name: str, amount: int) -> None:
+            async with budget.taken(amount):
+                order.append(name)
+
+        hold = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        big = asyncio.create_task(waiter("big", 90))
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(waiter("cancelled", 5))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(waiter("small", 5))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # while it waits: it leaves the line
+        release.set()
+        await asyncio.gather(hold, big, small)
+        assert cancelled.cancelled()
+        # a waiter granted its share in the step it is cancelled gives the share back
+        async with budget.taken(100) as lease:
+            granted = asyncio.create_task(waiter("granted, then cancelled", 50))
+            await asyncio.sleep(0)  # it waits
+            lease.release()  # its 50 are granted now...
+            granted.cancel()  # ...and it is cancelled before it runs again
+        await asyncio.gather(granted, return_exceptions=True)
+        assert granted.cancelled()
+        return order, budget.free
+
+    order, free = asyncio.run(main())
+    assert order == ["big", "small"]  # the 5 behind the 90 waited its turn
+    assert free == 100

@@ -125,6 +125,8 @@ PULL_CHARGE_MIN = 64 * 1024
 """What any pull counts besides its data (buffers, the chunk list window, the temp file)."""
 DECIDE_BATCH = 256
 """Paths a pass decides under one hold of `apply_lock` (`_decide_all`)."""
+PULL_WINDOW = 4096
+"""Files a pass decides again and fetches at a time (`_decided_again`)."""
 PLACEHOLDER_ID = 1  # the session stamps the real request id
 
 
@@ -598,18 +600,18 @@ class SyncEngine:
                 self._create_entry(link, storage, row, pending, report),
             )  # fmt: skip
         moved_away: set[str] = set()
-        remaining = []
-        async with self.apply_lock:
-            for pull in step.pulls:
-                if not _same_row(index.get_file(self.db, row.id, pull.path), pull.decided):
-                    report.changed += 1  # changed since the decision: decide again next round
-                elif self._move_locally(
-                    link, storage, row, pull.path, pull.target, late, moved_away
-                ):
-                    report.changed += 1
-                else:
-                    remaining.append(pull)
-        await self._pull_many(link, storage, row, remaining, report)
+        for start in range(0, len(step.pulls), PULL_WINDOW):
+            remaining = []
+            async with self.apply_lock:
+                window = step.pulls[start : start + PULL_WINDOW]
+                for pull in self._decided_again(link, storage, row, window, report):
+                    if self._move_locally(
+                        link, storage, row, pull.path, pull.target, late, moved_away
+                    ):
+                        report.changed += 1
+                    else:
+                        remaining.append(pull)
+            await self._pull_many(link, storage, row, remaining, report)
         for path in late:
             if path in moved_away:
                 async with self.apply_lock:
@@ -919,6 +921,38 @@ class SyncEngine:
                         more.append(path)
             for path in more:
                 await self._apply_guarded(link, storage, row, path, report, step)
+
+    def _decided_again(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        paths: list[str],
+        report: PullReport,
+    ) -> list[PendingPull]:
+        """The pulls of `paths`, decided again from their rows (`apply_lock` held): a pass
+        keeps only the paths of the files it will fetch, and fetches them PULL_WINDOW at a
+        time, so its memory does not grow with their number (a decision holds a version vector
+        and a row: ~1 KiB). A path that is no longer a plain pull from this peer changed since
+        the first decision: the next round decides it."""
+        local_rows = index.get_files(self.db, row.id, paths)
+        remote_rows = peers.get_peer_files(self.db, link.peer_id, row.id, paths)
+        known = index.known_stats_of(self.db, row.id, paths)
+        pulls = []
+        for path in paths:
+            local = local_rows.get(path)
+            plan = self._decide(storage, None, local, remote_rows.get(path))
+            if (
+                plan is None
+                or plan.local_action is not LocalAction.PULL
+                or plan.conflict_copies
+                or plan.target.kind != FILE
+                or link.peer_id not in plan.target.sources
+            ):
+                report.changed += 1
+                continue
+            pulls.append(PendingPull(path, plan.target, local, known.get(path)))
+        return pulls
 
     def _decide(
         self,
@@ -1352,7 +1386,7 @@ class _Step:
     def __init__(self, rules: IgnoreRules) -> None:
         self.rules = rules
         self.deferred: list[str] = []  # deletions
-        self.pulls: list[PendingPull] = []  # files to fetch
+        self.pulls: list[str] = []  # files to fetch: decided again when fetched
         self.creates: list[PendingPull] = []  # folders and links to make
         self.replaced: set[str] = set()  # paths that become a file or a link
         self.ignored = 0
@@ -1387,11 +1421,10 @@ def _put_in_step(
         return True
     if plan.local_action is not LocalAction.PULL or plan.conflict_copies:
         return False
-    pending = PendingPull(path, plan.target, local, expected)
     if plan.target.kind != FILE:
-        step.creates.append(pending)
+        step.creates.append(PendingPull(path, plan.target, local, expected))
     elif peer in plan.target.sources:
-        step.pulls.append(pending)
+        step.pulls.append(path)
     else:
         return True
     if plan.target.kind != DIR:
