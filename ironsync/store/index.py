@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 from ironsync.chunking import ChunkInfo
 from ironsync.model import FILE
@@ -242,20 +243,31 @@ def known_stat(db: Database, storage_id: int, path: str) -> KnownStat | None:
     return KnownStat(Stat(row[0], row[1], row[2], row[3], row[4]), row[5])
 
 
-def known_stats_of(db: Database, storage_id: int, paths: Iterable[str]) -> dict[str, KnownStat]:
-    """`known_stat` for many paths at once: path -> stat fields, for the live files among them."""
+def rows_for_paths(
+    db: Database, sql: str, params: tuple[Any, ...], paths: Iterable[str]
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of `sql` for many paths, PATHS_PER_QUERY at a time: the paths' placeholders go
+    where `sql` says `{marks}` (`path IN ({marks})`), after `params`."""
     wanted = list(paths)
-    found: dict[str, KnownStat] = {}
     for start in range(0, len(wanted), PATHS_PER_QUERY):
         batch = wanted[start : start + PATHS_PER_QUERY]
         marks = ", ".join("?" * len(batch))
-        for path, size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns in db.conn.execute(
-            "SELECT path, size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns FROM files"
-            f" WHERE storage_id = ? AND path IN ({marks}) AND deleted = 0 AND type = 'file'",
-            (storage_id, *batch),
-        ):
-            found[path] = KnownStat(Stat(size, mtime_ns, ctime_ns, inode, mode), indexed_at_ns)
-    return found
+        yield from db.conn.execute(sql.format(marks=marks), (*params, *batch))
+
+
+def known_stats_of(db: Database, storage_id: int, paths: Iterable[str]) -> dict[str, KnownStat]:
+    """`known_stat` for many paths at once: path -> stat fields, for the live files among them."""
+    rows = rows_for_paths(
+        db,
+        "SELECT path, size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns FROM files"
+        " WHERE storage_id = ? AND path IN ({marks}) AND deleted = 0 AND type = 'file'",
+        (storage_id,),
+        paths,
+    )
+    return {
+        path: KnownStat(Stat(size, mtime_ns, ctime_ns, inode, mode), indexed_at_ns)
+        for path, size, mtime_ns, ctime_ns, inode, mode, indexed_at_ns in rows
+    }
 
 
 def get_file(db: Database, storage_id: int, path: str) -> FileRow | None:
@@ -268,17 +280,8 @@ def get_file(db: Database, storage_id: int, path: str) -> FileRow | None:
 
 def get_files(db: Database, storage_id: int, paths: Iterable[str]) -> dict[str, FileRow]:
     """`get_file` for many paths at once: path -> row, for those the index has."""
-    wanted = list(paths)
-    found: dict[str, FileRow] = {}
-    for start in range(0, len(wanted), PATHS_PER_QUERY):
-        batch = wanted[start : start + PATHS_PER_QUERY]
-        marks = ", ".join("?" * len(batch))
-        for row in db.conn.execute(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND path IN ({marks})",
-            (storage_id, *batch),
-        ):
-            found[row[2]] = _file_row(row)
-    return found
+    sql = f"SELECT {_FILE_COLUMNS} FROM files WHERE storage_id = ? AND path IN ({{marks}})"
+    return {row[2]: _file_row(row) for row in rows_for_paths(db, sql, (storage_id,), paths)}
 
 
 def files_with_hash(db: Database, storage_id: int, content_hash: bytes) -> list[FileRow]:

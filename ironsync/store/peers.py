@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ironsync.model import FILE
 from ironsync.store.database import Database
 from ironsync.store.events import iso_now
-from ironsync.store.index import PATHS_PER_QUERY
+from ironsync.store.index import rows_for_paths
 
 
 @dataclass(frozen=True)
@@ -157,18 +157,12 @@ def get_peer_files(
     db: Database, peer: str, storage_id: int, paths: Iterable[str]
 ) -> dict[str, PeerFileRow]:
     """`get_peer_file` for many paths at once: path -> row, for those the peer's index has."""
-    wanted = list(paths)
-    found: dict[str, PeerFileRow] = {}
-    for start in range(0, len(wanted), PATHS_PER_QUERY):
-        batch = wanted[start : start + PATHS_PER_QUERY]
-        marks = ", ".join("?" * len(batch))
-        for row in db.conn.execute(
-            f"SELECT {_PEER_FILE_COLUMNS} FROM peer_files"
-            f" WHERE peer = ? AND storage_id = ? AND path IN ({marks})",
-            (peer, storage_id, *batch),
-        ):
-            found[row[1]] = _peer_file_row(row)
-    return found
+    sql = (
+        f"SELECT {_PEER_FILE_COLUMNS} FROM peer_files"
+        " WHERE peer = ? AND storage_id = ? AND path IN ({marks})"
+    )
+    rows = rows_for_paths(db, sql, (peer, storage_id), paths)
+    return {row[1]: _peer_file_row(row) for row in rows}
 
 
 def divergent_paths(db: Database, peer: str, storage_id: int) -> list[str]:

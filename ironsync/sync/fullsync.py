@@ -909,9 +909,7 @@ class SyncEngine:
             part = paths[start : start + DECIDE_BATCH]
             more: list[str] = []
             async with self.apply_lock:
-                local_rows = index.get_files(self.db, row.id, part)
-                remote_rows = peers.get_peer_files(self.db, link.peer_id, row.id, part)
-                known = index.known_stats_of(self.db, row.id, part)
+                local_rows, remote_rows, known = self._rows_of(link, row, part)
                 for path in part:
                     local = local_rows.get(path)
                     plan = self._decide(storage, step, local, remote_rows.get(path))
@@ -935,9 +933,7 @@ class SyncEngine:
         time, so its memory does not grow with their number (a decision holds a version vector
         and a row: ~1 KiB). A path that is no longer a plain pull from this peer changed since
         the first decision: the next round decides it."""
-        local_rows = index.get_files(self.db, row.id, paths)
-        remote_rows = peers.get_peer_files(self.db, link.peer_id, row.id, paths)
-        known = index.known_stats_of(self.db, row.id, paths)
+        local_rows, remote_rows, known = self._rows_of(link, row, paths)
         pulls = []
         for path in paths:
             local = local_rows.get(path)
@@ -953,6 +949,17 @@ class SyncEngine:
                 continue
             pulls.append(PendingPull(path, plan.target, local, known.get(path)))
         return pulls
+
+    def _rows_of(
+        self, link: PeerLink, row: index.StorageRow, paths: list[str]
+    ) -> tuple[dict[str, index.FileRow], dict[str, peers.PeerFileRow], dict[str, KnownStat]]:
+        """Our rows, the peer's rows and the stats our index knows of `paths` (three queries
+        per 500 paths)."""
+        return (
+            index.get_files(self.db, row.id, paths),
+            peers.get_peer_files(self.db, link.peer_id, row.id, paths),
+            index.known_stats_of(self.db, row.id, paths),
+        )
 
     def _decide(
         self,
