@@ -7,9 +7,13 @@ import asyncio
 import os
 import random
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from ironsync.protocol import GetChunkList, GetChunks, GetFiles
 from ironsync.store import index
+from ironsync.sync import fullsync
 from ironsync.sync.fullsync import SyncEngine
 from ironsync.sync.service import SyncService
 from tests.conftest import Node
@@ -89,3 +93,50 @@ def test_a_pulled_file_the_index_did_not_record_before_a_crash_keeps_the_peers_v
     engine_a.scan()
     asyncio.run(pull())
     assert tree(beta.root) == {"f.txt": b"version two"}  # no conflict copy
+
+
+def test_a_file_changed_here_between_its_decision_and_its_window_is_decided_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass keeps only the paths of the files it will fetch and decides them again when
+    their window comes (memory flat in the number of files). A file written here after the
+    first decision is then no plain pull any more: this pass leaves it as it is, counts it as
+    changed, and the next pass settles it as a conflict, losing neither side."""
+    monkeypatch.setattr(fullsync, "PULL_WINDOW", 4)
+    alpha, beta = Node(tmp_path, "alpha"), Node(tmp_path, "beta")
+    for n in range(10):
+        write(alpha.root, f"f{n}.txt", f"alpha's {n}")
+    (_, service_a), (engine_b, _) = engine_of(alpha), engine_of(beta)
+    windows: list[list[str]] = []
+    pull_many = engine_b._pull_many
+
+    async def first_window_then_an_edit(*args: Any) -> None:
+        windows.append(sorted(p.path for p in args[3]))
+        await pull_many(*args)
+        if len(windows) == 1:
+            write(beta.root, "f9.txt", "beta's own")
+            engine_b.scan()
+
+    monkeypatch.setattr(engine_b, "_pull_many", first_window_then_an_edit)
+
+    async def pull() -> int:
+        link = MemoryLink("alpha", service_a, local_id="beta", peer_storages=("docs",))
+        report = await engine_b.pull_from(link, ["docs"])
+        assert not report.failed, report.failed
+        return report.changed
+
+    changed = asyncio.run(pull())
+
+    assert windows == [
+        ["f0.txt", "f1.txt", "f2.txt", "f3.txt"],
+        ["f4.txt", "f5.txt", "f6.txt", "f7.txt"],
+        ["f8.txt"],
+    ]
+    assert changed >= 1
+    assert (beta.root / "f9.txt").read_text() == "beta's own"
+    assert all((beta.root / f"f{n}.txt").read_text() == f"alpha's {n}" for n in range(9))
+
+    asyncio.run(pull())  # the next pass: a conflict, both contents kept
+
+    contents = sorted(p.read_text() for p in beta.root.rglob("f9*") if p.is_file())
+    assert contents == ["alpha's 9", "beta's own"]
