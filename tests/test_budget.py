@@ -107,3 +107,27 @@ def test_waiters_are_served_in_turn_and_a_cancelled_waiter_gives_its_share_back(
     order, free = asyncio.run(main())
     assert order == ["big", "small"]  # the 5 behind the 90 waited its turn
     assert free == 100
+
+
+def test_a_share_given_back_while_the_first_waiter_is_being_cancelled_goes_to_the_next() -> None:
+    """A task cancelled while it waits has its wait cancelled at once, but leaves the line only
+    when it runs again: a share given back in between skips it, and goes to the next."""
+
+    async def main() -> tuple[bool, bool, int]:
+        budget = _Budget(100)
+        served: list[str] = []
+
+        async def waiter(name: str, amount: int) -> None:
+            async with budget.taken(amount):
+                served.append(name)
+
+        async with budget.taken(100) as lease:
+            first = asyncio.create_task(waiter("first", 50))
+            second = asyncio.create_task(waiter("second", 60))
+            await asyncio.sleep(0)  # both wait, first at the head
+            first.cancel()
+            lease.release()  # before `first` runs again
+        await asyncio.gather(first, second, return_exceptions=True)
+        return first.cancelled(), served == ["second"], budget.free
+
+    assert asyncio.run(main()) == (True, True, 100)

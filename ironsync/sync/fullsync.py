@@ -224,8 +224,9 @@ class _Budget:
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():  # granted as it was cancelled
                     self.give_back(amount)
-                else:
-                    self._waiting.remove((amount, waiter))
+                else:  # out of line (unless `_wake` took it out already), and the next may fit
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove((amount, waiter))
                     self._wake()
                 raise
         else:
@@ -241,8 +242,14 @@ class _Budget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiting and self._waiting[0][0] <= self.free:
-            amount, waiter = self._waiting.pop(0)
+        while self._waiting:
+            amount, waiter = self._waiting[0]
+            if waiter.cancelled():  # its task was cancelled and has not run since
+                self._waiting.pop(0)
+                continue
+            if amount > self.free:
+                return
+            self._waiting.pop(0)
             self.free -= amount
             waiter.set_result(None)
 
