@@ -164,17 +164,15 @@ class Committer:
             await in_thread(flush, folders)
             self.flush_seconds += time.monotonic() - started
             self.switched += len(renamed)
+            by_storage: dict[int, list[Switchable]] = {}
+            for entry in renamed:
+                by_storage.setdefault(entry.item.storage.id, []).append(entry.item)
             with self.db.atomic():
-                batches: dict[int, IndexBatch] = {}
-                for entry in renamed:
-                    item = entry.item
-                    if item.storage.id not in batches:
-                        batch = batches[item.storage.id] = IndexBatch(self.db, item.storage)
-                        batch.prefetch(
-                            e.item.path for e in renamed if e.item.storage.id == item.storage.id
-                        )
-                    item.record(batches[item.storage.id])
-                for batch in batches.values():
+                for items in by_storage.values():
+                    batch = IndexBatch(self.db, items[0].storage)
+                    batch.prefetch(item.path for item in items)
+                    for item in items:
+                        item.record(batch)
                     batch.write()
         for entry in renamed:
             entry.done.set_result(None)

@@ -908,7 +908,7 @@ class SyncEngine:
         step: _Step,
     ) -> None:
         """`apply_path` with `step` for every path of a pass, DECIDE_BATCH paths at a time:
-        their rows read with three queries, and each one decided under one hold of
+        their rows read with two queries, and each one decided under one hold of
         `apply_lock` (a query of its own per path costs a read transaction: most of the
         decisions' time for 20,000 new files). What needs more than a decision and a place in
         `step` (a conflict, an action here) goes through `apply_path` once the lock is free."""
@@ -916,12 +916,12 @@ class SyncEngine:
             part = paths[start : start + DECIDE_BATCH]
             more: list[str] = []
             async with self.apply_lock:
-                local_rows, remote_rows, known = self._rows_of(link, row, part)
+                local_rows, remote_rows = self._rows_of(link, row, part)
                 for path in part:
                     local = local_rows.get(path)
                     plan = self._decide(storage, step, local, remote_rows.get(path))
                     if plan is not None and not _put_in_step(
-                        step, plan, local, known.get(path), link.peer_id
+                        step, plan, local, self._known_stat(row, path), link.peer_id
                     ):
                         more.append(path)
             for path in more:
@@ -940,7 +940,8 @@ class SyncEngine:
         time, so its memory does not grow with their number (a decision holds a version vector
         and a row: ~1 KiB). A path that is no longer a plain pull from this peer changed since
         the first decision: the next round decides it."""
-        local_rows, remote_rows, known = self._rows_of(link, row, paths)
+        local_rows, remote_rows = self._rows_of(link, row, paths)
+        known = index.known_stats_of(self.db, row.id, paths)
         pulls = []
         for path in paths:
             local = local_rows.get(path)
@@ -959,14 +960,17 @@ class SyncEngine:
 
     def _rows_of(
         self, link: PeerLink, row: index.StorageRow, paths: list[str]
-    ) -> tuple[dict[str, index.FileRow], dict[str, peers.PeerFileRow], dict[str, KnownStat]]:
-        """Our rows, the peer's rows and the stats our index knows of `paths` (three queries
-        per 500 paths)."""
+    ) -> tuple[dict[str, index.FileRow], dict[str, peers.PeerFileRow]]:
+        """Our rows and the peer's rows of `paths` (two queries per 500 paths)."""
         return (
             index.get_files(self.db, row.id, paths),
             peers.get_peer_files(self.db, link.peer_id, row.id, paths),
-            index.known_stats_of(self.db, row.id, paths),
         )
+
+    def _known_stat(self, row: index.StorageRow, path: str) -> Callable[[], KnownStat | None]:
+        """The stat our index knows of `path`, read when asked: a pass needs it for what it
+        makes now, and reads it again for a file when its window comes."""
+        return lambda: index.known_stat(self.db, row.id, path)
 
     def _decide(
         self,
@@ -1010,7 +1014,7 @@ class SyncEngine:
             if plan is None:
                 return
             expected = index.known_stat(self.db, row.id, path)
-            if step is not None and _put_in_step(step, plan, local, expected, peer):
+            if step is not None and _put_in_step(step, plan, local, lambda: expected, peer):
                 return
             if plan.is_conflict:
                 report.conflicts += 1
@@ -1423,12 +1427,13 @@ def _put_in_step(
     step: _Step,
     plan: Plan,
     local: index.FileRow | None,
-    expected: KnownStat | None,
+    expected: Callable[[], KnownStat | None],
     peer: str,
 ) -> bool:
-    """Put a plain case of a pass in `step`, for later: a deletion, a plain pull, the making
-    of a folder or link (or nothing, when another peer holds the content: a later sync with
-    that peer brings it). False: the path needs `apply_path`'s other steps."""
+    """Put a plain case of a pass in `step`, for later: a deletion, a plain pull (its path:
+    `_decided_again`), the making of a folder or link (with what `expected` says our index
+    knows of the file there), or nothing, when another peer holds the content: a later sync
+    with that peer brings it. False: the path needs `apply_path`'s other steps."""
     path = plan.path
     if plan.local_action is LocalAction.DELETE_HERE:
         step.deferred.append(path)
@@ -1436,7 +1441,7 @@ def _put_in_step(
     if plan.local_action is not LocalAction.PULL or plan.conflict_copies:
         return False
     if plan.target.kind != FILE:
-        step.creates.append(PendingPull(path, plan.target, local, expected))
+        step.creates.append(PendingPull(path, plan.target, local, expected()))
     elif peer in plan.target.sources:
         step.pulls.append(path)
     else:
