@@ -50,7 +50,12 @@ from ironsync.protocol import (
     SyncResult,
     index_entry_size,
 )
-from ironsync.protocol.connection import FATAL_ERROR, SMALL_PIECE, transition_key
+from ironsync.protocol.connection import (
+    FATAL_ERROR,
+    LARGE_FRAME,
+    SMALL_PIECE,
+    transition_key,
+)
 from ironsync.protocol.limits import (
     CHUNK_REF_SIZE,
     CHUNK_REPEAT_SIZE,
@@ -262,6 +267,107 @@ def test_chunk_data_is_a_view_of_the_received_bytes_not_a_copy() -> None:
     assert isinstance(received.data, memoryview)
     assert received.data.obj is wire
     assert received.data == data
+
+
+def read_like_a_buffered_protocol(conn: Connection, data: bytes, cuts: list[int]) -> list[Message]:
+    """Feed `data` as asyncio's BufferedProtocol would: into the frame buffer whenever the
+    Connection offers one (at most what a read of `cuts`' sizes brings), else through
+    `receive_data`; the messages that came out."""
+    messages: list[Message] = []
+    pos, sizes = 0, itertools.cycle([max(1, cut) for cut in cuts] or [SMALL_PIECE])
+    while pos < len(data):
+        read = min(next(sizes), len(data) - pos)
+        into = conn.frame_buffer()
+        if into is None:
+            conn.receive_data(data[pos : pos + read])
+        else:
+            read = min(read, len(into))
+            into[:read] = data[pos : pos + read]
+            conn.frame_received(read)
+        pos += read
+        messages.extend(drain(conn))
+    return messages
+
+
+def chunk_replies(sizes: list[int]) -> tuple[list[ChunkData], bytes]:
+    replies = [
+        ChunkData(n, HASH_B, bytes([n % 251]) * size, request_id=1) for n, size in enumerate(sizes)
+    ]
+    return replies, b"".join(frame(reply) for reply in replies)
+
+
+@FUZZ
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 1000, LARGE_FRAME - 40, LARGE_FRAME, 300_000]),
+                   min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 400_000), max_size=6),
+)  # fmt: skip
+def test_large_frames_read_into_their_own_buffer_decode_the_same(
+    sizes: list[int], cuts: list[int]
+) -> None:
+    client, server = pair()
+    server.receive_data(client.send(GetChunks("docs", "a", HASH_A, (), request_id=1)))
+    drain(server)
+    replies, wire = chunk_replies(sizes)
+
+    assert read_like_a_buffered_protocol(client, wire, cuts) == replies
+    assert client.frame_buffer() is None and client.next_event() is NEED_DATA
+
+
+def test_a_large_frame_is_decrypted_into_the_buffer_its_data_is_a_view_of() -> None:
+    client, server = pair()
+    server.receive_data(client.send(GetChunks("docs", "a", HASH_A, (), request_id=1)))
+    drain(server)
+    (reply,), wire = chunk_replies([5 * LARGE_FRAME])
+    client.receive_data(wire[:1000])  # the header and a little: the frame gets its buffer
+    assert drain(client) == []
+    into = client.frame_buffer()
+    assert into is not None and len(into) == len(wire) - 1000
+    into[:] = wire[1000:]
+    client.frame_received(len(into))
+    (received,) = drain(client)
+
+    assert received == reply
+    assert isinstance(received, ChunkData) and isinstance(received.data, memoryview)
+    assert received.data.obj is into.obj  # decoded from the frame's own buffer: no join
+
+
+def test_bytes_given_to_receive_data_fill_an_open_frame_and_the_rest_follows() -> None:
+    client, server = pair()
+    server.receive_data(client.send(GetChunks("docs", "a", HASH_A, (), request_id=1)))
+    drain(server)
+    replies, wire = chunk_replies([2 * LARGE_FRAME, 10, 3 * LARGE_FRAME])
+    first = len(frame(replies[0]))
+    client.receive_data(wire[:100])
+    assert drain(client) == [] and client.frame_buffer() is not None
+    client.receive_data(wire[100 : first + 3])  # the rest of the frame and the next's start
+    assert drain(client) == replies[:1]
+    client.receive_data(wire[first + 3 :])
+    assert drain(client) == replies[1:]
+
+
+def test_end_of_stream_inside_a_large_frame_is_a_protocol_error() -> None:
+    client, server = pair()
+    server.receive_data(client.send(GetChunks("docs", "a", HASH_A, (), request_id=1)))
+    drain(server)
+    _, wire = chunk_replies([2 * LARGE_FRAME])
+    client.receive_data(wire[:100])
+    drain(client)
+    into = client.frame_buffer()
+    assert into is not None
+    into[:100] = wire[100:200]
+    client.frame_received(100)
+    client.receive_data(b"")
+
+    assert client.frame_buffer() is None
+    with pytest.raises(RemoteProtocolError, match="end of stream inside a frame"):
+        client.next_event()
+
+
+def test_frame_received_without_a_frame_buffer_is_our_mistake() -> None:
+    client, _ = pair()
+    with pytest.raises(LocalProtocolError, match="without a frame_buffer"):
+        client.frame_received(10)
 
 
 def test_a_frame_trickled_byte_by_byte_costs_about_its_size_to_buffer() -> None:

@@ -227,6 +227,7 @@ class PeerSession(asyncio.BufferedProtocol):
         # TLS decrypts straight into this (asyncio's BufferedProtocol path), which spares a
         # buffer allocation per TLS record and a join per read.
         self._read_buffer = memoryview(bytearray(READ_SIZE))
+        self._into_frame = False  # the last get_buffer gave the Connection's frame buffer
         self.bytes_out = 0
         # Out: set while the transport takes more; see pause_writing.
         self._can_write = asyncio.Event()
@@ -337,7 +338,10 @@ class PeerSession(asyncio.BufferedProtocol):
             self._on_connected(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._read_buffer
+        # A large frame under way is decrypted straight into its own buffer (no copy).
+        frame = self._conn.frame_buffer()
+        self._into_frame = frame is not None
+        return self._read_buffer if frame is None else frame
 
     def buffer_updated(self, nbytes: int) -> None:
         # Only ever decrypted data: reading the TCP connection stays paused until TLS runs.
@@ -346,7 +350,10 @@ class PeerSession(asyncio.BufferedProtocol):
         if self._closed:
             return
         self.bytes_in += nbytes
-        self._conn.receive_data(self._read_buffer[:nbytes])  # copied: the buffer is reused
+        if self._into_frame:
+            self._conn.frame_received(nbytes)
+        else:
+            self._conn.receive_data(self._read_buffer[:nbytes])  # copied: the buffer is reused
         if self._tls:
             self._process()
 

@@ -39,6 +39,11 @@ Throughput: received bytes are kept as the objects the I/O layer passed in, not 
 one growing buffer. A frame that lies within one of them is decoded from a memoryview slice;
 a frame that spans several is joined once. ChunkData.data is a slice of its frame. On the
 way out, `send_buffers` returns a ChunkData's bytes untouched after a small header.
+A frame of LARGE_FRAME bytes or more whose header has arrived gets a buffer of its own size
+at once: `frame_buffer` offers the rest of it, so an I/O layer that can read into a buffer
+(asyncio's BufferedProtocol, where TLS decrypts straight into it) fills it with no copy, and
+calls `frame_received`; bytes given to `receive_data` meanwhile are copied into it. Either
+way a large frame is decoded from its own buffer, never joined from pieces.
 
 Memory: what is buffered costs about its size, however the peer cuts it. Pieces smaller than
 SMALL_PIECE are copied into one growing tail rather than kept each as an object of its own (a
@@ -176,23 +181,67 @@ def _key_name(key: TransitionKey) -> str:
 SMALL_PIECE = 16 * KiB
 """Received pieces smaller than this are copied into the buffer's tail (see Memory above)."""
 
+LARGE_FRAME = 64 * KiB
+"""Frames at least this long (header included) are received into a buffer of their own."""
+
 
 class _ReceiveBuffer:
     """Received bytes, consumed from the front: large pieces kept as the caller's objects,
     small ones gathered in a tail that is sealed into a piece when it grows large or when a
     frame needs its bytes."""
 
-    __slots__ = ("_pieces", "_size", "_tail")
+    __slots__ = ("_filled", "_frame", "_pieces", "_size", "_tail")
 
     def __init__(self) -> None:
         self._pieces: deque[memoryview] = deque()
         self._size = 0
         self._tail = bytearray()
+        self._frame: bytearray | None = None  # the first frame, being received into its own
+        self._filled = 0  # bytes of `_frame` received; while it is open, nothing else is held
 
     def __len__(self) -> int:
         return self._size
 
+    def open_frame(self, size: int) -> None:
+        """Receive the first frame, `size` bytes long (more than are held), into a buffer of
+        its own: what is held of it moves there."""
+        assert self._frame is None and self._size < size
+        frame = bytearray(size)
+        view = memoryview(frame)
+        filled = 0
+        for piece in self._pieces:
+            view[filled : filled + len(piece)] = piece
+            filled += len(piece)
+        view[filled : self._size] = self._tail
+        self._pieces.clear()
+        self._tail = bytearray()
+        self._frame, self._filled = frame, self._size
+
+    def frame_view(self) -> memoryview | None:
+        """The part of the open frame still to receive, or None."""
+        if self._frame is None:
+            return None
+        return memoryview(self._frame)[self._filled :]
+
+    def frame_filled(self, nbytes: int) -> None:
+        """`nbytes` more of the open frame were written into `frame_view()`."""
+        assert self._frame is not None and 0 < nbytes <= len(self._frame) - self._filled
+        self._filled += nbytes
+        self._size += nbytes
+        if self._filled == len(self._frame):  # complete: the first piece, taken whole
+            self._pieces.append(memoryview(self._frame))
+            self._frame = None
+
     def append(self, data: bytes | bytearray | memoryview) -> None:
+        if self._frame is not None:
+            view = self.frame_view()
+            assert view is not None
+            count = min(len(view), len(data))
+            view[:count] = data[:count]
+            self.frame_filled(count)
+            if count == len(data):
+                return
+            data = memoryview(data)[count:]
         size = len(data)
         if size < SMALL_PIECE:
             self._tail += data
@@ -211,6 +260,8 @@ class _ReceiveBuffer:
 
     def peek(self, size: int) -> bytes:
         """The first `size` bytes (there must be that many), left in place."""
+        if self._frame is not None:
+            return bytes(self._frame[:size])
         out = bytearray()
         for piece in self._pieces:
             out += piece[: size - len(out)]
@@ -221,6 +272,7 @@ class _ReceiveBuffer:
 
     def take(self, size: int) -> memoryview:
         """Remove and return the first `size` bytes (there must be that many)."""
+        assert self._frame is None  # an open frame is not complete: not taken
         if self._size - len(self._tail) < size:
             self._seal()
         head = self._pieces[0]
@@ -293,6 +345,21 @@ class Connection:
             return
         self._received.append(data)
 
+    def frame_buffer(self) -> memoryview | None:
+        """Where the rest of the large frame being received goes (module docstring): read
+        into it, then call `frame_received`. None when no large frame is under way: give
+        what you read to `receive_data`."""
+        if self._error is not None or self._eof:
+            return None
+        return self._received.frame_view()
+
+    def frame_received(self, nbytes: int) -> None:
+        """`nbytes` (> 0) were read into the start of what `frame_buffer` returned."""
+        self._refuse_if_failed()
+        if self._eof or self._received.frame_view() is None:
+            raise LocalProtocolError("frame_received without a frame_buffer")
+        self._received.frame_filled(nbytes)
+
     def next_event(self) -> Message | Marker:
         """The next message from the peer, NEED_DATA, or CONNECTION_CLOSED.
 
@@ -331,6 +398,8 @@ class Connection:
                     f"end of stream inside a frame "
                     f"({buffered - FRAME_HEADER_SIZE} of {length} body bytes)"
                 )
+            if FRAME_HEADER_SIZE + length >= LARGE_FRAME and self._received.frame_view() is None:
+                self._received.open_frame(FRAME_HEADER_SIZE + length)
             return None
         return self._received.take(FRAME_HEADER_SIZE + length)[FRAME_HEADER_SIZE:]
 
