@@ -10,7 +10,9 @@ every pull that is ready at that moment together, in the order the safety rules 
    its temp file over the target (`Switchable.rename`); a pull whose check fails, fails alone;
 3. the renames are flushed (`flush` of the folders);
 4. one transaction records every renamed file: its index row and `write_finished` event,
-   written per storage by an IndexBatch (a few statements for the whole group).
+   written per storage by an IndexBatch (a few statements for the whole group). It runs in a
+   thread, through a connection of the committer's own (an apsw connection serves one thread
+   at a time; the node's stays the event loop's), so the loop goes on receiving meanwhile.
 
 So a group of N small files costs two flushes and one transaction of a few statements, not 2N
 fsyncs and N transactions. The index is never committed before the rename is durable: a crash
@@ -37,7 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ironsync.store import Database
+from ironsync.store import Database, open_database
 from ironsync.store.batch import IndexBatch
 from ironsync.store.index import StorageRow
 from ironsync.sync.blocking import in_thread, wait_through_cancellations
@@ -84,6 +86,7 @@ class Committer:
         self.largest = 0  # the most pulls one group switched
         self.switched = 0  # pulls renamed into place
         self.flush_seconds = 0.0  # spent flushing (data and renames)
+        self._writer: Database | None = None  # step 4's connection, open while groups run
 
     @property
     def waiting(self) -> int:
@@ -140,6 +143,9 @@ class Committer:
             for entry in self._queue:  # cancelled with pulls still queued: they fail too
                 entry.done.cancel()
             self._queue = []
+            if self._writer is not None:  # no thread uses it now (in_thread waited)
+                self._writer.close()
+                self._writer = None
 
     async def _switch(self, group: list[_Entry]) -> None:
         self.groups += 1
@@ -167,15 +173,22 @@ class Committer:
             by_storage: dict[int, list[Switchable]] = {}
             for entry in renamed:
                 by_storage.setdefault(entry.item.storage.id, []).append(entry.item)
-            with self.db.atomic():
-                for items in by_storage.values():
-                    batch = IndexBatch(self.db, items[0].storage)
-                    batch.prefetch(item.path for item in items)
-                    for item in items:
-                        item.record(batch)
-                    batch.write()
+            await in_thread(self._record, list(by_storage.values()))
         for entry in renamed:
             entry.done.set_result(None)
+
+    def _record(self, by_storage: list[list[Switchable]]) -> None:
+        """Step 4, in a thread: one transaction, an IndexBatch per storage."""
+        if self._writer is None:
+            self._writer = open_database(self.db.path, migrate=False)
+        db = self._writer
+        with db.atomic():
+            for items in by_storage:
+                batch = IndexBatch(db, items[0].storage)
+                batch.prefetch(item.path for item in items)
+                for item in items:
+                    item.record(batch)
+                batch.write()
 
 
 # --- flushing ----------------------------------------------------------------------------------
