@@ -371,6 +371,27 @@ def test_local_source_that_changed_since_it_was_indexed_is_fetched_from_the_peer
     assert sum(isinstance(r, GetChunks) for r in link.requests) <= len(data) // BATCH_MAX_BYTES + 2
 
 
+def test_a_local_source_changed_in_its_middle_gives_its_start_and_the_peer_the_rest(
+    alpha: Side, beta: Side
+) -> None:
+    data = random_bytes(6 * MiB, seed=8)
+    beta.write("copy.bin", data)
+    beta.scan()
+    changed = bytearray(data)
+    changed[3 * MiB : 4 * MiB] = random_bytes(MiB, seed=9)
+    beta.write("copy.bin", bytes(changed))  # not rescanned: its index still says `data`
+    alpha.write("wanted.bin", data)
+    alpha.scan()
+
+    result = pull(beta, link_to(alpha), alpha.target("wanted.bin"))
+
+    assert result.ok and beta.read("wanted.bin") == data
+    assert result.bytes_reused + result.bytes_from_peer == len(data)
+    # read here up to the change (one read per run of chunks), then the file is distrusted
+    assert 2 * MiB < result.bytes_reused <= 3 * MiB
+    assert result.bytes_from_peer >= 3 * MiB
+
+
 # --- sparse files and runs of zeros (issue 11) ---------------------------------------------------
 
 

@@ -158,6 +158,10 @@ zeros around a sparse file's data); a chunk of zeros is sent as nothing, and nev
 
 WRITE_BUFFER_BYTES = 1 * MiB
 """Verified chunks are written to the temp file in one writev per this many bytes."""
+LOCAL_RUN_BYTES = 16 * MiB
+"""Chunks held here are read, verified and written in a thread, this many bytes per call at
+most (so progress is reported and a cancellation is seen at least that often); adjacent
+chunks of one local file are read with one pread of up to READ_RUN_BYTES."""
 _MAX_IOV = 512  # buffers per writev, under every system's IOV_MAX (1024 on Linux)
 
 HOLE_BLOCK = 4 * KiB
@@ -1015,9 +1019,23 @@ class _Pull:
         refs, kinds, local = plan.refs, plan.kinds, plan.local
         received: dict[int, bytes | memoryview] = {}  # offset -> data, of the current batch
         fallback: dict[int, bytes | memoryview] = {}  # offset -> data, fetched for bad sources
-        for i, ref in enumerate(refs):
-            kind = kinds[i]
-            if kind is _PEER:
+        i = 0
+        while i < len(refs):
+            ref, kind = refs[i], kinds[i]
+            if kind is _LOCAL and ref.offset not in fallback:
+                run = _local_run(refs, kinds, fallback, i)
+                written = await in_thread(
+                    self._write_local, run, [local[run_ref.hash] for run_ref in run]
+                )
+                i += written
+                if written == len(run):
+                    self._report()
+                    await asyncio.sleep(0)  # let the fetches and the rest of the daemon run
+                    continue
+                ref = refs[i]  # its source no longer holds it: fetched, with those after it
+                fallback = await fetcher.fetch(_refetch_run(refs, kinds, local, i, self))
+                full = self._write(fallback.pop(ref.offset), reused=False)
+            elif kind is _PEER:
                 if ref.offset not in received:
                     received = await fetcher.take()
                 full = self._write(received.pop(ref.offset), reused=False)
@@ -1026,21 +1044,42 @@ class _Pull:
                 full = False
             elif kind is _COPY:
                 full = self._write(self._read_back(plan.copy_from[i], ref), reused=True)
-            else:
-                data = fallback.pop(ref.offset, None)
-                reused = data is None
-                if data is None:
-                    data = self._read_local(local[ref.hash], ref)
-                if data is None:
-                    fallback = await fetcher.fetch(_refetch_run(refs, kinds, local, i, self))
-                    data, reused = fallback.pop(ref.offset), False
-                full = self._write(data, reused=reused)
+            else:  # _LOCAL, fetched already because its source failed
+                full = self._write(fallback.pop(ref.offset), reused=False)
             if full:
                 await self._flush_in_thread()
             if self._written - self._reported >= PROGRESS_STEP:
                 self._report()
                 await asyncio.sleep(0)  # let the fetches and the rest of the daemon run
+            i += 1
 
+    def _write_local(self, refs: list[ChunkRef], sources: list[LocalChunk]) -> int:
+        """Write chunks held here, in a thread (the pull awaits it: nothing else touches its
+        state meanwhile): how many of `refs` were written, fewer when a source no longer
+        holds its chunk (that one and its file are then distrusted)."""
+        done = 0
+        while done < len(refs):
+            root, rel, start, _ = sources[done]
+            end, length = done + 1, refs[done].length
+            while (
+                end < len(refs)
+                and sources[end][:3] == (root, rel, start + length)
+                and length + refs[end].length <= READ_RUN_BYTES
+            ):
+                length += refs[end].length
+                end += 1
+            data = self._read_local(root, rel, start, length)
+            at = 0
+            for ref in refs[done:end]:
+                piece = None if data is None else data[at : at + ref.length]
+                if piece is None or len(piece) != ref.length or content_hash(piece) != ref.hash:
+                    self._distrusted.add((root, rel))  # changed since indexed: trust none of it
+                    return done
+                at += ref.length
+                done += 1
+                if self._write(piece, reused=True):
+                    self._flush()
+        return done
     def _write(self, data: bytes | memoryview, *, reused: bool) -> bool:
         """Append a verified chunk to the write buffer; True when the buffer is full (then
         the caller writes it, in one pwritev per run). Its zero blocks are left out: holes."""
@@ -1119,9 +1158,9 @@ class _Pull:
             raise TransferFailed(CORRUPT, "the temporary file changed while being written")
         return data
 
-    def _read_local(self, source: LocalChunk, ref: ChunkRef) -> bytes | None:
-        """The chunk's bytes from a local file, or None if that file no longer holds them."""
-        root, rel, offset, _ = source
+    def _read_local(self, root: Path, rel: str, offset: int, length: int) -> memoryview | None:
+        """`length` bytes at `offset` of a local file (fewer at its end), or None if it cannot
+        be read or is distrusted; the caller verifies them."""
         key = (root, rel)
         if key in self._distrusted:
             return None
@@ -1131,16 +1170,12 @@ class _Pull:
             except (OSError, UnsafePath):
                 self._sources[key] = None
         fd = self._sources[key]
-        data = None
-        if fd is not None:
-            try:
-                data = os.pread(fd, ref.length, offset)
-            except OSError:
-                data = None
-        if data is None or len(data) != ref.length or content_hash(data) != ref.hash:
-            self._distrusted.add(key)  # changed since indexed: trust none of its chunks
+        if fd is None:
             return None
-        return data
+        try:
+            return memoryview(os.pread(fd, length, offset))
+        except OSError:
+            return None
 
     def is_distrusted(self, source: LocalChunk) -> bool:
         return (source[0], source[1]) in self._distrusted
@@ -1412,6 +1447,22 @@ class _ChunkListSpool:
             self._file.close()
             self._file = None
         self._memory = bytearray()
+
+
+def _local_run(
+    refs: Sequence[ChunkRef], kinds: Sequence[str], fetched: dict[int, Any], start: int
+) -> list[ChunkRef]:
+    """The chunks from `start` on that are read here (not fetched for a failed source), up
+    to LOCAL_RUN_BYTES (at least one)."""
+    run = [refs[start]]
+    size = refs[start].length
+    for i in range(start + 1, len(refs)):
+        ref = refs[i]
+        if kinds[i] is not _LOCAL or ref.offset in fetched or size + ref.length > LOCAL_RUN_BYTES:
+            break
+        run.append(ref)
+        size += ref.length
+    return run
 
 
 def _refetch_run(
