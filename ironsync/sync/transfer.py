@@ -1080,6 +1080,7 @@ class _Pull:
                 if self._write(piece, reused=True):
                     self._flush()
         return done
+
     def _write(self, data: bytes | memoryview, *, reused: bool) -> bool:
         """Append a verified chunk to the write buffer; True when the buffer is full (then
         the caller writes it, in one pwritev per run). Its zero blocks are left out: holes."""
