@@ -584,19 +584,17 @@ async def pull_small_files(
     temp file is written, before they wait for their committer."""
     results: list[TransferResult | None] = [None] * len(pulls)
     started: list[int] = []  # indexes of pulls with a write_started event
-    for i, small in enumerate(pulls):
+    for small in pulls:
         target = small.target
         if target.deleted or target.hash is None or target.size > SERVE_MAX_FILE_BYTES:
             raise ValueError(f"{target.path!r}: not a small file to pull")
-        if small.expected is None:  # a new name here: one this disk refuses is skipped
-            try:
-                check_storable(storage_row.root, small.dest)
-            except NotStorable as exc:
-                results[i] = TransferResult(False, small.dest, 0, 0, exc.reason, NOT_STORABLE)
-                continue
-            except (OSError, UnsafePath):
-                pass  # the pull meets it again, and reports it as a failure
-        started.append(i)
+    refusals = await in_thread(_refused_names, storage_row.root, pulls)
+    for i, small in enumerate(pulls):
+        refusal = refusals[i]
+        if refusal is not None:  # a new name this disk refuses: skipped
+            results[i] = TransferResult(False, small.dest, 0, 0, refusal, NOT_STORABLE)
+        else:
+            started.append(i)
     if not started:
         return [r for r in results if r is not None]
 
@@ -687,6 +685,23 @@ async def pull_small_files(
     return [r for r in results if r is not None]
 
 
+def _refused_names(root: Path, pulls: Sequence[SmallPull]) -> list[str | None]:
+    """Why this disk cannot hold each new name of `pulls` (paths.check_storable), or None;
+    in a thread."""
+    refusals: list[str | None] = []
+    for small in pulls:
+        refusal = None
+        if small.expected is None:
+            try:
+                check_storable(root, small.dest)
+            except NotStorable as exc:
+                refusal = exc.reason
+            except (OSError, UnsafePath):
+                pass  # the pull meets it again, and reports it as a failure
+        refusals.append(refusal)
+    return refusals
+
+
 async def _receive_files(
     link: PeerLink, storage_row: index.StorageRow, pulls: Sequence[SmallPull]
 ) -> list[memoryview | BaseException]:
@@ -719,19 +734,19 @@ async def _receive_files(
                     got.append(PeerError(link.peer_id, reply.error, why))
                     continue
                 data = memoryview(reply.data)
-                if len(data) != target.size or content_hash(data) != target.hash:
-                    got.append(
-                        TransferFailed(
-                            CORRUPT, f"the received file does not have the hash {reply.hash.hex()}"
-                        )
-                    )
+                if len(data) != target.size:
+                    got.append(TransferFailed(CORRUPT, _not_the_content(reply.hash)))
                     continue
-                got.append(data)
+                got.append(data)  # its hash is checked before it is written (write_whole)
         if len(got) != len(pulls):
             raise TransferFailed(CORRUPT, f"GetFiles answered {len(got)} of {len(pulls)} files")
     except (PeerError, TransferFailed) as exc:
         got += [exc] * (len(pulls) - len(got))
     return got
+
+
+def _not_the_content(file_hash: bytes) -> str:
+    return f"the received file does not have the hash {file_hash.hex()}"
 
 
 def _write_all_whole(
@@ -851,10 +866,13 @@ class _Pull:
     def write_whole(
         self, data: memoryview, expected: KnownStat | None, now_ns: Callable[[], int]
     ) -> None:
-        """Steps 2 to 4 for a small file received whole and verified (`pull_small_files`):
-        its chunks, computed here, and its temp file, with the target's mode and mtime; then
-        it is ready for its committer, as `run` leaves a pull. In a thread."""
+        """Steps 2 to 4 for a small file received whole (`pull_small_files`), verified here
+        first: its chunks, computed here, and its temp file, with the target's mode and
+        mtime; then it is ready for its committer, as `run` leaves a pull. In a thread."""
         target = self.target
+        assert target.hash is not None
+        if content_hash(data) != target.hash:  # before anything is written
+            raise TransferFailed(CORRUPT, _not_the_content(target.hash))
         self.bytes_from_peer = len(data)
         self._expected, self._now_ns = expected, now_ns
         check_peer_path(self.path)
