@@ -6,8 +6,10 @@ every pull that is ready at that moment together, in the order the safety rules 
 
 1. the temp files' data is flushed to disk (`flush`: one syncfs per file system, or an fsync
    each), outside the lock: the rest of the node goes on meanwhile;
-2. under the lock (the engine's `apply_lock`), each pull checks its decision again and renames
-   its temp file over the target (`Switchable.rename`); a pull whose check fails, fails alone;
+2. under the lock (the engine's `apply_lock`), each pull checks its decision again
+   (`Switchable.check`, on the event loop: it reads the node's database), then every pull
+   that passed renames its temp file over the target (`Switchable.rename`, all of them in one
+   thread job); a pull whose check or rename fails, fails alone;
 3. the renames are flushed (`flush` of the folders);
 4. one transaction records every renamed file: its index row and `write_finished` event,
    written per storage by an IndexBatch (a few statements for the whole group). It runs in a
@@ -55,10 +57,14 @@ class Switchable(Protocol):
     def data_fd(self) -> int:
         """The temp file's descriptor: flushed in step 1."""
 
+    def check(self) -> None:
+        """Step 2, under the lock, on the event loop: check the decision again. Raises to
+        fail this pull alone."""
+
     def rename(self) -> int:
-        """Step 2, under the lock: check the decision again, rename the temp file over the
-        target; the descriptor of the target's folder (flushed in step 3). Raises to fail
-        this pull alone."""
+        """Step 2, under the lock, in a thread: rename the temp file over the target; the
+        descriptor of the target's folder (flushed in step 3). Raises to fail this pull
+        alone."""
 
     def record(self, batch: IndexBatch) -> None:
         """Step 4, inside the group's transaction: the index row and the event, added to
@@ -154,15 +160,23 @@ class Committer:
         await in_thread(flush, [entry.item.data_fd() for entry in group])
         self.flush_seconds += time.monotonic() - started
         async with self.lock:
-            renamed: list[_Entry] = []
-            folders: list[int] = []
+            checked: list[_Entry] = []
             for entry in group:
                 try:
-                    folders.append(entry.item.rename())
+                    entry.item.check()
                 except Exception as exc:
                     entry.done.set_exception(exc)
                 else:
+                    checked.append(entry)
+            outcomes = await in_thread(_rename_all, [entry.item for entry in checked])
+            renamed: list[_Entry] = []
+            folders: list[int] = []
+            for entry, outcome in zip(checked, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    entry.done.set_exception(outcome)
+                else:
                     renamed.append(entry)
+                    folders.append(outcome)
             if not renamed:
                 return
             crash_point("group_renamed")
@@ -189,6 +203,17 @@ class Committer:
                 for item in items:
                     item.record(batch)
                 batch.write()
+
+
+def _rename_all(items: list[Switchable]) -> list[int | Exception]:
+    """Step 2's renames, in a thread: each one's folder descriptor, or what it raised."""
+    outcomes: list[int | Exception] = []
+    for item in items:
+        try:
+            outcomes.append(item.rename())
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 # --- flushing ----------------------------------------------------------------------------------

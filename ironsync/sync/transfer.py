@@ -897,9 +897,11 @@ class _Pull:
         assert self._fd is not None
         return self._fd
 
-    def rename(self) -> int:
+    def check(self) -> None:
         if self.still_valid is not None and not self.still_valid():
             raise TransferFailed(CHANGED_LOCALLY, REASON_CHANGED_LOCALLY, "warning")
+
+    def rename(self) -> int:
         crash_point("before_rename")
         self._replace_target(self._expected)
         crash_point("after_rename")
