@@ -50,7 +50,7 @@ import re
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import reduce
+from functools import lru_cache, reduce
 from typing import Any
 
 from ironsync.model import DIR, FILE, KINDS
@@ -177,9 +177,17 @@ class VersionVector(Mapping[str, int]):
 
     @classmethod
     def from_json(cls, text: str) -> VersionVector:
-        """Parse ``files.version``; any malformed text raises ValueError."""
+        """Parse ``files.version``; any malformed text raises ValueError. The same text gives
+        the same (immutable) vector: the last PARSED_VERSIONS are kept, as the files of one
+        sync mostly share a few versions."""
         if not isinstance(text, str):
             raise ValueError(f"version vector text must be str, not {type(text).__name__}")
+        if cls is VersionVector:
+            return _parsed_version(text)
+        return cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> VersionVector:
         try:
             value = json.loads(
                 text, object_pairs_hook=_object_without_duplicates, parse_constant=_no_constant
@@ -189,6 +197,14 @@ class VersionVector(Mapping[str, int]):
         if not isinstance(value, dict):
             raise ValueError(f"version vector must be a JSON object, not {text[:80]!r}")
         return cls(value)
+
+
+PARSED_VERSIONS = 4096
+
+
+@lru_cache(maxsize=PARSED_VERSIONS)
+def _parsed_version(text: str) -> VersionVector:
+    return VersionVector._parse(text)
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
