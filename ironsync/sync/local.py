@@ -23,7 +23,7 @@ import logging
 import os
 import stat as stat_mod
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -148,9 +148,8 @@ def scan_storage(
     progress = progress or NoProgress()
     row = prepare_storage(db, storage)
     rules = IgnoreRules.load(storage.root)
-    known = index.known_rows(db, row.id)
-    entries = index.known_entries(db, row.id)
-    plan = plan_scan_rows(storage.root, known, rules, entries, symlinks=storage_symlinks(storage))
+    rows = index.rows_by_folder(db, row.id)
+    plan = plan_scan_rows(storage.root, rows, rules, symlinks=storage_symlinks(storage))
     report = ScanReport(
         storage.name,
         unchanged=plan.unchanged,
@@ -160,10 +159,10 @@ def scan_storage(
     )
     _warn_symlinks(storage.name, plan.symlinks)
 
-    sources = _MoveSources(db, row, plan.vanished, known)
+    sources = _MoveSources(db, row, plan.vanished_files)
     moved_away: set[str] = set()
     renamed: list[Observed] = []
-    to_hash = sources.renamed(plan.to_hash, known, renamed)
+    to_hash = sources.renamed(plan.to_hash, plan.known_changed, renamed)
     progress.begin(storage.name, len(to_hash), sum(st.size for _, st in to_hash))
     _record_entries(db, node_id, row, plan.entries, clock, report)  # parents before contents
     read = hash_files(storage.root, to_hash, progress.advance, clock)
@@ -531,8 +530,7 @@ def rescan_paths(
         stat_known = index.known_stat(db, row.id, path)
         if stat_known is not None:
             known[path] = known_row(path, stat_known)
-    vanished = [path for path in gone if path in known]
-    sources = _MoveSources(db, row, vanished, known)
+    sources = _MoveSources(db, row, {path: known[path] for path in gone if path in known})
     report = ScanReport(storage.name)
     moved_away: set[str] = set()
     renamed: list[Observed] = []
@@ -600,32 +598,31 @@ class _MoveSources:
         self,
         db: Database,
         row: index.StorageRow,
-        vanished: Sequence[str],
-        known: Mapping[str, KnownRow],
+        vanished: Mapping[str, KnownRow],
     ) -> None:
         self._db = db
         self._row = row
-        self._rows = index.get_files(db, row.id, vanished)
+        self._vanished = vanished
+        self._rows = index.get_files(db, row.id, sorted(vanished))
         self.by_hash: dict[bytes, list[str]] = {}
         self._by_inode: dict[tuple[int, int, int], str] = {}
-        for path in vanished:
+        for path in sorted(vanished):
             old = self._rows.get(path)
-            # only files are move sources (`known` holds files; a vanished link has a size)
             if old is not None and old.kind == FILE and old.hash is not None and old.size > 0:
                 self.by_hash.setdefault(old.hash, []).append(path)
-                _, size, mtime_ns, _, inode, _ = known[path]
+                _, size, mtime_ns, _, inode, _ = vanished[path]
                 self._by_inode[(inode, size, mtime_ns)] = path
 
     def renamed(
         self,
         to_hash: Sequence[tuple[str, Stat]],
-        known: Mapping[str, KnownRow],
+        known: Container[str],
         renamed: list[Observed],
     ) -> list[tuple[str, Stat]]:
-        """A rename keeps the inode, size and mtime: the new paths of `to_hash` that are a
-        vanished file renamed go to `renamed` with its indexed content, without reading them
-        again (a renamed 1 GiB file costs no hashing; a racy entry is read anyway). Returns
-        the rest, to read."""
+        """A rename keeps the inode, size and mtime: the new paths of `to_hash` (those not in
+        `known`, the files the index has) that are a vanished file renamed go to `renamed`
+        with its indexed content, without reading them again (a renamed 1 GiB file costs no
+        hashing; a racy entry is read anyway). Returns the rest, to read."""
         rest = []
         for path, st in to_hash:
             old_path = (
@@ -633,7 +630,7 @@ class _MoveSources:
                 if path in known
                 else self._by_inode.pop((st.inode, st.size, st.mtime_ns), None)
             )
-            trusted = old_path is not None and known[old_path][5] != UNTRUSTED_MODE
+            trusted = old_path is not None and self._vanished[old_path][5] != UNTRUSTED_MODE
             old_known = index.known_stat(self._db, self._row.id, old_path) if trusted else None
             if old_path is None or old_known is None:
                 rest.append((path, st))
