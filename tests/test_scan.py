@@ -175,6 +175,7 @@ def test_the_watchers_rescan_of_a_renamed_or_recopied_file_records_a_move(
     real_hash_files = local.hash_files
 
     def spy(root, files, *args):  # type: ignore[no-untyped-def]
+        files = list(files)
         hashed.extend(path for path, _ in files)
         return real_hash_files(root, files, *args)
 
@@ -899,7 +900,7 @@ def test_the_folder_by_folder_walk_plans_what_the_whole_index_walk_planned(
     for name in ("unreadable", "symlinks", "skipped"):  # in the walk's order: not the same
         assert sorted(getattr(plan, name)) == sorted(getattr(expected, name)), name
     assert plan.vanished_files == {p: files[p] for p in plan.vanished if p in files}
-    assert plan.known_changed == {p for p, _ in plan.to_hash if p in files}
+    assert [known for _, _, known in plan.to_hash.rows()] == [p in files for p, _ in plan.to_hash]
 
 
 def all_paths(root: Path) -> list[str]:
@@ -1030,3 +1031,30 @@ def test_the_scanners_query_is_served_by_the_folder_index_without_a_sort(node: N
         assert [row[3] for row in plan] == [
             "SEARCH files USING INDEX files_by_folder (storage_id=?)"
         ]  # no "USE TEMP B-TREE FOR ORDER BY": rows stream in the index's order
+
+
+def test_files_to_hash_are_kept_on_disk_and_read_back_in_order_as_often_as_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(scan_module.FilesToHash, "BLOCK", 3)
+    spool = scan_module.FilesToHash()
+    rows = [(f"f{i:02d}", i, i + 1, i + 2, i + 3, 0o644, i % 2 == 0) for i in range(10)]
+    for start in range(0, 10, 4):
+        spool.extend(rows[start : start + 4])
+    expected = [(p, Stat(*st), known) for p, *st, known in rows]
+    assert list(spool.rows()) == list(spool.rows()) == expected
+    assert spool == [(p, st) for p, st, _ in expected] and len(spool) == 10
+    assert spool.bytes == sum(range(10)) and scan_module.FilesToHash() == []
+
+
+def test_a_scan_that_keeps_no_changes_counts_them_and_logs_them_all(node: Node) -> None:
+    for i in range(5):
+        write(node.root, f"d/f{i}", b"x")
+    with node.db() as db:
+        report = scan_storage(db, "alpha", node.config().storages[0], keep_changes=False)
+        assert report.changes == [] and report.count("created") == 6
+        created = [e.path for e in ev.last_events(db, 100) if e.kind == "created"]
+        assert created == ["d", "d/f0", "d/f1", "d/f2", "d/f3", "d/f4"]
+        (node.root / "d" / "f0").unlink()
+        report = scan_storage(db, "alpha", node.config().storages[0], keep_changes=False)
+        assert report.count("deleted") == 1 and ev.last_events(db, 1)[0].kind == "scanned"
