@@ -182,18 +182,18 @@ static int item_is(PyObject *row, Py_ssize_t i, long long value) {
     return !overflow && got == value;
 }
 
-/* file_row(rel, st) == previous, without building the row: 1, 0, or -1 on error. */
+/* file_row(rel, st) == previous[:6], without building the row: 1, 0, or -1 on error. The
+   index's rows carry more items (scan.IndexRow), which are not compared. */
 static int same_row(PyObject *previous, PyObject *rel, const struct stat *st) {
     time_t msec = MTIME(*st).tv_sec, csec = CTIME(*st).tv_sec;
-    if (!PyTuple_CheckExact(previous) || PyTuple_GET_SIZE(previous) != 6 ||
+    if (!PyTuple_CheckExact(previous) || PyTuple_GET_SIZE(previous) < 6 ||
         msec <= -9000000000LL || msec >= 9000000000LL || csec <= -9000000000LL ||
         csec >= 9000000000LL || (unsigned long long)st->st_ino > (unsigned long long)LLONG_MAX) {
         PyObject *row = file_row(rel, st); /* the general comparison */
-        if (row == NULL) {
-            return -1;
-        }
-        int same = PyObject_RichCompareBool(previous, row, Py_EQ);
-        Py_DECREF(row);
+        PyObject *head = PySequence_GetSlice(previous, 0, 6);
+        int same = row && head ? PyObject_RichCompareBool(head, row, Py_EQ) : -1;
+        Py_XDECREF(row);
+        Py_XDECREF(head);
         return same;
     }
     int same = item_is(previous, 1, (long long)st->st_size) &&

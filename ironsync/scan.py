@@ -28,13 +28,24 @@ Speed. A no-change rescan must keep up with `rsync -a --dry-run` (bin/bench-scan
 stat per file, and the rest must cost next to nothing. The index's rows come in as plain tuples
 (`KnownRow`, the racy test already made in SQL) and each file's stat is compared with one tuple
 comparison; the ignore rules are consulted per file only when `.ignore` has patterns (ironsync's
-own names are told by their name alone); the set of paths seen is built only when some known
-path was not found unchanged. A folder at a time is listed and stat'ed by `scan_folder`: in C
-(ironsync/_scandir.c, the GIL released) when the extension was built, else `scan_folder_py`,
-whose contract it follows entry for entry (tests/test_scan.py runs both). In Python the walk
+own names are told by their name alone); the set of a folder's paths seen is built only when
+some known path of it was not found unchanged. A folder at a time is listed and stat'ed by
+`scan_folder`: in C (ironsync/_scandir.c, the GIL released) when the extension was built, else
+`scan_folder_py`, whose contract it follows entry for entry (tests/test_scan.py runs both).
+In Python the walk
 alone costs ~1.5x rsync's whole run on 100k files; in C it is at the cost of the system calls.
 Small files are read whole and chunked in memory; a big file's chunk list goes to a spool on
 disk, so memory stays flat in the file size.
+
+Memory. A no-change rescan holds one folder's index rows and paths at a time (and the stack
+of the folders still to list), not the storage's: the walk lists folders in the order of the
+index `files_by_folder` (a folder's subfolders by name + '/', which is string order of their
+paths), and reads the index's rows with one cursor beside it (`plan_scan_rows`). The rows of
+folders the walk passed without listing them (gone, ignored, unreadable) are looked at as
+they go by. The files to hash go to a temporary file (`FilesToHash`), in path order: a
+folder's changed files are put on the walk's stack between its subfolders, so they come off it
+in the order of their paths, with no sort at the end (a first scan of 1,000,000 files held
+~400 MiB of them). What vanished is still held whole: moves are found among it.
 
 Sparse files (issue 11). A bigger file's holes are found with SEEK_DATA / SEEK_HOLE and never
 read: `hash_and_chunk_sparse` feeds their zeros to the hashes from memory and does not even cut
@@ -47,15 +58,19 @@ from __future__ import annotations
 
 import errno
 import functools
+import marshal
 import os
 import stat as stat_mod
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, overload
+from typing import IO, TYPE_CHECKING, NamedTuple, overload
 
 from ironsync.chunking import (
     MIN_CHUNK,
@@ -67,7 +82,7 @@ from ironsync.chunking import (
     new_chunker,
 )
 from ironsync.ignore import IGNORE_FILE, STATE_DIR, TEMP_PREFIX, TEMP_SUFFIX, IgnoreRules
-from ironsync.model import DIR, DIR_HASH, MAX_LINK_TARGET_BYTES, SYMLINK, link_hash
+from ironsync.model import DIR, DIR_HASH, FILE, MAX_LINK_TARGET_BYTES, SYMLINK, link_hash
 
 if TYPE_CHECKING:
     from pyfastcdc import FastCDC
@@ -84,6 +99,12 @@ test: equal to the tuple of the file's stat when nothing changed. `mode` is -1 w
 is racy (`is_trusted` false): it then equals no stat, and the file is hashed again."""
 
 UNTRUSTED_MODE = -1
+
+IndexRow = tuple[str, int, int, int, int, int, str, str, str | None]
+"""A live row of the index as the scan reads it (`index.rows_by_folder`): (path, size,
+mtime_ns, ctime_ns, inode, mode, folder, kind, target). A file's first six items are its
+`KnownRow`; a folder's or a link's mode is its own. `folder` is the path up to and including
+its last '/' ('' at the root)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,11 +198,82 @@ def entry_of(full: str, rel: str, st: os.stat_result) -> Entry:
     return Entry(rel, SYMLINK, Stat(length, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, 0), target)
 
 
+ToHashRow = tuple[str, int, int, int, int, int, bool]
+"""A file to read: its `KnownRow` as found on disk, and whether the index has it (a changed
+file; else a new one)."""
+_LENGTH = struct.Struct("<I")  # of a block of FilesToHash
+_SIZE = itemgetter(1)
+
+
+class FilesToHash:
+    """The files a scan will read, in path order, as (path, Stat): in an anonymous temporary
+    file instead of memory (a first scan of 1,000,000 files held ~400 MiB of them), written
+    first and then read back, as often as needed."""
+
+    BLOCK = 4096  # rows held before they go to the file
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] | None = None  # made for the first block
+        self._end = 0
+        self._pending: list[ToHashRow] = []
+        self._count = 0
+        self.bytes = 0  # their size in all
+
+    def extend(self, rows: Iterable[ToHashRow]) -> None:
+        """Add rows after those added: in path order."""
+        count = len(self._pending)
+        self._pending += rows
+        self._count += len(self._pending) - count
+        self.bytes += sum(map(_SIZE, self._pending[count:]))
+        if len(self._pending) >= self.BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._file is None:
+            # owned by the object: closed when it is dropped
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115
+        block = marshal.dumps(self._pending)
+        os.pwrite(self._file.fileno(), _LENGTH.pack(len(block)) + block, self._end)
+        self._end += _LENGTH.size + len(block)
+        self._pending.clear()
+
+    def rows(self) -> Iterator[tuple[str, Stat, bool]]:
+        """Each file's path, stat as found, and whether the index has it (else it is new)."""
+        self._flush()
+        at = 0
+        while at < self._end:
+            assert self._file is not None
+            fd = self._file.fileno()
+            (length,) = _LENGTH.unpack(os.pread(fd, _LENGTH.size, at))
+            for path, *st, known in marshal.loads(os.pread(fd, length, at + _LENGTH.size)):
+                yield path, Stat(*st), known
+            at += _LENGTH.size + length
+
+    def __iter__(self) -> Iterator[tuple[str, Stat]]:
+        for path, st, _ in self.rows():
+            yield path, st
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FilesToHash | list):
+            return NotImplemented
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"FilesToHash({list(self)!r})"
+
+
 @dataclass
 class ScanPlan:
-    to_hash: list[tuple[str, Stat]] = field(default_factory=list)
+    to_hash: FilesToHash = field(default_factory=FilesToHash)
     entries: list[Entry] = field(default_factory=list)  # folders and links new or changed
     vanished: list[str] = field(default_factory=list)
+    # the known rows of the vanished files: the sources of moves
+    vanished_files: dict[str, KnownRow] = field(default_factory=dict)
     unchanged: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     symlinks: list[str] = field(default_factory=list)
@@ -189,7 +281,7 @@ class ScanPlan:
 
     @property
     def bytes_to_hash(self) -> int:
-        return sum(st.size for _, st in self.to_hash)
+        return self.to_hash.bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,56 +321,138 @@ def plan_scan(
     """Walk `root` and sort every file into unchanged / to hash, every folder and link into
     unchanged / changed; list what vanished."""
     rows = {path: known_row(path, k) for path, k in known.items()}
-    return plan_scan_rows(root, rows, rules, known_entries, symlinks=symlinks)
+    return plan_scan_rows(root, index_rows(rows, known_entries or {}), rules, symlinks=symlinks)
+
+
+def folder_of(path: str) -> str:
+    """The folder of `path`: up to and including its last '/' ('' at the root)."""
+    return path[: path.rfind("/") + 1]
+
+
+def index_rows(files: Mapping[str, KnownRow], entries: Mapping[str, KnownEntry]) -> list[IndexRow]:
+    """The `IndexRow`s of these files, folders and links, in `index.rows_by_folder`'s order."""
+    rows: list[IndexRow] = [(*row, folder_of(path), FILE, None) for path, row in files.items()]
+    rows += [
+        (e.path, e.size, e.mtime_ns, e.ctime_ns, e.inode, e.mode, folder_of(e.path), e.kind,
+         e.target)
+        for e in entries.values()
+    ]  # fmt: skip
+    rows.sort(key=_ROW_ORDER)
+    return rows
+
+
+_ROW_ORDER = itemgetter(6, 7, 0)  # folder, kind, path: index.rows_by_folder's ORDER BY
+_FOLDER_AND_KIND = itemgetter(6, 7)
+
+
+class _RowsByFolder:
+    """The index's rows read beside a walk that lists folders in the same order: one folder's
+    rows at a time, never the whole storage's."""
+
+    def __init__(self, rows: Iterable[IndexRow]) -> None:
+        self._groups = groupby(rows, _FOLDER_AND_KIND)
+        self._next = next(self._groups, None)
+        self._folder = ""
+
+    def take(
+        self, prefix: str, unwalked: Callable[[IndexRow], None]
+    ) -> tuple[dict[str, IndexRow], dict[str, IndexRow]]:
+        """The rows of the files, and of the folders and links, in the folder `prefix`; the
+        rows of the folders before it, which the walk did not list, go to `unwalked`."""
+        files: dict[str, IndexRow] = {}
+        entries: dict[str, IndexRow] = {}
+        while self._next is not None:
+            (folder, kind), rows = self._next
+            if folder > prefix:
+                break
+            if folder < self._folder:  # never: SQLite's order of text is Python's
+                raise RuntimeError(f"index rows out of folder order at {folder!r}")
+            self._folder = folder
+            if folder < prefix:
+                for row in rows:
+                    unwalked(row)
+            elif kind == FILE:
+                files = {row[0]: row for row in rows}
+            else:
+                entries.update((row[0], row) for row in rows)
+            self._next = next(self._groups, None)
+        return files, entries
+
+    def take_rest(self, unwalked: Callable[[IndexRow], None]) -> None:
+        """The rows past the last folder walked, which the walk did not list."""
+        while self._next is not None:
+            for row in self._next[1]:
+                unwalked(row)
+            self._next = next(self._groups, None)
 
 
 def plan_scan_rows(
     root: Path,
-    known: Mapping[str, KnownRow],
+    known: Iterable[IndexRow],
     rules: IgnoreRules,
-    known_entries: Mapping[str, KnownEntry] | None = None,
     *,
     symlinks: bool = True,
 ) -> ScanPlan:
-    """`plan_scan` with the index's files as `KnownRow` tuples (`index.known_rows`) and its
-    folders and links as `KnownEntry` (`index.known_entries`): the fast form, for a whole
-    storage."""
+    """`plan_scan` with the index's live rows as `IndexRow`s in folder order
+    (`index.rows_by_folder`): the fast form, for a whole storage. The walk lists folders in
+    that order (a folder's subfolders sorted by name + '/' are in string order of their paths),
+    so it holds the rows and the paths seen of one folder at a time."""
     plan = ScanPlan()
-    known = known if type(known) is dict else dict(known)
-    entries_known = known_entries or {}
-    changed: list[KnownRow] = []  # new or changed files
-    walked: list[str] = []  # every path seen, looked at only if some known path was not
     notes: list[tuple[str, str, str | None]] = []
     unreadable_dirs: list[str] = []
     unchanged = 0
-    entries_unchanged = 0
     ignores_file = rules.ignores_file if rules.patterns else None  # else ironsync's names only
-    stack: list[tuple[str, str]] = [(str(root), "")]
+
+    def unwalked(row: IndexRow) -> None:
+        """A known path the walk did not find: vanished, unless ignored or unreadable."""
+        path, kind = row[0], row[7]
+        if rules.ignores_file(path) or (kind != FILE and rules.ignores_dir(path)):
+            return
+        if any(path.startswith(prefix) for prefix in unreadable_dirs):
+            return
+        plan.vanished.append(path)
+        if kind == FILE:
+            plan.vanished_files[path] = row[:6]  # type: ignore[assignment]
+
+    by_folder = _RowsByFolder(known)
+    stack: list[tuple[str, str, list[ToHashRow] | None]] = [(str(root), "", None)]
     while stack:
-        folder, prefix = stack.pop()
+        folder, prefix, ready = stack.pop()
+        if ready is not None:  # files of a folder that sort before its next subfolder's
+            plan.to_hash.extend(ready)
+            continue
+        files, entries = by_folder.take(prefix, unwalked)
+        walked: list[str] = []  # every path seen here: looked at if some known one was not
+        changed: list[KnownRow] = []  # new or changed files
         try:
-            unchanged += scan_folder(folder, prefix, known, ignores_file, walked, changed, notes)
-        except FileNotFoundError:
-            continue  # vanished while we walked: its files are gone
+            files_unchanged = scan_folder(
+                folder, prefix, files, ignores_file, walked, changed, notes
+            )
+        except FileNotFoundError:  # vanished while we walked: its files are gone
+            for row in (*files.values(), *entries.values()):
+                unwalked(row)
+            continue
         except OSError as exc:
             rel = prefix.rstrip("/")
             plan.unreadable.append((rel or ".", exc.strerror or str(exc)))
             unreadable_dirs.append(prefix)
             continue
+        entries_unchanged = 0
+        subfolders: list[tuple[str, str]] = []
         for note, rel, detail in notes:
             if note == NOTE_DIR:
                 if rules.ignores_dir(rel):
                     continue
-                stack.append((detail, rel + "/"))  # type: ignore[arg-type]
-                entries_unchanged += _plan_entry(plan, detail, rel, entries_known, walked)  # type: ignore[arg-type]
+                subfolders.append((detail, rel + "/"))  # type: ignore[arg-type]
+                entries_unchanged += _plan_entry(plan, detail, rel, entries, walked)  # type: ignore[arg-type]
             elif note == NOTE_SYMLINK:
                 if not symlinks:
                     plan.symlinks.append(rel)
-                    if rel in entries_known:
+                    if rel in entries:
                         walked.append(rel)  # left alone: not a deletion either
                 elif not rules.ignores_file(rel):
                     full = f"{folder}/{rel.rpartition('/')[2]}"
-                    entries_unchanged += _plan_entry(plan, full, rel, entries_known, walked)
+                    entries_unchanged += _plan_entry(plan, full, rel, entries, walked)
             elif note == NOTE_OTHER:
                 if not rules.ignores_file(rel):
                     plan.skipped.append((rel, "not a regular file, folder or symlink"))
@@ -287,26 +461,46 @@ def plan_scan_rows(
             else:
                 plan.unreadable.append((rel, detail or note))
         notes.clear()
-    plan.unchanged = unchanged + entries_unchanged
-    if unchanged != len(known) or entries_unchanged != len(entries_known):
-        seen = set(walked)  # some known path was not found unchanged: which vanished?
-        for path in (*known, *entries_known):
-            if path in seen or rules.ignores_file(path):
-                continue
-            if path in entries_known and rules.ignores_dir(path):
-                continue
-            if any(path.startswith(prefix) for prefix in unreadable_dirs):
-                continue
-            plan.vanished.append(path)
-    changed.sort()
-    plan.to_hash = [(row[0], Stat(*row[1:])) for row in changed]
+        _push_in_path_order(stack, sorted((*row, row[0] in files) for row in changed), subfolders)
+        unchanged += files_unchanged + entries_unchanged
+        if files_unchanged != len(files) or entries_unchanged != len(entries):
+            seen = set(walked)  # some known path was not found unchanged: which vanished?
+            for row in (*files.values(), *entries.values()):
+                if row[0] not in seen:
+                    unwalked(row)
+    by_folder.take_rest(unwalked)
+    plan.unchanged = unchanged
     plan.entries.sort(key=lambda entry: entry.path)
     plan.vanished.sort()
     return plan
 
 
+def _push_in_path_order(
+    stack: list[tuple[str, str, list[ToHashRow] | None]],
+    changed: list[ToHashRow],
+    subfolders: list[tuple[str, str]],
+) -> None:
+    """Push a folder's `changed` files (sorted) and its subfolders (full path, prefix) on the
+    walk's `stack` so that they come off it in path order: the files of a subfolder sort
+    among the folder's own as its name + '/' (its prefix) does, and its own subfolders in turn.
+    The folders are listed in prefix order still, the index's."""
+    end = len(changed)
+    for full, prefix in sorted(subfolders, key=_PREFIX, reverse=True):
+        start = bisect_left(changed, prefix, hi=end, key=_PATH)
+        if start < end:
+            stack.append(("", "", changed[start:end]))
+        stack.append((full, prefix, None))
+        end = start
+    if end:
+        stack.append(("", "", changed[:end]))
+
+
+_PATH = itemgetter(0)
+_PREFIX = itemgetter(1)
+
+
 def _plan_entry(
-    plan: ScanPlan, full: str, rel: str, known: Mapping[str, KnownEntry], walked: list[str]
+    plan: ScanPlan, full: str, rel: str, known: Mapping[str, IndexRow], walked: list[str]
 ) -> int:
     """Look at the folder or link `rel` (at `full`): 1 if the index has it as it is, else 0
     (and the entry goes to `plan.entries`, or to `plan.skipped` / `plan.unreadable`)."""
@@ -326,7 +520,8 @@ def _plan_entry(
             walked.append(rel)
         return 0
     walked.append(rel)
-    if entry.same_as(known.get(rel)):
+    row = known.get(rel)
+    if row is not None and entry.same_as(KnownEntry(row[0], row[7], *row[1:6], row[8])):
         return 1
     plan.entries.append(entry)
     return 0
@@ -353,7 +548,7 @@ NOTE_ERROR = "error"  # could not be stat'ed
 def scan_folder_py(
     folder: str,
     prefix: str,
-    known: dict[str, KnownRow],
+    known: dict[str, tuple],
     ignores_file: Callable[[str], bool] | None,
     walked: list[str],
     changed: list[KnownRow],
@@ -361,8 +556,9 @@ def scan_folder_py(
 ) -> int:
     """List one folder (path `prefix` in the storage); stat and compare its regular files.
 
-    Each file's path goes to `walked`, its row to `changed` unless `known` has that very row;
-    returns how many did. ironsync's own files are left out, and those `ignores_file` says;
+    Each file's path goes to `walked`, its row to `changed` unless `known` has that very row
+    (as the first six items of its value: an `IndexRow` or a `KnownRow`); returns how many
+    did. ironsync's own files are left out, and those `ignores_file` says;
     other entries go to `notes`. An OSError is raised (before anything is added) when the
     folder cannot be listed. `ironsync._scandir.scan_folder` is the same in C."""
     unchanged = 0
@@ -389,7 +585,8 @@ def scan_folder_py(
                 row = (rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                        st.st_mode & 0o777)  # fmt: skip
                 walked.append(rel)
-                if known_get(rel) == row:
+                previous = known_get(rel)
+                if previous is not None and previous[:6] == row:
                     unchanged += 1
                 else:
                     changed.append(row)
@@ -431,7 +628,7 @@ def is_trusted(known: KnownStat) -> bool:
 
 def hash_files(
     root: Path,
-    to_hash: list[tuple[str, Stat]],
+    to_hash: Iterable[tuple[str, Stat]],
     on_bytes: Callable[[int], None] | None = None,
     clock: Callable[[], int] = time.time_ns,
 ) -> Iterator[Observed | Gone | Unreadable]:

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ironsync import scan as scan_module
 from ironsync.chunking import MIN_CHUNK, chunk_bytes, content_hash, hash_and_chunk
@@ -23,11 +27,14 @@ from ironsync.scan import (
     RACY_WINDOW_NS,
     SMALL_FILE_BYTES,
     ChunkSpool,
+    KnownEntry,
     KnownRow,
     KnownStat,
     Observed,
+    ScanPlan,
     Stat,
     hash_files,
+    index_rows,
     plan_scan,
     plan_scan_rows,
 )
@@ -168,6 +175,7 @@ def test_the_watchers_rescan_of_a_renamed_or_recopied_file_records_a_move(
     real_hash_files = local.hash_files
 
     def spy(root, files, *args):  # type: ignore[no-untyped-def]
+        files = list(files)
         hashed.extend(path for path, _ in files)
         return real_hash_files(root, files, *args)
 
@@ -227,7 +235,8 @@ def test_a_file_with_an_mtime_in_the_future_is_not_read_at_every_scan(node: Node
         settle(db)
         report = scan_storage(db, "alpha", node.config().storages[0])
         assert report.unchanged == 1 and report.bytes_hashed == 0
-        assert index.known_rows(db, row(db, "future.txt").storage_id)["future.txt"][5] == 0o644
+        (known,) = index.rows_by_folder(db, row(db, "future.txt").storage_id)
+        assert known[0] == "future.txt" and known[5] == 0o644
 
 
 def test_mode_and_mtime_changes_are_new_versions_without_content_change(node: Node) -> None:
@@ -611,7 +620,8 @@ def test_the_c_walk_plans_the_same_scan_as_the_python_walk(
     plans = []
     for scan_folder in (scan_module.scan_folder_py, _scandir.scan_folder):
         monkeypatch.setattr(scan_module, "scan_folder", scan_folder)
-        plans.append(plan_scan_rows(tmp_path, known, IgnoreRules.load(tmp_path)))
+        rows = index_rows(known, {})
+        plans.append(plan_scan_rows(tmp_path, rows, IgnoreRules.load(tmp_path)))
     python, c = plans
     assert python == c
     assert [p for p, _ in python.to_hash] == sorted(
@@ -727,3 +737,324 @@ def test_special_files_are_skipped_and_named_once(node: Node) -> None:
         ]
         storage = index.get_storage(db, "docs")
         assert storage is not None and index.get_file(db, storage.id, "pipe") is None
+
+
+# --- the walk reads the index folder by folder (memory bounded by a folder, not a storage) ----
+
+# Names that sort around '/' (0x2f): ' ' '-' '.' before it, '0' and letters after it, and
+# non-ASCII ones: a walk whose order is not the index's would find rows out of their turn.
+TRICKY_NAMES = ["a", "a b", "a-b", "a.b", "a0", "ab", "A", "é", "ü x"]
+
+
+def plan_scan_whole_index(
+    root: Path,
+    known: dict[str, KnownRow],
+    entries_known: dict[str, KnownEntry],
+    rules: IgnoreRules,
+    symlinks: bool,
+) -> ScanPlan:
+    """The scan as it was planned with the whole index in memory: every path walked in a set,
+    the vanished ones the known paths left out of it. The reference for the folder-by-folder
+    walk."""
+    plan = ScanPlan()
+    changed: list[KnownRow] = []
+    walked: list[str] = []
+    notes: list[tuple[str, str, str | None]] = []
+    unreadable_dirs: list[str] = []
+    ignores_file = rules.ignores_file if rules.patterns else None
+    stack = [(str(root), "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            plan.unchanged += scan_module.scan_folder(
+                folder, prefix, known, ignores_file, walked, changed, notes
+            )
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            plan.unreadable.append((prefix.rstrip("/") or ".", exc.strerror or str(exc)))
+            unreadable_dirs.append(prefix)
+            continue
+        rows = index_rows({}, entries_known)
+        by_path = {row[0]: row for row in rows}
+        for note, rel, detail in notes:
+            if note == scan_module.NOTE_DIR:
+                if not rules.ignores_dir(rel):
+                    stack.append((detail, rel + "/"))
+                    plan.unchanged += scan_module._plan_entry(plan, detail, rel, by_path, walked)
+            elif note == scan_module.NOTE_SYMLINK:
+                if not symlinks:
+                    plan.symlinks.append(rel)
+                    if rel in entries_known:
+                        walked.append(rel)
+                elif not rules.ignores_file(rel):
+                    full = f"{folder}/{rel.rpartition('/')[2]}"
+                    plan.unchanged += scan_module._plan_entry(plan, full, rel, by_path, walked)
+            elif note == scan_module.NOTE_OTHER:
+                if not rules.ignores_file(rel):
+                    plan.skipped.append((rel, "not a regular file, folder or symlink"))
+            elif note == scan_module.NOTE_BAD_NAME:
+                plan.skipped.append((rel, scan_module.BAD_NAME_REASON))
+            else:
+                plan.unreadable.append((rel, detail or note))
+        notes.clear()
+    seen = set(walked)
+    for path in (*known, *entries_known):
+        if path in seen or rules.ignores_file(path):
+            continue
+        if path in entries_known and rules.ignores_dir(path):
+            continue
+        if not any(path.startswith(prefix) for prefix in unreadable_dirs):
+            plan.vanished.append(path)
+    changed.sort()
+    plan.to_hash = [(row[0], Stat(*row[1:])) for row in changed]
+    plan.entries.sort(key=lambda entry: entry.path)
+    plan.vanished.sort()
+    return plan
+
+
+tree_paths = st.lists(
+    st.lists(st.sampled_from(TRICKY_NAMES), min_size=1, max_size=4).map("/".join),
+    max_size=25,
+)
+
+
+def link_target(path: str) -> str:
+    return "nowhere-" + path.rpartition("/")[2]
+
+
+def make_tree(root: Path, paths: list[str], kinds: list[str]) -> None:
+    """A file, folder or link at each path (its parents folders), when nothing is there yet."""
+    for path, kind in zip(paths, kinds, strict=False):
+        full = root / path
+        try:
+            full.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "file":
+                full.write_bytes(path.encode())
+            elif kind == "dir":
+                full.mkdir()
+            else:
+                full.symlink_to(link_target(path))
+        except OSError:  # something is there already
+            continue
+
+
+def index_of(root: Path, picks: list[tuple[str, str, int]]) -> tuple[dict, dict]:
+    """Known files and entries: for each (path, kind, how) the disk's own row (how 0), one
+    that differs from it (1), or a racy one (2), whatever is on disk there."""
+    files: dict[str, KnownRow] = {}
+    entries: dict[str, KnownEntry] = {}
+    for path, kind, how in picks:
+        try:
+            st_ = os.lstat(root / path)
+            stat = (st_.st_size, st_.st_mtime_ns, st_.st_ctime_ns, st_.st_ino, st_.st_mode & 0o777)
+        except OSError:
+            stat = (5, LONG_AGO_NS, LONG_AGO_NS, 12345, 0o644)
+        if how == 1:
+            stat = (stat[0] + 1, *stat[1:])
+        files.pop(path, None)  # one row per path
+        entries.pop(path, None)
+        if kind == "file":
+            files[path] = (path, *stat[:4], -1 if how == 2 else stat[4])
+        elif kind == "dir":
+            mode = stat[4] if how != 1 else 0o700
+            entries[path] = KnownEntry(path, "dir", 0, *stat[1:4], mode, None)
+        else:
+            target = link_target(path) if how != 1 else "elsewhere"
+            entries[path] = KnownEntry(path, "symlink", len(target), *stat[1:4], 0, target)
+    return files, entries
+
+
+@settings(max_examples=150, deadline=None, print_blob=True)
+@given(
+    tree_paths,
+    st.lists(st.sampled_from(["file", "dir", "symlink"]), min_size=25, max_size=25),
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(TRICKY_NAMES), min_size=1, max_size=4).map("/".join),
+            st.sampled_from(["file", "dir", "symlink"]),
+            st.integers(0, 2),
+        ),
+        max_size=25,
+    ),
+    st.sampled_from(["", "a-b/\n", "*.b\n", "a/\n!a/a\n", "é\n"]),
+    st.booleans(),
+)
+def test_the_folder_by_folder_walk_plans_what_the_whole_index_walk_planned(
+    paths: list[str],
+    kinds: list[str],
+    picks: list[tuple[str, str, int]],
+    patterns: str,
+    symlinks: bool,
+) -> None:
+    with tempfile.TemporaryDirectory() as top:
+        root = Path(top)
+        make_tree(root, paths, kinds)
+        on_disk = [(path, kind, 0) for path, kind in zip(paths, kinds, strict=False)]
+        files, entries = index_of(root, on_disk + picks)
+        rules = IgnoreRules.from_lines(patterns.splitlines())
+        expected = plan_scan_whole_index(root, files, entries, rules, symlinks)
+        plan = plan_scan_rows(root, iter(index_rows(files, entries)), rules, symlinks=symlinks)
+    for name in ("to_hash", "entries", "vanished", "unchanged"):
+        assert getattr(plan, name) == getattr(expected, name), name
+    for name in ("unreadable", "symlinks", "skipped"):  # in the walk's order: not the same
+        assert sorted(getattr(plan, name)) == sorted(getattr(expected, name)), name
+    assert plan.vanished_files == {p: files[p] for p in plan.vanished if p in files}
+    assert [known for _, _, known in plan.to_hash.rows()] == [p in files for p, _ in plan.to_hash]
+
+
+def all_paths(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if ".ironsync" not in p.parts)  # fmt: skip
+
+
+def test_names_that_sort_around_a_slash_are_found_unchanged_and_deleted_exactly(
+    node: Node,
+) -> None:
+    for first in TRICKY_NAMES:
+        write(node.root, f"{first}/x", b"x")
+        write(node.root, f"{first}/b/{first}", first.encode())
+        write(node.root, f"{first}.txt", b"t")
+    with node.db() as db:
+        created = scan(node, db)["created"]
+        assert created == all_paths(node.root)
+        settle(db)
+        report = scan_storage(db, "alpha", node.config().storages[0])
+        assert report.changes == [] and report.unchanged == len(created)
+        for gone in ("a/b/a", "a-b/x", "a0.txt", "é/b"):
+            target = node.root / gone
+            if target.is_dir():
+                for child in target.iterdir():
+                    child.unlink()
+                target.rmdir()
+            else:
+                target.unlink()
+        assert scan(node, db) == {"deleted": ["a-b/x", "a/b/a", "a0.txt", "é/b", "é/b/é"]}
+
+
+def test_a_deep_tree_is_scanned_unchanged_and_its_deepest_file_deleted(node: Node) -> None:
+    levels = [f"level{i}" for i in range(40)]
+    files = ["/".join(levels[: i + 1]) + f"/f{i}" for i in range(0, 40, 5)]
+    for rel in files:
+        write(node.root, rel, b"f")
+    with node.db() as db:
+        scan(node, db)
+        settle(db)
+        assert scan(node, db) == {}
+        (node.root / files[-1]).unlink()
+        assert scan(node, db) == {"deleted": [files[-1]]}
+
+
+def test_a_folder_that_vanished_takes_its_contents_and_subfolders_along(node: Node) -> None:
+    for rel in ("keep/a", "gone/a", "gone/sub/b", "gone/sub/deeper/c", "gone-not/d", "gone0/e"):
+        write(node.root, rel, rel.encode())
+    with node.db() as db:
+        scan(node, db)
+        shutil.rmtree(node.root / "gone")
+        assert scan(node, db) == {
+            "deleted": ["gone", "gone/a", "gone/sub", "gone/sub/b", "gone/sub/deeper",
+                        "gone/sub/deeper/c"]
+        }  # fmt: skip
+        assert not row(db, "gone-not/d").deleted and not row(db, "gone0/e").deleted
+
+
+def test_a_folder_ignored_after_it_was_indexed_keeps_its_rows(node: Node) -> None:
+    for rel in ("build/out.o", "build/sub/x.o", "build-notes.txt", "src/a.c"):
+        write(node.root, rel, rel.encode())
+    with node.db() as db:
+        scan(node, db)
+        (node.root / ".ignore").write_text("build/\n")
+        shutil.rmtree(node.root / "build")  # ignored: what the index says of it stays
+        assert scan(node, db) == {}
+        assert not row(db, "build/sub/x.o").deleted and not row(db, "build").deleted
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read anything")
+def test_a_folder_that_cannot_be_read_keeps_its_rows(node: Node) -> None:
+    for rel in ("locked/a", "locked/sub/b", "locked-not/c", "open/d"):
+        write(node.root, rel, rel.encode())
+    with node.db() as db:
+        scan(node, db)
+        (node.root / "open" / "d").unlink()
+        (node.root / "locked").chmod(0)
+        try:
+            report = scan_storage(db, "alpha", node.config().storages[0])
+        finally:
+            (node.root / "locked").chmod(0o755)
+        assert [(c.kind, c.path) for c in report.changes] == [("deleted", "open/d")]
+        assert report.unreadable == [("locked", "Permission denied")]
+        assert not row(db, "locked/sub/b").deleted and not row(db, "locked-not/c").deleted
+
+
+def test_a_folder_replaced_by_a_file_and_a_file_by_a_folder_are_new_versions(
+    node: Node,
+) -> None:
+    write(node.root, "was-dir/inside", b"in")
+    write(node.root, "was-file", b"file")
+    with node.db() as db:
+        scan(node, db)
+        shutil.rmtree(node.root / "was-dir")
+        write(node.root, "was-dir", b"now a file")
+        (node.root / "was-file").unlink()
+        write(node.root, "was-file/inside", b"now a folder")
+        assert scan(node, db) == {
+            "created": ["was-file/inside"],
+            "deleted": ["was-dir/inside"],
+            "modified": ["was-dir", "was-file"],
+        }
+        assert row(db, "was-dir").kind == "file" and row(db, "was-file").kind == "dir"
+        settle(db)
+        assert scan(node, db) == {}
+
+
+def test_moves_across_folders_are_found_by_inode_and_by_content(node: Node) -> None:
+    renamed, copied = os.urandom(20_000), os.urandom(30_000)
+    write(node.root, "a/b/renamed.bin", renamed)
+    write(node.root, "z/copied.bin", copied)
+    write(node.root, "a-b/stays", b"s")
+    with node.db() as db:
+        scan(node, db)
+        write(node.root, "0/new/copied.bin", copied)  # a new inode: found by content
+        (node.root / "z" / "copied.bin").unlink()
+        (node.root / "a-b" / "x").mkdir()
+        (node.root / "a" / "b" / "renamed.bin").rename(node.root / "a-b" / "x" / "renamed.bin")
+        report = scan_storage(db, "alpha", node.config().storages[0])
+        moves = sorted((c.from_path, c.path) for c in report.changes if c.kind == "moved")
+        assert moves == [("a/b/renamed.bin", "a-b/x/renamed.bin"),
+                         ("z/copied.bin", "0/new/copied.bin")]  # fmt: skip
+        assert report.bytes_hashed == len(copied)  # the renamed file was not read again
+
+
+def test_the_scanners_query_is_served_by_the_folder_index_without_a_sort(node: Node) -> None:
+    with node.db() as db:
+        plan = db.query(f"EXPLAIN QUERY PLAN {index.ROWS_BY_FOLDER}", (0, 0, 1))
+        assert [row[3] for row in plan] == [
+            "SEARCH files USING INDEX files_by_folder (storage_id=?)"
+        ]  # no "USE TEMP B-TREE FOR ORDER BY": rows stream in the index's order
+
+
+def test_files_to_hash_are_kept_on_disk_and_read_back_in_order_as_often_as_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(scan_module.FilesToHash, "BLOCK", 3)
+    spool = scan_module.FilesToHash()
+    rows = [(f"f{i:02d}", i, i + 1, i + 2, i + 3, 0o644, i % 2 == 0) for i in range(10)]
+    for start in range(0, 10, 4):
+        spool.extend(rows[start : start + 4])
+    expected = [(p, Stat(*st), known) for p, *st, known in rows]
+    assert list(spool.rows()) == list(spool.rows()) == expected
+    assert spool == [(p, st) for p, st, _ in expected] and len(spool) == 10
+    assert spool.bytes == sum(range(10)) and scan_module.FilesToHash() == []
+
+
+def test_a_scan_that_keeps_no_changes_counts_them_and_logs_them_all(node: Node) -> None:
+    for i in range(5):
+        write(node.root, f"d/f{i}", b"x")
+    with node.db() as db:
+        report = scan_storage(db, "alpha", node.config().storages[0], keep_changes=False)
+        assert report.changes == [] and report.count("created") == 6
+        created = [e.path for e in ev.last_events(db, 100) if e.kind == "created"]
+        assert created == ["d", "d/f0", "d/f1", "d/f2", "d/f3", "d/f4"]
+        (node.root / "d" / "f0").unlink()
+        report = scan_storage(db, "alpha", node.config().storages[0], keep_changes=False)
+        assert report.count("deleted") == 1 and ev.last_events(db, 1)[0].kind == "scanned"

@@ -342,7 +342,11 @@ class SyncEngine:
         unavailable = []
         for storage in self.storages_for(names):
             try:
-                report = scan_storage(db, self.node_id, storage, clock=self.clock)
+                # each change is in the events table: the report counts them (a first scan
+                # of 1,000,000 files would hold as many)
+                report = scan_storage(
+                    db, self.node_id, storage, clock=self.clock, keep_changes=False
+                )
                 self.unreadable[storage.name] = report.unreadable + report.bad_names
             except StorageUnavailable as exc:
                 unavailable.append(storage.name)

@@ -71,7 +71,7 @@ class StorageUnavailable(Exception):
         super().__init__(f"storage '{storage}': {reason}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     kind: str  # created, modified, deleted, moved
     path: str
@@ -82,12 +82,19 @@ class Change:
 @dataclass
 class ScanReport:
     storage: str
-    changes: list[Change] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)  # none unless `keep_changes`
     unchanged: int = 0
     bytes_hashed: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     symlinks: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # changes by kind, kept or not
+    keep_changes: bool = True  # else only counted: a first scan makes one per file
+
+    def add(self, change: Change) -> None:
+        self.counts[change.kind] = self.counts.get(change.kind, 0) + 1
+        if self.keep_changes:
+            self.changes.append(change)
 
     @property
     def bad_names(self) -> list[tuple[str, str]]:
@@ -96,7 +103,7 @@ class ScanReport:
         return [(shown_name(p), r) for p, r in self.skipped if r == BAD_NAME_REASON]
 
     def count(self, kind: str) -> int:
-        return sum(1 for change in self.changes if change.kind == kind)
+        return self.counts.get(kind, 0)
 
 
 class ScanProgress(Protocol):
@@ -143,30 +150,38 @@ def scan_storage(
     storage: Storage,
     progress: ScanProgress | None = None,
     clock: Callable[[], int] = time.time_ns,
+    *,
+    keep_changes: bool = True,
 ) -> ScanReport:
-    """Bring the index of one storage up to date with its disk; say what changed."""
+    """Bring the index of one storage up to date with its disk; say what changed (each
+    change in `report.changes` with `keep_changes`, else only how many of each kind)."""
     progress = progress or NoProgress()
     row = prepare_storage(db, storage)
     rules = IgnoreRules.load(storage.root)
-    known = index.known_rows(db, row.id)
-    entries = index.known_entries(db, row.id)
-    plan = plan_scan_rows(storage.root, known, rules, entries, symlinks=storage_symlinks(storage))
+    rows = index.rows_by_folder(db, row.id)
+    plan = plan_scan_rows(storage.root, rows, rules, symlinks=storage_symlinks(storage))
     report = ScanReport(
         storage.name,
         unchanged=plan.unchanged,
         unreadable=list(plan.unreadable),
         symlinks=plan.symlinks,
         skipped=plan.skipped,
+        keep_changes=keep_changes,
     )
     _warn_symlinks(storage.name, plan.symlinks)
 
-    sources = _MoveSources(db, row, plan.vanished, known)
+    sources = _MoveSources(db, row, plan.vanished_files)
     moved_away: set[str] = set()
-    renamed: list[Observed] = []
-    to_hash = sources.renamed(plan.to_hash, known, renamed)
-    progress.begin(storage.name, len(to_hash), sum(st.size for _, st in to_hash))
+    renamed = sources.renamed(plan.to_hash.rows())
+    renamed_paths = {seen.path for seen in renamed}
+    to_read = (item for item in plan.to_hash if item[0] not in renamed_paths)
+    progress.begin(
+        storage.name,
+        len(plan.to_hash) - len(renamed),
+        plan.to_hash.bytes - sum(seen.stat.size for seen in renamed),
+    )
     _record_entries(db, node_id, row, plan.entries, clock, report)  # parents before contents
-    read = hash_files(storage.root, to_hash, progress.advance, clock)
+    read = hash_files(storage.root, to_read, progress.advance, clock)
     _record_batches(db, node_id, row, renamed, read, sources, moved_away, report)
     progress.end()
 
@@ -178,7 +193,7 @@ def scan_storage(
             for path in vanished[start : start + BATCH]:
                 change = _record_vanished(batch, node_id, path)
                 if change is not None:
-                    report.changes.append(change)
+                    report.add(change)
             batch.write()
         for path, reason in report.unreadable + report.bad_names:
             ev.append_event(
@@ -193,7 +208,7 @@ def scan_storage(
                     db, "skipped", storage=storage.name, path=path, status="warning",
                     detail={"reason": reason},
                 )  # fmt: skip
-        if report.changes or report.unreadable or report.bad_names:
+        if report.counts or report.unreadable or report.bad_names:
             ev.append_event(db, "scanned", storage=storage.name, detail=_summary(report))
         index.mark_scanned(db, row.id, ev.iso_now())
     return report
@@ -346,7 +361,7 @@ def _record_entries(
             for entry in part:
                 change = _record_entry(batch, node_id, entry, batch.get_file(entry.path), now_ns)
                 if change is not None:
-                    report.changes.append(change)
+                    report.add(change)
             batch.write()
 
 
@@ -531,14 +546,14 @@ def rescan_paths(
         stat_known = index.known_stat(db, row.id, path)
         if stat_known is not None:
             known[path] = known_row(path, stat_known)
-    vanished = [path for path in gone if path in known]
-    sources = _MoveSources(db, row, vanished, known)
+    sources = _MoveSources(db, row, {path: known[path] for path in gone if path in known})
     report = ScanReport(storage.name)
     moved_away: set[str] = set()
-    renamed: list[Observed] = []
     _record_entries(db, node_id, row, entries, clock, report)
-    to_hash = sources.renamed(planned, known, renamed)
-    read = hash_files(storage.root, to_hash, None, clock)
+    renamed = sources.renamed((path, st, path in known) for path, st in planned)
+    renamed_paths = {seen.path for seen in renamed}
+    to_read = [item for item in planned if item[0] not in renamed_paths]
+    read = hash_files(storage.root, to_read, None, clock)
     _record_batches(db, node_id, row, renamed, read, sources, moved_away, report)
     # after the moves: what they moved away is no deletion; contents before their folders
     gone_now = [Gone(path) for path in sorted(gone, reverse=True) if path not in moved_away]
@@ -572,7 +587,7 @@ def _record_batches(
             for item in pending:
                 change = _record_scanned(batch, node_id, item, sources.by_hash, moved_away)
                 if change is not None:
-                    report.changes.append(change)
+                    report.add(change)
                 elif isinstance(item, Observed):
                     report.unchanged += 1  # read again (racy or touched), same content
             batch.write()
@@ -600,46 +615,39 @@ class _MoveSources:
         self,
         db: Database,
         row: index.StorageRow,
-        vanished: Sequence[str],
-        known: Mapping[str, KnownRow],
+        vanished: Mapping[str, KnownRow],
     ) -> None:
         self._db = db
         self._row = row
-        self._rows = index.get_files(db, row.id, vanished)
+        self._vanished = vanished
+        self._rows = index.get_files(db, row.id, sorted(vanished))
         self.by_hash: dict[bytes, list[str]] = {}
         self._by_inode: dict[tuple[int, int, int], str] = {}
-        for path in vanished:
+        for path in sorted(vanished):
             old = self._rows.get(path)
-            # only files are move sources (`known` holds files; a vanished link has a size)
             if old is not None and old.kind == FILE and old.hash is not None and old.size > 0:
                 self.by_hash.setdefault(old.hash, []).append(path)
-                _, size, mtime_ns, _, inode, _ = known[path]
+                _, size, mtime_ns, _, inode, _ = vanished[path]
                 self._by_inode[(inode, size, mtime_ns)] = path
 
-    def renamed(
-        self,
-        to_hash: Sequence[tuple[str, Stat]],
-        known: Mapping[str, KnownRow],
-        renamed: list[Observed],
-    ) -> list[tuple[str, Stat]]:
-        """A rename keeps the inode, size and mtime: the new paths of `to_hash` that are a
-        vanished file renamed go to `renamed` with its indexed content, without reading them
-        again (a renamed 1 GiB file costs no hashing; a racy entry is read anyway). Returns
-        the rest, to read."""
-        rest = []
-        for path, st in to_hash:
-            old_path = (
-                None
-                if path in known
-                else self._by_inode.pop((st.inode, st.size, st.mtime_ns), None)
-            )
-            trusted = old_path is not None and known[old_path][5] != UNTRUSTED_MODE
+    def renamed(self, to_hash: Iterable[tuple[str, Stat, bool]]) -> list[Observed]:
+        """A rename keeps the inode, size and mtime: the new files of `to_hash` (path, stat,
+        whether the index has the path) that are a vanished file renamed, with its indexed
+        content, so that they are not read again (a renamed 1 GiB file costs no hashing; a
+        racy entry is read anyway)."""
+        renamed: list[Observed] = []
+        if not self._by_inode:  # nothing vanished: not even a look at `to_hash`
+            return renamed
+        for path, st, known in to_hash:
+            if known:
+                continue
+            old_path = self._by_inode.pop((st.inode, st.size, st.mtime_ns), None)
+            trusted = old_path is not None and self._vanished[old_path][5] != UNTRUSTED_MODE
             old_known = index.known_stat(self._db, self._row.id, old_path) if trusted else None
             if old_path is None or old_known is None:
-                rest.append((path, st))
                 continue
             old = self._rows[old_path]
             assert old.hash is not None
             content = Content(old.hash, old.size, _chunks_of(self._db, old))
             renamed.append(Observed(path, st, content, old_known.indexed_at_ns))
-        return rest
+        return renamed
