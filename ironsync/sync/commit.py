@@ -168,6 +168,8 @@ class Committer:
                     entry.done.set_exception(exc)
                 else:
                     checked.append(entry)
+            if not checked:
+                return
             outcomes = await in_thread(_rename_all, [entry.item for entry in checked])
             renamed: list[_Entry] = []
             folders: list[int] = []
