@@ -258,14 +258,6 @@ class FilesToHash:
     def __len__(self) -> int:
         return self._count
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, FilesToHash | list):
-            return NotImplemented
-        return list(self) == list(other)
-
-    def __repr__(self) -> str:
-        return f"FilesToHash({list(self)!r})"
-
 
 @dataclass
 class ScanPlan:

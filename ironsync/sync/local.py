@@ -620,10 +620,11 @@ class _MoveSources:
         self._db = db
         self._row = row
         self._vanished = vanished
-        self._rows = index.get_files(db, row.id, sorted(vanished))
+        paths = sorted(vanished)
+        self._rows = index.get_files(db, row.id, paths)
         self.by_hash: dict[bytes, list[str]] = {}
         self._by_inode: dict[tuple[int, int, int], str] = {}
-        for path in sorted(vanished):
+        for path in paths:
             old = self._rows.get(path)
             if old is not None and old.kind == FILE and old.hash is not None and old.size > 0:
                 self.by_hash.setdefault(old.hash, []).append(path)
