@@ -400,6 +400,44 @@ def _conflict_copy_path(path: str, mtime_ns: int, tag: str) -> str:
 
 def reconcile(local: FileState | None, remotes: Sequence[FileState], local_node: str) -> Plan:
     """Decide what ``local_node`` does about one path, given every known row of that path."""
+    if local is None and len(remotes) == 1:
+        return _only_row(remotes[0], local_node)
+    return _reconciled(local, remotes, local_node)
+
+
+def _only_row(row: FileState, local_node: str) -> Plan:
+    """`_reconciled` for a path that only one peer has a row of (most paths of a first sync):
+    the same plan, without the general steps (a property test compares the two). That row is
+    the target: it is maximal, alone in its group and dominates nothing; no copies."""
+    _check_node_id(local_node, "local node id")
+    if row.node == local_node:
+        raise ValueError(f"a remote row claims to be the local node {local_node!r}")
+    target = ResolvedFile(
+        path=row.path,
+        version=row.version,
+        hash=row.hash,
+        size=row.size,
+        mtime_ns=row.mtime_ns,
+        mode=row.mode,
+        deleted=row.deleted,
+        modified_by=row.modified_by,
+        sources=(row.node,),
+        kind=row.kind,
+        target=row.target,
+    )
+    return Plan(
+        node=local_node,
+        path=row.path,
+        target=target,
+        local_action=LocalAction.RECORD_TOMBSTONE if row.deleted else LocalAction.PULL,
+        keep_local_as=None,
+        conflict_copies=(),
+        remote_actions=((row.node, RemoteAction.UP_TO_DATE),),
+    )
+
+
+def _reconciled(local: FileState | None, remotes: Sequence[FileState], local_node: str) -> Plan:
+    """`reconcile` by the general rule, for any rows."""
     rows = _checked_rows(local, remotes, local_node)
     path = rows[0].path
     maximal = [

@@ -140,3 +140,45 @@ def test_a_file_changed_here_between_its_decision_and_its_window_is_decided_agai
 
     contents = sorted(p.read_text() for p in beta.root.rglob("f9*") if p.is_file())
     assert contents == ["alpha's 9", "beta's own"]
+
+
+def test_a_file_changed_here_just_before_its_group_switches_is_kept_and_read_once_per_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's checks read its paths' index rows at once, under the lock, right before
+    they run: a file written and scanned here after its temp file was written is left as
+    it is (the pull fails as changed locally); the others switch. No check queries its row
+    alone."""
+    alpha, beta = Node(tmp_path, "alpha"), Node(tmp_path, "beta")
+    for n in range(10):
+        write(alpha.root, f"f{n}.txt", f"alpha's {n}")
+    (_, service_a), (engine_b, _) = engine_of(alpha), engine_of(beta)
+    checking = engine_b.committer.checking
+    single_reads: list[str] = []
+    get_file = index.get_file
+
+    def counted_get_file(db: Any, storage_id: int, path: str) -> Any:
+        single_reads.append(path)
+        return get_file(db, storage_id, path)
+
+    def edit_then_check(items: list[Any]) -> Any:
+        if not (beta.root / "f5.txt").exists():
+            write(beta.root, "f5.txt", "beta's own")
+            engine_b.scan()
+        single_reads.clear()
+        monkeypatch.setattr(index, "get_file", counted_get_file)
+        return checking(items)
+
+    monkeypatch.setattr(engine_b.committer, "checking", edit_then_check)
+
+    async def pull() -> fullsync.PullReport:
+        link = MemoryLink("alpha", service_a, local_id="beta", peer_storages=("docs",))
+        return await engine_b.pull_from(link, ["docs"])
+
+    report = asyncio.run(pull())
+    monkeypatch.setattr(index, "get_file", get_file)
+
+    assert (beta.root / "f5.txt").read_text() == "beta's own"
+    assert all((beta.root / f"f{n}.txt").read_text() == f"alpha's {n}" for n in range(10) if n != 5)
+    assert (report.pulled, report.changed, report.failed) == (9, 10, [])  # changed: 9 + f5
+    assert not [p for p in single_reads if p.startswith("f")], single_reads

@@ -758,6 +758,34 @@ def test_random_rows_decide_the_same_everywhere_and_converge(
     check_converged(settle(rows, plans))
 
 
+@settings(max_examples=300, print_blob=True, deadline=None)
+@given(
+    random_rows(),
+    st.sampled_from(["file", "dir", "symlink"]),
+    st.sampled_from([None, "target", "../up"]),
+)
+def test_a_single_peer_row_is_decided_as_the_general_rule_decides_it(
+    rows: list[FileState], kind: str, target: str | None
+) -> None:
+    """reconcile's fast path for a path only one peer has (no local row) gives the plan the
+    general rule gives, for every kind of row, tombstones included."""
+    row = rows[0]
+    if row.deleted:
+        row = replace(row, kind=kind, target=target)  # a tombstone forgets both
+    elif kind == "dir":
+        row = replace(row, kind=kind, hash=DIR_HASH)
+    elif kind == "symlink" and target is not None:
+        row = replace(row, kind=kind, target=target, hash=link_hash(target))
+    for node in MANY_NODES:
+        if node == row.node:
+            with pytest.raises(ValueError, match="claims to be the local node"):
+                reconcile(None, [row], node)
+            continue
+        fast = reconcile(None, [row], node)
+        assert fast == ironsync.reconcile._reconciled(None, [row], node)
+        assert fast.target.row_for(row.node) == row
+
+
 COPY_SOURCE = "copy-source"
 
 

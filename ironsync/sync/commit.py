@@ -7,7 +7,8 @@ every pull that is ready at that moment together, in the order the safety rules 
 1. the temp files' data is flushed to disk (`flush`: one syncfs per file system, or an fsync
    each), outside the lock: the rest of the node goes on meanwhile;
 2. under the lock (the engine's `apply_lock`), each pull checks its decision again
-   (`Switchable.check`, on the event loop: it reads the node's database), then every pull
+   (`Switchable.check`, on the event loop: it reads the node's database; `checking` lets the
+   owner of the checks read what the whole group needs at once), then every pull
    that passed renames its temp file over the target (`Switchable.rename`, all of them in one
    thread job); a pull whose check or rename fails, fails alone;
 3. the renames are flushed (`flush` of the folders);
@@ -38,6 +39,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,9 +85,17 @@ class _Entry:
 class Committer:
     """Switches pulls into place in groups (module docstring)."""
 
-    def __init__(self, db: Database, lock: asyncio.Lock | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        lock: asyncio.Lock | None = None,
+        checking: Callable[[list[Switchable]], AbstractContextManager[object]] | None = None,
+    ) -> None:
         self.db = db
         self.lock = lock if lock is not None else asyncio.Lock()
+        # entered around a group's checks (under the lock, with no pause between them): the
+        # owner of the checks may read what they need for the whole group at once
+        self.checking = checking or (lambda items: nullcontext())
         self._queue: list[_Entry] = []
         self._task: asyncio.Task[None] | None = None
         self.groups = 0  # groups switched, for tests and benchmarks
@@ -161,13 +171,14 @@ class Committer:
         self.flush_seconds += time.monotonic() - started
         async with self.lock:
             checked: list[_Entry] = []
-            for entry in group:
-                try:
-                    entry.item.check()
-                except Exception as exc:
-                    entry.done.set_exception(exc)
-                else:
-                    checked.append(entry)
+            with self.checking([entry.item for entry in group]):
+                for entry in group:
+                    try:
+                        entry.item.check()
+                    except Exception as exc:
+                        entry.done.set_exception(exc)
+                    else:
+                        checked.append(entry)
             if not checked:
                 return
             outcomes = await in_thread(_rename_all, [entry.item for entry in checked])

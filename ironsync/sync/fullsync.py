@@ -46,7 +46,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,7 +80,7 @@ from ironsync.store.chunks import holds_content
 from ironsync.sync import entries
 from ironsync.sync.blocking import in_thread
 from ironsync.sync.coalesce import Coalescer
-from ironsync.sync.commit import Committer
+from ironsync.sync.commit import Committer, Switchable
 from ironsync.sync.link import PeerError, PeerLink
 from ironsync.sync.local import StorageUnavailable, entry_detail, rescan_paths, scan_storage
 from ironsync.sync.paths import (
@@ -320,7 +320,9 @@ class SyncEngine:
         self.clock = clock
         # Local changes one at a time; never held while waiting on a peer (module docstring).
         self.apply_lock = asyncio.Lock()
-        self.committer = Committer(db, self.apply_lock)  # pulled files switch in groups
+        # pulled files switch in groups; their checks read the group's rows at once
+        self.committer = Committer(db, self.apply_lock, self._rows_for_checks)
+        self._rows_checked: dict[tuple[int, str], index.FileRow | None] | None = None
         self._files: tuple[asyncio.AbstractEventLoop, _Budget] | None = None
         self._scans: Coalescer[list[str]] = Coalescer(self._scan_job)
         # (peer, storage) -> {path: reason} skipped in the last pass: logged when new
@@ -611,14 +613,17 @@ class SyncEngine:
                 self._create_entry(link, storage, row, pending, report),
             )  # fmt: skip
         moved_away: set[str] = set()
+        sources: dict[bytes, list[str]] = {}  # content hash -> paths of `late` that held it
+        if late and step.pulls:
+            for path, local in index.get_files(self.db, row.id, late).items():
+                if local.kind == FILE and local.hash is not None:
+                    sources.setdefault(local.hash, []).append(path)
         for start in range(0, len(step.pulls), PULL_WINDOW):
             remaining = []
             async with self.apply_lock:
                 window = step.pulls[start : start + PULL_WINDOW]
                 for pull in self._decided_again(link, storage, row, window, report):
-                    if self._move_locally(
-                        link, storage, row, pull.path, pull.target, late, moved_away
-                    ):
+                    if self._move_locally(link, storage, row, pull, sources, moved_away):
                         report.changed += 1
                     else:
                         remaining.append(pull)
@@ -797,18 +802,19 @@ class SyncEngine:
         link: PeerLink,
         storage: Storage,
         row: index.StorageRow,
-        dest: str,
-        target: ResolvedFile,
-        deferred: list[str],
+        pull: PendingPull,
+        sources: dict[bytes, list[str]],
         moved_away: set[str],
     ) -> bool:
         """A file the peer moved: its content is here, at a path this pass deletes. Move it
-        (a rename on this disk: no bytes read or sent) instead of rebuilding it."""
-        if target.kind != FILE or target.hash is None:
+        (a rename on this disk: no bytes read or sent) instead of rebuilding it. `sources`:
+        the paths this pass deletes by the content their rows held when the pass decided
+        (each one's row and file are checked again here); `pull` was decided again under the
+        lock held now: its `expected` is what our index says of `pull.path` now."""
+        dest, target = pull.path, pull.target
+        if target.kind != FILE or target.hash is None or pull.expected is not None:
             return False
-        if index.known_stat(self.db, row.id, dest) is not None:
-            return False
-        for source in deferred:
+        for source in sources.get(target.hash, ()):
             if source in moved_away:
                 continue
             local = index.get_file(self.db, row.id, source)
@@ -1279,14 +1285,14 @@ class SyncEngine:
     ) -> tuple[Callable[[], bool], list[str]]:
         """The check a pull into `dest` makes under the lock before it switches (True: go
         ahead), and the list it adds `dest` to when it kept a folder there instead."""
-        db = self.db
         kept: list[str] = []
 
         def still_as_decided() -> bool:
-            if not _same_row(index.get_file(db, row.id, dest), decided):
+            if not _same_row(self._row_now(row.id, dest), decided):
                 return False
             if decided is None or decided.deleted or decided.kind == FILE:
                 return True
+            self._rows_checked = None  # what follows may write rows
             if not entries.disk_matches(storage.root, dest, decided, None):
                 return False
             keep = self.config.keep_versions_days > 0
@@ -1299,6 +1305,33 @@ class SyncEngine:
             return True
 
         return still_as_decided, kept
+
+    @contextlib.contextmanager
+    def _rows_for_checks(self, items: list[Switchable]) -> Iterator[None]:
+        """The index rows of a group's paths, read for its checks (`_still_as_decided`) with
+        one query per storage and 500 paths, not one per pull. The committer runs the checks
+        under `apply_lock` without a pause between them; a check that may write (a folder in
+        the way) drops what was read."""
+        by_storage: dict[int, list[str]] = {}
+        for item in items:
+            by_storage.setdefault(item.storage.id, []).append(item.path)
+        rows: dict[tuple[int, str], index.FileRow | None] = {}
+        for storage_id, paths in by_storage.items():
+            found = index.get_files(self.db, storage_id, paths)
+            rows.update(((storage_id, path), found.get(path)) for path in paths)
+        self._rows_checked = rows
+        try:
+            yield
+        finally:
+            self._rows_checked = None
+
+    def _row_now(self, storage_id: int, path: str) -> index.FileRow | None:
+        """Our index row of `path`, as `_rows_for_checks` read it if it did."""
+        rows = self._rows_checked
+        key = (storage_id, path)
+        if rows is not None and key in rows:
+            return rows[key]
+        return index.get_file(self.db, storage_id, path)
 
     async def _account(
         self,

@@ -640,6 +640,7 @@ async def pull_small_files(
             group = committer or Committer(db)
             committed = await group.commit_many([made[i] for i in ready])
             errors.update((i, e) for i, e in zip(ready, committed, strict=True) if e is not None)
+        await in_thread(_close_all, [made[i] for i in made if i not in errors])
     except BaseException as exc:  # cancelled, or an internal error: every open pull fails
         for i in started:
             if i not in errors and not (i in made and made[i].recorded):
@@ -743,6 +744,12 @@ async def _receive_files(
     except (PeerError, TransferFailed) as exc:
         got += [exc] * (len(pulls) - len(got))
     return got
+
+
+def _close_all(pulls: list[_Pull]) -> None:
+    """Close the files of pulls that are done (in a thread: a close after writing costs)."""
+    for pull in pulls:
+        pull.close()
 
 
 def _not_the_content(file_hash: bytes) -> str:
