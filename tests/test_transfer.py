@@ -1382,3 +1382,26 @@ def test_stale_temp_files_are_removed_without_following_symlinks(
     assert (outside / ".ironsync-xyz.tmp").exists()
     assert (beta.root / "a" / "keep.txt").exists() and (beta.root / "a/.ironsync-notes").exists()
     assert remove_stale_temp_files(beta.root) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(min_size=1, max_size=12),
+    st.one_of(st.none(), st.text(min_size=1, max_size=12)),
+    st.integers(0, 2**40),
+    st.binary(min_size=16, max_size=16),
+)
+def test_a_small_files_write_started_detail_is_what_detail_text_writes(
+    dest: str, source: str | None, size: int, file_hash: bytes
+) -> None:
+    """pull_small_files writes its write_started details without a dict: the same text as
+    ev.detail_text of {size, hash[, from]} (keys sorted, compact, JSON-escaped names)."""
+    target = ResolvedFile(
+        path=source or dest, version=VersionVector({"alpha": 1}), hash=file_hash, size=size,
+        mtime_ns=0, mode=0o644, deleted=False, modified_by="alpha", sources=("alpha",),
+    )  # fmt: skip
+    detail: dict[str, Any] = {"size": size, "hash": file_hash.hex()}
+    if target.path != dest:
+        detail["from"] = target.path
+    small = transfer.SmallPull(target, dest, None)
+    assert transfer._started_text(small) == ev.detail_text(detail)
