@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import re
-import secrets
-import shutil
 import socket
 import sys
 import time
@@ -38,11 +36,10 @@ from ironsync.config import (
     load_config,
 )
 from ironsync.model import DIR, FILE, SYMLINK, kind_label
-from ironsync.store import Database, DatabaseError, open_database
-from ironsync.store import events as ev
 
-if TYPE_CHECKING:  # imported where used: `sync` and `status` through a daemon need neither
-    from ironsync.store import index
+if TYPE_CHECKING:  # imported where used: `sync` and `status` through a daemon need none
+    from ironsync.store import Database, index
+    from ironsync.store import events as ev
     from ironsync.sync.local import Change, ScanReport
 
 EXIT_FAILED = 1
@@ -72,6 +69,8 @@ class AppContext:
 
     @contextmanager
     def database(self, config: Config) -> Iterator[Database]:
+        from ironsync.store import DatabaseError, open_database
+
         try:
             db = open_database(config.database, config.node_id)
         except DatabaseError as exc:
@@ -156,11 +155,13 @@ def init(
     no_watcher: bool,
 ) -> None:
     """Write a commented config and create the database. Never overwrites a config."""
+    from secrets import token_urlsafe
+
     config = _write_new_config(
         app,
         node_id=node_id or _default_node_id(),
         group=group,
-        group_secret=group_secret or secrets.token_urlsafe(24),
+        group_secret=group_secret or token_urlsafe(24),
         paths=paths,
         port=port,
         listen_address=listen_address,
@@ -372,6 +373,7 @@ async def _check_inviter(config: Config, invited: Any) -> str:
     """Connect to the inviter once; its certificate must be the one the token names."""
     from ironsync.daemon import Node, parse_peer
     from ironsync.net.session import connect
+    from ironsync.store import open_database
 
     last = "no address in the token"
     with open_database(config.database, config.node_id) as db:
@@ -507,6 +509,7 @@ class TtyProgress:
 @click.pass_obj
 def scan(app: AppContext, names: tuple[str, ...], as_json: bool) -> None:
     """Bring the index up to date with the disk (offline changes too) and say what changed."""
+    from ironsync.store import events as ev
     from ironsync.sync.local import StorageUnavailable, scan_storage
 
     config = app.config()
@@ -774,6 +777,8 @@ def log() -> None:
 @click.pass_obj
 def log_tail(app: AppContext, count: int, follow: bool, as_json: bool) -> None:
     """Print the last N events, oldest first; with -f, follow new ones."""
+    from ironsync.store import events as ev
+
     config = app.config()
     show: Callable[[ev.Event], None] = _print_event_json if as_json else _print_event
     with app.database(config) as db:
@@ -845,6 +850,8 @@ def _print_event_json(event: ev.Event) -> None:
 @click.pass_obj
 def log_compact(app: AppContext, days: int) -> None:
     """Delete old events (the documented exception to append-only; tombstones stay)."""
+    from ironsync.store import events as ev
+
     config = app.config()
     before = ev.iso_now(datetime.now(UTC) - timedelta(days=days))
     with app.database(config) as db:
@@ -1026,6 +1033,7 @@ def history(app: AppContext, path: str, name: str | None, as_json: bool) -> None
     PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt), or a path inside a storage
     folder, absolute or relative to the current folder (notes/todo.txt in ~/Documents, with
     docs = "~/Documents" in the config's [paths])."""
+    from ironsync.store import events as ev
     from ironsync.store import index
 
     config = app.config()
@@ -1191,6 +1199,8 @@ def _put_back(root: Path, rel: str, kept: Path) -> bool:
     """Copy the kept version `kept` to `rel`, unless `rel` holds the same bytes already
     (False). What is there now is kept as a version first, unless the newest version or one
     with its stamp holds it already."""
+    import shutil
+
     from ironsync.sync.versions import keep_version, same_content, version_at
 
     target = root / rel

@@ -257,3 +257,15 @@ def test_history_restore_and_resolve_help_say_which_paths_they_take() -> None:
         text = " ".join(run(command, "--help").stdout.split())
         assert "PATH is ALIAS:PATH, from anywhere (docs:notes/todo.txt)" in text, command
         assert "absolute or relative to the current folder" in text, command
+
+
+def test_the_cli_module_imports_no_database_or_key_module_until_a_command_needs_it() -> None:
+    # `ironsync sync` and `status` through a running daemon only talk to its control socket:
+    # every import they do not need is paid by each cron run (issue 13's fixed cost)
+    code = (
+        "import sys, ironsync.cli; "
+        "print(sorted(m for m in ('apsw', 'ironsync.store', 'secrets', 'shutil', 'asyncio')"
+        " if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
