@@ -47,6 +47,7 @@ from ironsync.store import peers as peer_store
 from ironsync.sync.fullsync import PeerViolation, SyncEngine, SyncOutcome, SyncProgress
 from ironsync.sync.link import PeerError
 from ironsync.sync.local import Change, index_matches_disk, rescan_paths
+from ironsync.sync.paths import behind_a_symlink
 from ironsync.sync.service import SyncService
 from ironsync.sync.transfer import remove_stale_temp_files
 from ironsync.sync.versions import prune_versions
@@ -518,6 +519,17 @@ class Daemon:
             if row is None:
                 return []
             wanted = set(paths) | set(folders)
+            seen: dict[str, bool] = {}
+            astray = sorted(p for p in wanted if behind_a_symlink(storage.root, p, seen))
+            if astray:
+                # watchdog named changes of a symlinked folder's target by the link's path
+                # (it watches the folder the link points to under that name): where they
+                # really are is not known, so the whole storage is looked at again
+                log.info(
+                    "storage '%s': the watcher named %d path(s) through a symlink (%s): "
+                    "rescanning it", storage.name, len(astray), astray[0],
+                )  # fmt: skip
+                self.rescan_now.set()
             for folder in folders:
                 wanted.update(tree.live_paths_under(self.db, row.id, folder))
                 wanted.update(entries_under(storage.root, folder))

@@ -1061,3 +1061,25 @@ def test_a_scan_that_keeps_no_changes_counts_them_and_logs_them_all(node: Node) 
         (node.root / "d" / "f0").unlink()
         report = scan_storage(db, "alpha", node.config().storages[0], keep_changes=False)
         assert report.count("deleted") == 1 and ev.last_events(db, 1)[0].kind == "scanned"
+
+
+def test_the_watchers_rescan_of_a_path_through_a_symlinked_folder_finds_nothing_there(
+    node: Node,
+) -> None:
+    """A path whose folder on the way is a symlink names nothing of the storage (lstat would
+    find the link target's entry): rescan_paths records nothing for it, and a row someone
+    recorded there before becomes a deletion."""
+    write(node.root, "docs/f.txt", b"in docs")
+    (node.root / "notes").symlink_to("docs")
+    with node.db() as db:
+        scan(node, db)
+        assert rescan(node, db, "notes/f.txt", "notes") == {}
+        storage = index.get_storage(db, "docs")
+        assert storage is not None
+        assert index.get_file(db, storage.id, "notes/f.txt") is None
+        index.put_live_file(  # what an older daemon's watcher recorded through the link
+            db, storage.id, "notes/f.txt", Stat(7, 1, 1, 1, 0o644), b"\x01" * 16, (),
+            version='{"x":1}', modified_by="x", indexed_at_ns=1,
+        )  # fmt: skip
+        assert rescan(node, db, "notes/f.txt") == {"deleted": ["notes/f.txt"]}
+        assert rescan(node, db, "docs/f.txt") == {}

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -205,3 +206,33 @@ def test_catch_up_says_no_when_the_watcher_does_not_run(tmp_path: Path) -> None:
         assert not await watcher.catch_up()  # never started: the caller scans instead
 
     asyncio.run(body())
+
+
+def test_a_folder_moved_in_with_a_symlink_to_a_sibling_folder_is_indexed_as_it_is(
+    live: tuple[SyncNode, SyncNode], tmp_path: Path
+) -> None:
+    """watchdog reports a symlink to a folder inside a folder moved in as a created folder
+    (and may name changes in the folder it points to by the link's path). Nothing is indexed
+    through the link: the link is a link here and on the peer, and the folder it points to
+    arrives once, under its own name."""
+    a, b = live
+    stage = tmp_path / "stage" / "proj"
+    (stage / "docs").mkdir(parents=True)
+    (stage / "docs" / "f.txt").write_text("in docs")
+    (stage / "notes").symlink_to("docs")
+    stage.rename(a.root / "proj")
+
+    def arrived() -> bool:
+        link = b.root / "proj" / "notes"
+        return link.is_symlink() and tree(b.root) == {"proj/docs/f.txt": b"in docs"}
+
+    wait_until(arrived)
+    write(a.root, "proj/docs/g.txt", "later")  # a change in the folder the link points to
+    wait_until(lambda: tree(b.root).get("proj/docs/g.txt") == b"later")
+    assert os.readlink(b.root / "proj" / "notes") == "docs"
+    for node in (a, b):
+        with sqlite3.connect(node.db_path) as db:
+            through = db.execute(
+                "SELECT path FROM files WHERE path LIKE 'proj/notes/%' AND deleted = 0"
+            ).fetchall()
+        assert through == [], (node.node_id, through)

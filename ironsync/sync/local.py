@@ -54,6 +54,7 @@ from ironsync.scan import (
 from ironsync.store import Database, index, peers, tree
 from ironsync.store import events as ev
 from ironsync.store.batch import IndexBatch
+from ironsync.sync.paths import reached_as_named
 
 log = logging.getLogger(__name__)
 
@@ -515,8 +516,12 @@ def rescan_paths(
     planned: list[tuple[str, Stat]] = []
     entries: list[Entry] = []
     gone: list[str] = []
+    folders: dict[str, bool] = {}
     for path in wanted:
         full = f"{storage.root}/{path}"
+        if not reached_as_named(storage.root, path, folders):
+            gone.append(path)  # a symlink or no folder on the way: nothing is at this path
+            continue
         try:
             st = os.lstat(full)
         except (FileNotFoundError, NotADirectoryError):

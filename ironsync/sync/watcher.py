@@ -43,6 +43,7 @@ from watchdog.observers import Observer
 
 from ironsync.config import Storage
 from ironsync.ignore import IGNORE_FILE, STATE_DIR, is_temp_name
+from ironsync.sync.paths import reached_as_named
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,11 @@ def _relative(root: Path, raw: str | bytes) -> str | None:
 
 def entries_under(root: Path, folder: str) -> list[str]:
     """Every file, folder and symlink on disk inside `folder` of `root` (relative paths; links
-    are not followed)."""
+    are not followed, `folder` itself neither: a symlink there, or on the way to it, has
+    nothing inside it)."""
     base = root / folder if folder else root
+    if folder and not reached_as_named(root, folder + "/", {}):
+        return []
     found = []
     stack = [base]
     while stack:
