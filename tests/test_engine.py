@@ -182,3 +182,47 @@ def test_a_file_changed_here_just_before_its_group_switches_is_kept_and_read_onc
     assert all((beta.root / f"f{n}.txt").read_text() == f"alpha's {n}" for n in range(10) if n != 5)
     assert (report.pulled, report.changed, report.failed) == (9, 10, [])  # changed: 9 + f5
     assert not [p for p in single_reads if p.startswith("f")], single_reads
+
+
+def test_a_tree_of_folders_and_links_is_made_in_batches_and_one_bad_entry_fails_alone(
+    tmp_path: Path,
+) -> None:
+    """A pass makes folders and links in batches (fullsync.CREATE_BATCH at a time, one flush
+    and one transaction each): every entry of a tree larger than a batch arrives with its
+    mode, and an entry that cannot be made here fails alone, reported with its reason."""
+    alpha, beta = Node(tmp_path, "alpha"), Node(tmp_path, "beta")
+    for n in range(fullsync.CREATE_BATCH + 40):
+        folder = alpha.root / f"d{n // 20:02}" / f"sub{n:03}"
+        folder.mkdir(parents=True)
+        if n % 7 == 0:
+            (folder / "link").symlink_to(f"../sub{n:03}")
+    (alpha.root / "d00" / "sub005").chmod(0o750)
+    (alpha.root / "d01" / "sub021" / "blocked").mkdir()
+    (_, service_a), (engine_b, _) = engine_of(alpha), engine_of(beta)
+    (beta.root / "d01" / "sub021").mkdir(parents=True)  # not indexed yet: taken as it is
+    (beta.root / "d01" / "sub021" / "blocked").write_text("beta's, not indexed")
+
+    async def pull() -> fullsync.PullReport:
+        link = MemoryLink("alpha", service_a, local_id="beta", peer_storages=("docs",))
+        return await engine_b.pull_from(link, ["docs"])
+
+    report = asyncio.run(pull())
+
+    assert [path for path, _ in report.failed] == ["docs:d01/sub021/blocked"], report.failed
+    assert (beta.root / "d01" / "sub021" / "blocked").read_text() == "beta's, not indexed"
+    made, wanted = (
+        sorted(
+            str(p.relative_to(node.root))
+            for p in node.root.rglob("*")
+            if p.name != "blocked" and not p.relative_to(node.root).parts[0].startswith(".")
+        )
+        for node in (beta, alpha)
+    )
+    assert made == wanted and len(made) > fullsync.CREATE_BATCH
+    assert (beta.root / "d00" / "sub005").stat().st_mode & 0o777 == 0o750
+    assert os.readlink(beta.root / "d00" / "sub007" / "link") == "../sub007"
+    db = engine_b.db
+    rows = db.query("SELECT count(*) FROM files WHERE type IN ('dir', 'symlink') AND deleted = 0")
+    assert rows[0][0] == len(made)
+    failed = db.query("SELECT path FROM events WHERE kind = 'write_failed'")
+    assert failed == [("d01/sub021/blocked",)]

@@ -69,10 +69,14 @@ def exists(root: Path, path: str) -> bool:
     return True
 
 
-def make_entry(root: Path, path: str, target: ResolvedFile) -> Stat:
+def make_entry(
+    root: Path, path: str, target: ResolvedFile, *, folders: list[int] | None = None
+) -> Stat:
     """Make the folder or link `target` at `path`, where nothing is (a folder already there is
-    taken as it is: a folder has no content), with the row's mode and mtime; made durable.
-    Returns the stat to index: the row's size, mtime and mode, the disk's ctime and inode."""
+    taken as it is: a folder has no content), with the row's mode and mtime; made durable, or,
+    with `folders`, the descriptor of its parent folder is added there for the caller to flush
+    (commit.flush) and close. Returns the stat to index: the row's size, mtime and mode, the
+    disk's ctime and inode."""
     folder, name = open_parent_folder(root, path, create=True)
     try:
         if target.kind == DIR:
@@ -110,9 +114,15 @@ def make_entry(root: Path, path: str, target: ResolvedFile) -> Stat:
             made = Stat(target.size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, 0)
         else:
             raise ValueError(f"{path!r}: make_entry makes folders and links, not {target.kind}")
-        os.fsync(folder)
-    finally:
+        if folders is None:
+            os.fsync(folder)
+    except BaseException:
         os.close(folder)
+        raise
+    if folders is None:
+        os.close(folder)
+    else:
+        folders.append(folder)
     return made
 
 

@@ -80,7 +80,7 @@ from ironsync.store.chunks import holds_content
 from ironsync.sync import entries
 from ironsync.sync.blocking import in_thread
 from ironsync.sync.coalesce import Coalescer
-from ironsync.sync.commit import Committer, Switchable
+from ironsync.sync.commit import Committer, Switchable, flush
 from ironsync.sync.link import PeerError, PeerLink
 from ironsync.sync.local import StorageUnavailable, entry_detail, rescan_paths, scan_storage
 from ironsync.sync.paths import (
@@ -125,6 +125,8 @@ PULL_CHARGE_MIN = 64 * 1024
 """What any pull counts besides its data (buffers, the chunk list window, the temp file)."""
 DECIDE_BATCH = 256
 """Paths a pass decides under one hold of `apply_lock` (`_decide_all`)."""
+CREATE_BATCH = 128
+"""Folders and links a pass makes, then flushes and records together (`_create_entries`)."""
 PULL_WINDOW = 4096
 """Files a pass decides again and fetches at a time (`_decided_again`)."""
 PLACEHOLDER_ID = 1  # the session stamps the real request id
@@ -607,11 +609,14 @@ class SyncEngine:
                 await self._apply_guarded(link, storage, row, path, report, None)
             else:
                 late.append(path)
-        for pending in sorted(step.creates, key=lambda p: p.path):
-            await self._guarded(
-                link, storage, pending.path, report,
-                self._create_entry(link, storage, row, pending, report),
-            )  # fmt: skip
+        creates = sorted(step.creates, key=lambda p: p.path)  # outermost first
+
+        def failed(path: str, exc: Exception) -> None:
+            self._report_failure(link, storage, path, report, exc)
+
+        for start in range(0, len(creates), CREATE_BATCH):
+            batch = creates[start : start + CREATE_BATCH]
+            await self._create_entries(link, storage, row, batch, report, failed)
         moved_away: set[str] = set()
         sources: dict[bytes, list[str]] = {}  # content hash -> paths of `late` that held it
         if late and step.pulls:
@@ -887,13 +892,20 @@ class SyncEngine:
         """Run one path's `action`; what goes wrong with that path is reported for it alone."""
         try:
             await action
-        except (PeerError, PeerViolation):
-            raise
-        except NotStorable as exc:
+        except Exception as exc:
+            self._report_failure(link, storage, path, report, exc)
+
+    def _report_failure(
+        self, link: PeerLink, storage: Storage, path: str, report: PullReport, exc: Exception
+    ) -> None:
+        """Report what went wrong with one path for it alone; raise what is not about it."""
+        if isinstance(exc, PeerError | PeerViolation):
+            raise exc
+        if isinstance(exc, NotStorable):
             report.skipped.append((storage.name, path, exc.reason))
-        except UnsafePath as exc:
+        elif isinstance(exc, UnsafePath):
             report.failed.append((f"{storage.name}:{path}", f"unsafe: {exc.reason}"))
-        except OSError as exc:
+        elif isinstance(exc, OSError):
             refused = name_refused(path, exc)  # a conflict copy's name too long here, say
             if refused is not None:
                 report.skipped.append((storage.name, path, refused.reason))
@@ -907,6 +919,8 @@ class SyncEngine:
                     status="error", peer=link.peer_id,
                     detail={"reason": reason, "code": IO_ERROR},
                 )  # fmt: skip
+        else:
+            raise exc
 
     async def _decide_all(
         self,
@@ -1203,50 +1217,109 @@ class SyncEngine:
         pending: PendingPull,
         report: PullReport,
     ) -> None:
-        """Make the folder or link `pending.target` at its path (no transfer: the row holds
-        it), after clearing what stands there, if the index still has what the decision saw."""
-        path, target = pending.path, pending.target
+        """Make the folder or link `pending.target` (`_create_entries`); raises what went
+        wrong."""
+        await self._create_entries(link, storage, row, [pending], report, None)
+
+    async def _create_entries(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        batch: list[PendingPull],
+        report: PullReport,
+        failed: Callable[[str, Exception], None] | None,
+    ) -> None:
+        """Make the folders and links of `batch` at their paths (no transfer: the rows hold
+        them), in order, each after clearing what stands there if the index still has what
+        the decision saw; then one flush makes them durable together, and one transaction
+        records them (a first sync of a tree of folders paid an fsync of its parent and a
+        transaction per folder, on the event loop). What goes wrong with one path goes to
+        `failed` for it alone; without `failed`, it is raised."""
+        made: list[tuple[PendingPull, index.FileRow | None, Stat]] = []
+        folders: list[int] = []  # the parents of what was made: flushed together
         async with self.apply_lock:
-            local = index.get_file(self.db, row.id, path)
-            if not _same_row(local, pending.decided):
-                report.changed += 1  # changed since the decision: decide again next round
-                return
-            if local is not None and not local.deleted:
-                known = index.known_stat(self.db, row.id, path)
-                if not entries.disk_matches(storage.root, path, local, known):
-                    rescan_paths(self.db, self.node_id, storage, [path])
-                    report.changed += 1
+            try:
+                for pending in batch:
+                    try:
+                        local = index.get_file(self.db, row.id, pending.path)
+                        stat = self._make_entry(link, storage, row, pending, local, report, folders)
+                    except Exception as exc:
+                        if failed is None:
+                            raise
+                        failed(pending.path, exc)
+                        continue
+                    if stat is not None:
+                        made.append((pending, local, stat))
+                try:
+                    if folders:
+                        await in_thread(flush, folders)
+                except OSError as exc:
+                    if failed is None:
+                        raise
+                    for pending, _, _ in made:  # none of them is known to be durable
+                        failed(pending.path, exc)
                     return
-                if not (local.kind == DIR == target.kind):
-                    keep = self.config.keep_versions_days > 0
-                    inside = entries.clear_way(storage.root, path, local, keep_versions=keep)
-                    if inside is not None:
-                        self._keep_folder(link, storage, row, path, local.version, target, inside)
-                        report.made_here += 1
-                        report.changed += 1
-                        return
-            else:
-                check_storable(storage.root, path)  # not a name spelled otherwise here
-                if target.kind != DIR and entries.exists(storage.root, path):
-                    # something the index does not know yet: index it, decide again (a
-                    # folder there already, made for a pull, is taken as it is)
-                    rescan_paths(self.db, self.node_id, storage, [path])
-                    report.changed += 1
-                    return
-            made = entries.make_entry(storage.root, path, target)
+            finally:
+                for fd in folders:
+                    os.close(fd)
             with self.db.atomic():
-                index.put_live_file(
-                    self.db, row.id, path, made, target.hash or b"", (),
-                    version=target.version.to_json(), modified_by=target.modified_by,
-                    indexed_at_ns=self.clock(), kind=target.kind, target=target.target,
-                )  # fmt: skip
-                kind = "created" if local is None or local.deleted else "modified"
-                ev.append_event(
-                    self.db, kind, storage=storage.name, path=path, peer=link.peer_id,
-                    detail=json.loads(entry_detail(target.kind, target.mode, target.target)),
-                )  # fmt: skip
+                for pending, local, stat in made:
+                    target = pending.target
+                    index.put_live_file(
+                        self.db, row.id, pending.path, stat, target.hash or b"", (),
+                        version=target.version.to_json(), modified_by=target.modified_by,
+                        indexed_at_ns=self.clock(), kind=target.kind, target=target.target,
+                    )  # fmt: skip
+                    kind = "created" if local is None or local.deleted else "modified"
+                    ev.append_event(
+                        self.db, kind, storage=storage.name, path=pending.path,
+                        peer=link.peer_id,
+                        detail=json.loads(entry_detail(target.kind, target.mode, target.target)),
+                    )  # fmt: skip
+        for pending, _, _ in made:
             report.changed += 1
-            self.progress.file_done(storage.name, path, 0)
+            self.progress.file_done(storage.name, pending.path, 0)
+
+    def _make_entry(
+        self,
+        link: PeerLink,
+        storage: Storage,
+        row: index.StorageRow,
+        pending: PendingPull,
+        local: index.FileRow | None,
+        report: PullReport,
+        folders: list[int],
+    ) -> Stat | None:
+        """One entry of `_create_entries` (`apply_lock` held): its stat, or None when it was
+        not made (the path changed since the decision: the next round decides it again)."""
+        path, target = pending.path, pending.target
+        if not _same_row(local, pending.decided):
+            report.changed += 1  # changed since the decision: decide again next round
+            return None
+        if local is not None and not local.deleted:
+            known = index.known_stat(self.db, row.id, path)
+            if not entries.disk_matches(storage.root, path, local, known):
+                rescan_paths(self.db, self.node_id, storage, [path])
+                report.changed += 1
+                return None
+            if not (local.kind == DIR == target.kind):
+                keep = self.config.keep_versions_days > 0
+                inside = entries.clear_way(storage.root, path, local, keep_versions=keep)
+                if inside is not None:
+                    self._keep_folder(link, storage, row, path, local.version, target, inside)
+                    report.made_here += 1
+                    report.changed += 1
+                    return None
+        else:
+            check_storable(storage.root, path)  # not a name spelled otherwise here
+            if target.kind != DIR and entries.exists(storage.root, path):
+                # something the index does not know yet: index it, decide again (a folder
+                # there already, made for a pull, is taken as it is)
+                rescan_paths(self.db, self.node_id, storage, [path])
+                report.changed += 1
+                return None
+        return entries.make_entry(storage.root, path, target, folders=folders)
 
     async def _pull(
         self,
