@@ -519,7 +519,7 @@ class Daemon:
             if row is None:
                 return []
             wanted = set(paths) | set(folders)
-            seen: dict[str, bool] = {}
+            seen: dict[str, str] = {}
             astray = sorted(p for p in wanted if behind_a_symlink(storage.root, p, seen))
             if astray:
                 # watchdog named changes of a symlinked folder's target by the link's path

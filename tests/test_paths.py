@@ -11,13 +11,16 @@ import pytest
 from ironsync.sync.paths import (
     NotStorable,
     UnsafePath,
+    behind_a_symlink,
     check_peer_path,
     check_storable,
     name_refused,
     open_folder,
     open_inside,
     open_parent_folder,
+    reached_as_named,
     resolve_inside,
+    way_to,
 )
 
 REFUSED = {
@@ -216,3 +219,26 @@ def test_a_name_made_from_the_path_that_is_too_long_is_the_one_reported() -> Non
     refused = name_refused("a/" + "x" * 250, error)
     assert refused is not None
     assert refused.reason == f"a name of {len(copy)} bytes is too long for this file system: {copy}"
+
+
+def test_the_way_to_a_path_is_what_the_first_folder_that_is_not_one_is(tmp_path: Path) -> None:
+    """way_to (what the watcher's and rescan's checks use): every folder on the way, from the
+    root down; the first that is not a folder decides; the answers are kept per folder."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "link").symlink_to("b")
+    (tmp_path / "a" / "file").write_text("x")
+    folders: dict[str, str] = {}
+    assert way_to(tmp_path, "top.txt", folders) == "dir"
+    assert way_to(tmp_path, "a/b/c/d.txt", folders) == "missing"  # a/b/c is missing
+    assert way_to(tmp_path, "a/b/x.txt", folders) == "dir"
+    assert way_to(tmp_path, "a/link/x.txt", folders) == "symlink"
+    assert way_to(tmp_path, "a/link/deeper/x.txt", folders) == "symlink"
+    assert way_to(tmp_path, "a/file/x.txt", folders) == "other"
+    assert folders == {
+        "a": "dir", "a/b": "dir", "a/b/c": "missing", "a/link": "symlink",
+        "a/link/deeper": "symlink", "a/file": "other",
+    }  # fmt: skip
+    assert reached_as_named(tmp_path, "a/b/x.txt", {})
+    assert not reached_as_named(tmp_path, "a/link/x.txt", {})
+    assert behind_a_symlink(tmp_path, "a/link/deeper/x.txt", {})
+    assert not behind_a_symlink(tmp_path, "a/b/c/d.txt", {})  # missing is not a link

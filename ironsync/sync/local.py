@@ -516,7 +516,7 @@ def rescan_paths(
     planned: list[tuple[str, Stat]] = []
     entries: list[Entry] = []
     gone: list[str] = []
-    folders: dict[str, bool] = {}
+    folders: dict[str, str] = {}
     for path in wanted:
         full = f"{storage.root}/{path}"
         if not reached_as_named(storage.root, path, folders):

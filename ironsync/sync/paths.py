@@ -189,42 +189,41 @@ def _folded(name: str) -> str:
     return unicodedata.normalize("NFC", name).casefold()
 
 
-def reached_as_named(root: Path | str, rel: str, folders: dict[str, bool]) -> bool:
+def reached_as_named(root: Path | str, rel: str, folders: dict[str, str]) -> bool:
     """Whether every folder on the way to `rel` is a folder on disk, not a symlink (nor
     missing, nor something else): only then is what lstat finds at `root/rel` the entry the
     scanner's walk knows as `rel`. Through a symlink on the way, lstat finds an entry of the
     link's target under a name that is no path of the storage (a watcher may report one:
-    watchdog watches a symlinked folder as the folder it points to). `folders` keeps the
-    answer for each folder, for a caller that asks about many paths."""
-    folder = rel.rpartition("/")[0]
-    if not folder:
-        return True
-    known = folders.get(folder)
-    if known is None:
-        known = reached_as_named(root, folder, folders)
-        if known:
-            try:
-                known = stat.S_ISDIR(os.lstat(f"{root}/{folder}").st_mode)
-            except OSError:
-                known = False
-        folders[folder] = known
-    return known
+    watchdog watches a symlinked folder as the folder it points to). `folders` keeps what
+    each folder is, for a caller that asks about many paths (`way_to`)."""
+    return way_to(root, rel, folders) == "dir"
 
 
-def behind_a_symlink(root: Path | str, rel: str, folders: dict[str, bool]) -> bool:
-    """Whether a folder on the way to `rel` is a symlink on disk (a missing one is not).
-    `folders` keeps the answer for each folder, as `reached_as_named`'s."""
+def behind_a_symlink(root: Path | str, rel: str, folders: dict[str, str]) -> bool:
+    """Whether a folder on the way to `rel` is a symlink on disk (a missing one is not)."""
+    return way_to(root, rel, folders) == "symlink"
+
+
+def way_to(root: Path | str, rel: str, folders: dict[str, str]) -> str:
+    """What stands on the way to `rel`: "dir" when every folder on it is one, else what the
+    first one that is not is: "symlink", "missing" or "other". Cached per folder in
+    `folders`."""
     folder = rel.rpartition("/")[0]
     if not folder:
-        return False
+        return "dir"
     known = folders.get(folder)
     if known is None:
-        known = behind_a_symlink(root, folder, folders)
-        if not known:
+        known = way_to(root, folder, folders)
+        if known == "dir":
             try:
-                known = stat.S_ISLNK(os.lstat(f"{root}/{folder}").st_mode)
+                mode = os.lstat(f"{root}/{folder}").st_mode
             except OSError:
-                known = False
+                known = "missing"
+            else:
+                if stat.S_ISLNK(mode):
+                    known = "symlink"
+                elif not stat.S_ISDIR(mode):
+                    known = "other"
         folders[folder] = known
     return known
 
