@@ -541,7 +541,9 @@ class Daemon:
                 if not index_matches_disk(self.db, row.id, storage.root, p)
             ]
             changes = (
-                rescan_paths(self.db, self.config.node_id, storage, changed) if changed else []
+                rescan_paths(self.db, self.config.node_id, storage, changed, folders=seen)
+                if changed
+                else []
             )
             now = index.get_storage(self.db, storage.name)
             # changes recorded by a command beside the daemon (restore, resolve, scan): the

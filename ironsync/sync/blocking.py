@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
+_Item = TypeVar("_Item")
 
 
 async def in_thread(function: Callable[..., _T], *args: Any) -> _T:
@@ -30,3 +31,15 @@ async def wait_through_cancellations(futures: list[asyncio.Future[Any]]) -> None
             await asyncio.wait(futures)
         except asyncio.CancelledError:
             continue
+
+
+def each(call: Callable[[_Item], _T], items: Iterable[_Item]) -> list[_T | Exception]:
+    """`call` on every item in turn (one thread job for a batch: `in_thread(each, ...)`):
+    each one's result, or the exception it raised; an item that fails, fails alone."""
+    outcomes: list[_T | Exception] = []
+    for item in items:
+        try:
+            outcomes.append(call(item))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes

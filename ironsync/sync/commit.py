@@ -46,7 +46,7 @@ from typing import Protocol
 from ironsync.store import Database, open_database
 from ironsync.store.batch import IndexBatch
 from ironsync.store.index import StorageRow
-from ironsync.sync.blocking import in_thread, wait_through_cancellations
+from ironsync.sync.blocking import each, in_thread, wait_through_cancellations
 from ironsync.sync.crashpoints import crash_point
 
 
@@ -181,7 +181,7 @@ class Committer:
                         checked.append(entry)
             if not checked:
                 return
-            outcomes = await in_thread(_rename_all, [entry.item for entry in checked])
+            outcomes = await in_thread(each, _rename, [entry.item for entry in checked])
             renamed: list[_Entry] = []
             folders: list[int] = []
             for entry, outcome in zip(checked, outcomes, strict=True):
@@ -218,15 +218,8 @@ class Committer:
                 batch.write()
 
 
-def _rename_all(items: list[Switchable]) -> list[int | Exception]:
-    """Step 2's renames, in a thread: each one's folder descriptor, or what it raised."""
-    outcomes: list[int | Exception] = []
-    for item in items:
-        try:
-            outcomes.append(item.rename())
-        except Exception as exc:
-            outcomes.append(exc)
-    return outcomes
+def _rename(item: Switchable) -> int:
+    return item.rename()
 
 
 # --- flushing ----------------------------------------------------------------------------------

@@ -503,8 +503,10 @@ def rescan_paths(
     storage: Storage,
     paths: list[str],
     clock: Callable[[], int] = time.time_ns,
+    folders: dict[str, str] | None = None,
 ) -> list[Change]:
     """Bring the index up to date for a few paths (the watcher's and a sync's entry point).
+    `folders`: what the folders on the way are (`paths.way_to`), if the caller looked.
 
     Same index update as a full scan: a path that is gone is a deletion (a folder's with
     everything the index knows inside it), unless a new path among `paths` holds its file
@@ -516,7 +518,7 @@ def rescan_paths(
     planned: list[tuple[str, Stat]] = []
     entries: list[Entry] = []
     gone: list[str] = []
-    folders: dict[str, str] = {}
+    folders = {} if folders is None else folders
     for path in wanted:
         full = f"{storage.root}/{path}"
         if not reached_as_named(storage.root, path, folders):

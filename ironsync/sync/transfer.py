@@ -112,7 +112,7 @@ from ironsync.store import Database, index
 from ironsync.store import events as ev
 from ironsync.store.batch import IndexBatch
 from ironsync.store.chunks import LocalChunk, find_local_chunks
-from ironsync.sync.blocking import in_thread
+from ironsync.sync.blocking import each, in_thread
 from ironsync.sync.commit import Committer
 from ironsync.sync.crashpoints import crash_point
 from ironsync.sync.link import PeerError, PeerLink, Responder
@@ -630,7 +630,11 @@ async def pull_small_files(
             pull.still_valid = small.still_valid
             made[i], data_of[i] = pull, got
         jobs = [(made[i], data_of[i], pulls[i].expected) for i in made]
-        outcomes = await in_thread(_write_all_whole, jobs, now_ns)
+
+        def write(job: tuple[_Pull, memoryview, KnownStat | None]) -> None:
+            job[0].write_whole(job[1], job[2], now_ns)
+
+        outcomes = await in_thread(each, write, jobs)  # one thread job for the batch
         jobs.clear()
         data_of.clear()
         received.clear()
@@ -767,21 +771,6 @@ def _close_all(pulls: list[_Pull]) -> None:
 
 def _not_the_content(file_hash: bytes) -> str:
     return f"the received file does not have the hash {file_hash.hex()}"
-
-
-def _write_all_whole(
-    pulls: list[tuple[_Pull, memoryview, KnownStat | None]], now_ns: Callable[[], int]
-) -> list[BaseException | None]:
-    """Write each small file's temp file (in a thread: one job for the whole batch)."""
-    errors: list[BaseException | None] = []
-    for pull, data, expected in pulls:
-        try:
-            pull.write_whole(data, expected, now_ns)
-        except Exception as exc:  # that file fails alone
-            errors.append(exc)
-        else:
-            errors.append(None)
-    return errors
 
 
 def _failure(exc: BaseException) -> tuple[str | None, str, str]:
