@@ -10,6 +10,8 @@ import pytest
 
 from ironsync.sync.paths import (
     NotStorable,
+    OpenFolders,
+    StorableChecks,
     UnsafePath,
     behind_a_symlink,
     check_peer_path,
@@ -189,6 +191,76 @@ def test_check_storable_stops_at_a_symlink_and_leaves_refusing_it_to_the_walk(
     check_storable(root, "link/x")  # nothing to confuse; the O_NOFOLLOW walk refuses it
     with pytest.raises(UnsafePath, match="symlink on the way"):
         open_parent_folder(root, "link/x", create=True)
+
+
+def test_storable_checks_of_many_paths_say_what_check_storable_says_each_folder_opened_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "old.txt").write_text("here")
+    (root / "a" / "file").write_text("not a folder")
+    (root / "a" / "link").symlink_to(tmp_path)
+    long_name = "x" * 256
+    paths = [
+        "top.txt", "a/new.txt", "a/b/old.txt", "a/b/new.txt", "a/b/c/d/new.txt",
+        "a/file/x", "a/link/x", "new/deep/x", f"a/{long_name}/x", f"a/{long_name}/y",
+        f"a/b/{long_name}", "a/b/again.txt",
+    ]  # fmt: skip
+
+    def outcome(check: object, rel: str) -> str | None:
+        try:
+            check(rel)  # type: ignore[operator]
+        except NotStorable as exc:
+            return exc.reason
+        return None
+
+    alone = {rel: outcome(lambda r: check_storable(root, r), rel) for rel in paths}
+    assert alone[f"a/{long_name}/x"] is not None and alone[f"a/b/{long_name}"] is not None
+    assert [rel for rel, reason in alone.items() if reason is not None] == [
+        f"a/{long_name}/x", f"a/{long_name}/y", f"a/b/{long_name}",
+    ]  # fmt: skip
+
+    opened: list[object] = []
+    real_open = os.open
+
+    def counting_open(path: object, *args: object, **kwargs: object) -> int:
+        opened.append(path)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", counting_open)
+    with StorableChecks(root) as checks:
+        together = {rel: outcome(checks.check, rel) for rel in paths}
+    monkeypatch.undo()
+
+    assert together == alone
+    assert sorted(map(str, opened)) == sorted([str(root), "a", "b"])  # each folder once
+    assert os.listdir(root) == ["a"]  # checking makes nothing
+
+
+def test_open_folders_opens_each_folder_once_and_gives_each_path_a_descriptor_of_its_own(
+    tmp_path: Path,
+) -> None:
+    created: list[list[str]] = [[], [], []]
+    with OpenFolders(tmp_path) as folders:
+        opened = [
+            folders.open_parent(rel, create=True, created=made)
+            for rel, made in zip(["new/deep/a", "new/deep/b", "new/c"], created, strict=True)
+        ]
+    try:
+        assert [name for _, name in opened] == ["a", "b", "c"]
+        assert len({fd for fd, _ in opened}) == 3  # each its own, open after the cache closed
+        deep = os.stat(tmp_path / "new" / "deep")
+        for fd, _ in opened[:2]:
+            assert (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (deep.st_dev, deep.st_ino)
+        assert os.fstat(opened[2][0]).st_ino == os.stat(tmp_path / "new").st_ino
+        assert created == [["new", "new/deep"], [], []]  # made once, for the first path
+    finally:
+        for fd, _ in opened:
+            os.close(fd)
+    with OpenFolders(tmp_path) as folders, pytest.raises(UnsafePath, match="not a folder"):
+        (tmp_path / "file").write_text("x")
+        folders.open_parent("file/x", create=True)
 
 
 @pytest.mark.parametrize(

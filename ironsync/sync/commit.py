@@ -5,7 +5,8 @@ every pull that is ready at that moment together, in the order the safety rules 
 (shared/DESIGN.md, "Rules that keep data safe"):
 
 1. the temp files' data is flushed to disk (`flush`: one syncfs per file system, or an fsync
-   each), outside the lock: the rest of the node goes on meanwhile;
+   each), outside the lock: the rest of the node goes on meanwhile (a batch of small files
+   is flushed by its writer, in its thread job, before it reaches the committer);
 2. under the lock (the engine's `apply_lock`), each pull checks its decision again
    (`Switchable.check`, on the event loop: it reads the node's database; `checking` lets the
    owner of the checks read what the whole group needs at once), then every pull
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import os
 import sys
 import time
@@ -48,6 +50,7 @@ from ironsync.store.batch import IndexBatch
 from ironsync.store.index import StorageRow
 from ironsync.sync.blocking import each, in_thread, wait_through_cancellations
 from ironsync.sync.crashpoints import crash_point
+from ironsync.sync.paths import StorableChecks
 
 
 class Switchable(Protocol):
@@ -56,16 +59,18 @@ class Switchable(Protocol):
     storage: StorageRow  # where it goes: its index row is written with its storage's batch
     path: str
 
-    def data_fd(self) -> int:
-        """The temp file's descriptor: flushed in step 1."""
+    def data_fd(self) -> int | None:
+        """The temp file's descriptor: flushed in step 1; None when its data is durable
+        already (a batch of small files is flushed as it is written)."""
 
     def check(self) -> None:
         """Step 2, under the lock, on the event loop: check the decision again. Raises to
         fail this pull alone."""
 
-    def rename(self) -> int:
+    def rename(self, checks: StorableChecks) -> int:
         """Step 2, under the lock, in a thread: rename the temp file over the target; the
-        descriptor of the target's folder (flushed in step 3). Raises to fail this pull
+        descriptor of the target's folder (flushed in step 3). `checks` looks at the names
+        on the way, each folder once for the group (its storage's). Raises to fail this pull
         alone."""
 
     def record(self, batch: IndexBatch) -> None:
@@ -167,7 +172,9 @@ class Committer:
         self.groups += 1
         self.largest = max(self.largest, len(group))
         started = time.monotonic()
-        await in_thread(flush, [entry.item.data_fd() for entry in group])
+        fds = [fd for entry in group if (fd := entry.item.data_fd()) is not None]
+        if fds:
+            await in_thread(flush, fds)
         self.flush_seconds += time.monotonic() - started
         async with self.lock:
             checked: list[_Entry] = []
@@ -181,7 +188,7 @@ class Committer:
                         checked.append(entry)
             if not checked:
                 return
-            outcomes = await in_thread(each, _rename, [entry.item for entry in checked])
+            outcomes = await in_thread(_rename_all, [entry.item for entry in checked])
             renamed: list[_Entry] = []
             folders: list[int] = []
             for entry, outcome in zip(checked, outcomes, strict=True):
@@ -218,8 +225,19 @@ class Committer:
                 batch.write()
 
 
-def _rename(item: Switchable) -> int:
-    return item.rename()
+def _rename_all(items: list[Switchable]) -> list[int | Exception]:
+    """Step 2's renames, in one thread job, each storage's with one StorableChecks: each
+    item's folder descriptor, or what it raised."""
+    outcomes: list[int | Exception] = [0] * len(items)
+    by_root: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_root.setdefault(str(item.storage.root), []).append(i)
+    for root, indexes in by_root.items():
+        with StorableChecks(root) as checks:
+            done = each(lambda i: items[i].rename(checks), indexes)
+        for i, outcome in zip(indexes, done, strict=True):
+            outcomes[i] = outcome
+    return outcomes
 
 
 # --- flushing ----------------------------------------------------------------------------------
@@ -247,6 +265,40 @@ def _syncfs_function() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _syncfs_function()
+
+
+def _renameat2_function() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    """libc's renameat2 (glibc 2.28 and later, Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fd, name = ctypes.c_int, ctypes.c_char_p
+    function.argtypes = [fd, name, fd, name, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _renameat2_function()
+_RENAME_NOREPLACE = 1
+
+
+def rename_new(src: str, dst: str, folder_fd: int) -> bool:
+    """Rename `src` to `dst` in the folder, only if no entry is at `dst` (renameat2 with
+    RENAME_NOREPLACE: one step, where a hard link and an unlink take two): True when done;
+    False when this system or file system cannot (the caller links and unlinks instead).
+    Raises FileExistsError when `dst` is there, OSError as rename does."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(folder_fd, os.fsencode(src), folder_fd, os.fsencode(dst), _RENAME_NOREPLACE):
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS):  # the flag is not supported here
+            return False
+        raise OSError(code, os.strerror(code), src, None, dst)
+    return True
 
 
 def flush(fds: Iterable[int]) -> None:

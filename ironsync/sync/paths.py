@@ -28,6 +28,7 @@ file it would alias.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -132,37 +133,81 @@ def check_storable(root: Path, rel: str) -> None:
     Cheap where names are told apart: a component found on disk costs one more lookup (its
     other spelling, which is not there); the folder is listed only when that lookup finds
     something. Stops at the first missing component, symlink or non-folder: the `open_*`
-    helpers refuse those."""
-    check_peer_path(rel)
-    parts = rel.split("/")
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for depth, part in enumerate(parts, start=1):
-            try:
-                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-            except OSError as exc:
-                refused = name_refused(rel, exc)
-                if refused is not None:
-                    raise refused from None
-                return  # missing (or not a folder on the way): nothing to be confused with
-            other = other_spelling(fd, part)
-            if other is not None:
-                held = "/".join([*parts[: depth - 1], other])
-                raise NotStorable(
-                    rel,
-                    f"{held!r} is here already, and this file system does not tell the two "
-                    "names apart (case-insensitive)",
-                )
-            if depth == len(parts) or not stat.S_ISDIR(st.st_mode):
-                return
-            try:
-                below = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError:
-                return  # swapped for a symlink meanwhile: the open_* helpers refuse it
-            os.close(fd)
-            fd = below
-    finally:
-        os.close(fd)
+    helpers refuse those. `StorableChecks` checks many paths, each folder once."""
+    with StorableChecks(root) as checks:
+        checks.check(rel)
+
+
+class StorableChecks:
+    """`check_storable` for many paths of one storage, in one go (a batch of pulls, in one
+    thread job): each folder on the way is looked at once and its descriptor kept, so a path
+    costs one lookup of its final name. What a check finds wrong is not kept: every path
+    below a folder at fault raises for itself. A context manager: the descriptors are closed
+    at its end."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = root
+        self._folders: dict[str, int | None] = {}  # folder -> its descriptor; None: stop there
+
+    def __enter__(self) -> StorableChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        folders, self._folders = self._folders, {}
+        for fd in folders.values():
+            if fd is not None:
+                os.close(fd)
+
+    def check(self, rel: str) -> None:
+        check_peer_path(rel)
+        folder, _, name = rel.rpartition("/")
+        fd = self._folder(folder, rel)
+        if fd is not None:
+            self._look_up(fd, folder, name, rel)
+
+    def _folder(self, folder: str, rel: str) -> int | None:
+        """A descriptor of `folder` when every component on the way to it was checked and is
+        a folder; None where the check stops (missing, a symlink, not a folder)."""
+        if folder in self._folders:
+            return self._folders[folder]
+        if not folder:
+            fd: int | None = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            parent, _, name = folder.rpartition("/")
+            parent_fd = self._folder(parent, rel)
+            fd = None
+            if parent_fd is not None:
+                st = self._look_up(parent_fd, parent, name, rel)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    # swapped for a symlink meanwhile: the open_* helpers refuse it
+                    with contextlib.suppress(OSError):
+                        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        self._folders[folder] = fd
+        return fd
+
+    @staticmethod
+    def _look_up(folder_fd: int, folder: str, name: str, rel: str) -> os.stat_result | None:
+        """What `name` in the folder is (None: missing), after checking it is not held
+        under another spelling. Raises NotStorable."""
+        try:
+            st = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+        except OSError as exc:
+            refused = name_refused(rel, exc)
+            if refused is not None:
+                raise refused from None
+            return None  # missing (or not a folder on the way): nothing to be confused with
+        other = other_spelling(folder_fd, name)
+        if other is not None:
+            held = f"{folder}/{other}" if folder else other
+            raise NotStorable(
+                rel,
+                f"{held!r} is here already, and this file system does not tell the two "
+                "names apart (case-insensitive)",
+            )
+        return st
 
 
 def other_spelling(folder_fd: int, name: str) -> str | None:
@@ -284,6 +329,36 @@ def open_parent_folder(
     check_peer_path(rel)
     folder, _, name = rel.rpartition("/")
     return open_folder(root, folder, create=create, created=created), name
+
+
+class OpenFolders:
+    """`open_parent_folder` for many paths of one storage, in one go (a batch of pulls, in one
+    thread job): each folder is opened (and made) once, and each caller gets a descriptor of
+    its own (a duplicate), which it closes. A folder made for one path is in the `created`
+    list of that path alone, as when the others had opened it after it was made. A context
+    manager: the kept descriptors are closed at its end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._fds: dict[str, int] = {}
+
+    def __enter__(self) -> OpenFolders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def open_parent(
+        self, rel: str, *, create: bool = False, created: list[str] | None = None
+    ) -> tuple[int, str]:
+        check_peer_path(rel)
+        folder, _, name = rel.rpartition("/")
+        fd = self._fds.get(folder)
+        if fd is None:
+            fd = self._fds[folder] = open_folder(self.root, folder, create=create, created=created)
+        return os.dup(fd), name
 
 
 def remove_empty_folders(root: Path, rel_folders: list[str]) -> None:

@@ -113,11 +113,13 @@ from ironsync.store import events as ev
 from ironsync.store.batch import IndexBatch
 from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.blocking import each, in_thread
-from ironsync.sync.commit import Committer
+from ironsync.sync.commit import Committer, flush, rename_new
 from ironsync.sync.crashpoints import crash_point
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import (
     NotStorable,
+    OpenFolders,
+    StorableChecks,
     UnsafePath,
     check_peer_path,
     check_storable,
@@ -631,10 +633,24 @@ async def pull_small_files(
             made[i], data_of[i] = pull, got
         jobs = [(made[i], data_of[i], pulls[i].expected) for i in made]
 
-        def write(job: tuple[_Pull, memoryview, KnownStat | None]) -> None:
-            job[0].write_whole(job[1], job[2], now_ns)
+        def write_all() -> list[Exception | None]:  # one thread job for the batch
+            with OpenFolders(storage_row.root) as folders:
 
-        outcomes = await in_thread(each, write, jobs)  # one thread job for the batch
+                def write(job: tuple[_Pull, memoryview, KnownStat | None]) -> None:
+                    job[0].write_whole(job[1], job[2], now_ns, folders)
+
+                written = each(write, jobs)
+            # flushed here, beside the other batches' jobs, not in the committer's steps
+            ok = [job[0] for job, error in zip(jobs, written, strict=True) if error is None]
+            try:
+                flush(pull.data_fd() for pull in ok)
+            except OSError as exc:
+                return [exc if error is None else error for error in written]
+            for pull in ok:
+                pull.flushed = True
+            return written
+
+        outcomes = await in_thread(write_all)
         jobs.clear()
         data_of.clear()
         received.clear()
@@ -707,16 +723,17 @@ def _refused_names(root: Path, pulls: Sequence[SmallPull]) -> list[str | None]:
     """Why this disk cannot hold each new name of `pulls` (paths.check_storable), or None;
     in a thread."""
     refusals: list[str | None] = []
-    for small in pulls:
-        refusal = None
-        if small.expected is None:
-            try:
-                check_storable(root, small.dest)
-            except NotStorable as exc:
-                refusal = exc.reason
-            except (OSError, UnsafePath):
-                pass  # the pull meets it again, and reports it as a failure
-        refusals.append(refusal)
+    with StorableChecks(root) as checks:
+        for small in pulls:
+            refusal = None
+            if small.expected is None:
+                try:
+                    checks.check(small.dest)
+                except NotStorable as exc:
+                    refusal = exc.reason
+                except (OSError, UnsafePath):
+                    pass  # the pull meets it again, and reports it as a failure
+            refusals.append(refusal)
     return refusals
 
 
@@ -829,6 +846,7 @@ class _Pull:
         self.committer: Committer | None = None
         self.on_written: Callable[[], None] | None = None  # the temp file holds it all
         self.recorded = False  # the index row and write_finished are committed
+        self.flushed = False  # the temp file's data is durable (a small file's batch)
         self._expected: KnownStat | None = None
         self._now_ns: Callable[[], int] = time.time_ns
         self.still_valid: Callable[[], bool] | None = None
@@ -873,11 +891,16 @@ class _Pull:
         await committer.commit(self)  # fsync, rename, fsync, index: shared with other pulls
 
     def write_whole(
-        self, data: memoryview, expected: KnownStat | None, now_ns: Callable[[], int]
+        self,
+        data: memoryview,
+        expected: KnownStat | None,
+        now_ns: Callable[[], int],
+        folders: OpenFolders,
     ) -> None:
         """Steps 2 to 4 for a small file received whole (`pull_small_files`), verified here
         first: its chunks, computed here, and its temp file, with the target's mode and
-        mtime; then it is ready for its committer, as `run` leaves a pull. In a thread."""
+        mtime; then it is ready for its committer, as `run` leaves a pull. In a thread, with
+        the other files of its batch (`folders`: their folders, each opened once)."""
         target = self.target
         assert target.hash is not None
         if content_hash(data) != target.hash:  # before anything is written
@@ -887,8 +910,8 @@ class _Pull:
         check_peer_path(self.path)
         chunks = self._chunks = _ChunkListSpool()
         chunks.extend([ChunkRef(c.offset, c.length, c.hash) for c in chunk_bytes(data).chunks])
-        self._folder_fd, self._name = open_parent_folder(
-            self.storage.root, self.path, create=True, created=self._created
+        self._folder_fd, self._name = folders.open_parent(
+            self.path, create=True, created=self._created
         )
         _MADE_FOR_PULLS.update((str(self.storage.root), folder) for folder in self._created)
         crash_point("before_temp")
@@ -902,17 +925,17 @@ class _Pull:
 
     # Committer's steps (ironsync.sync.commit.Switchable)
 
-    def data_fd(self) -> int:
+    def data_fd(self) -> int | None:
         assert self._fd is not None
-        return self._fd
+        return None if self.flushed else self._fd
 
     def check(self) -> None:
         if self.still_valid is not None and not self.still_valid():
             raise TransferFailed(CHANGED_LOCALLY, REASON_CHANGED_LOCALLY, "warning")
 
-    def rename(self) -> int:
+    def rename(self, checks: StorableChecks) -> int:
         crash_point("before_rename")
-        self._replace_target(self._expected)
+        self._replace_target(self._expected, checks)
         crash_point("after_rename")
         assert self._folder_fd is not None
         return self._folder_fd
@@ -1217,13 +1240,22 @@ class _Pull:
 
     # --- steps 5 and 6: the switch -------------------------------------------------------------
 
-    def _replace_target(self, expected: KnownStat | None) -> None:
+    def _replace_target(self, expected: KnownStat | None, checks: StorableChecks) -> None:
         folder, name, temp = self._folder_fd, self._name, self._temp
         assert folder is not None and temp is not None
         if expected is None:
             # Again, now that no other pull switches: two new names this disk does not tell
             # apart, pulled at once, must not land in one file (paths.check_storable).
-            check_storable(self.storage.root, self.path)
+            checks.check(self.path)
+            try:  # a file created since the check above is kept
+                renamed = rename_new(temp, name, folder)
+            except FileExistsError:
+                renamed = False  # the checks below say what is in the way
+            except OSError as exc:
+                raise name_refused(self.path, exc) or exc from None
+            if renamed:
+                self._switched()
+                return
         try:
             now = os.stat(name, dir_fd=folder, follow_symlinks=False)
         except FileNotFoundError:
@@ -1258,6 +1290,10 @@ class _Pull:
             if self.keep_versions:  # a hard link: the rename below leaves it alone
                 keep_version(self.storage.root, self.path, move=False)
             os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        self._switched()
+
+    def _switched(self) -> None:
+        """The temp file is at the target's name now."""
         self._temp = None
         self.replaced = True
         root = str(self.storage.root)
