@@ -809,35 +809,6 @@ def test_small_files_arrive_whole_from_one_request_and_are_indexed_as_a_scan_wou
     assert all(index_view(beta, rel) == index_view(alpha, rel) for rel in files)
 
 
-def test_a_batch_of_small_files_is_flushed_by_its_writer_before_any_is_renamed(
-    alpha: Side, beta: Side, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    names = [f"d{n % 2}/f{n}.txt" for n in range(6)]
-    for n, rel in enumerate(names):
-        alpha.write(rel, random_bytes(2 * KiB, seed=90 + n))
-    alpha.scan()
-    flushes: list[tuple[int, list[str]]] = []  # (descriptors, targets in place at that time)
-    real_flush = transfer.flush
-
-    def watched_flush(fds: Any) -> None:
-        fds = list(fds)
-        flushes.append((len(fds), [rel for rel in names if (beta.root / rel).exists()]))
-        real_flush(fds)
-
-    monkeypatch.setattr(transfer, "flush", watched_flush)
-    committer = Committer(beta.db)
-    smalls = [SmallPull(alpha.target(rel), rel, None) for rel in names]
-
-    results = asyncio.run(
-        pull_small_files(beta.db, link_to(alpha), beta.row, smalls, committer=committer)
-    )
-
-    assert [r.ok for r in results] == [True] * len(names)
-    assert flushes == [(len(names), [])]  # every temp file at once, before any rename
-    assert committer.groups == 1
-    assert all(beta.read(rel) == alpha.read(rel) for rel in names)
-
-
 def test_a_new_name_is_renamed_into_place_only_where_nothing_is(tmp_path: Path) -> None:
     (tmp_path / "temp").write_bytes(b"new")
     (tmp_path / "taken").write_bytes(b"mine")

@@ -5,18 +5,21 @@ every pull that is ready at that moment together, in the order the safety rules 
 (shared/DESIGN.md, "Rules that keep data safe"):
 
 1. the temp files' data is flushed to disk (`flush`: one syncfs per file system, or an fsync
-   each), outside the lock: the rest of the node goes on meanwhile (a batch of small files
-   is flushed by its writer, in its thread job, before it reaches the committer);
+   each), outside the lock: the rest of the node goes on meanwhile;
 2. under the lock (the engine's `apply_lock`), each pull checks its decision again
    (`Switchable.check`, on the event loop: it reads the node's database; `checking` lets the
    owner of the checks read what the whole group needs at once), then every pull
-   that passed renames its temp file over the target (`Switchable.rename`, all of them in one
-   thread job); a pull whose check or rename fails, fails alone;
+   that passed renames its temp file over the target (`Switchable.rename`); a pull whose
+   check or rename fails, fails alone;
 3. the renames are flushed (`flush` of the folders);
 4. one transaction records every renamed file: its index row and `write_finished` event,
-   written per storage by an IndexBatch (a few statements for the whole group). It runs in a
-   thread, through a connection of the committer's own (an apsw connection serves one thread
-   at a time; the node's stays the event loop's), so the loop goes on receiving meanwhile.
+   written per storage by an IndexBatch (a few statements for the whole group), through a
+   connection of the committer's own (an apsw connection serves one thread at a time; the
+   node's stays the event loop's).
+
+The renames, their flush and the transaction run in one job, in a thread of the committer's
+own (not queued behind the pulls' writes in the shared pool), and the loop goes on receiving
+meanwhile.
 
 So a group of N small files costs two flushes and one transaction of a few statements, not 2N
 fsyncs and N transactions. The index is never committed before the rename is durable: a crash
@@ -48,7 +51,7 @@ from typing import Protocol
 from ironsync.store import Database, open_database
 from ironsync.store.batch import IndexBatch
 from ironsync.store.index import StorageRow
-from ironsync.sync.blocking import each, in_thread, wait_through_cancellations
+from ironsync.sync.blocking import OwnThread, each, in_thread, wait_through_cancellations
 from ironsync.sync.crashpoints import crash_point
 from ironsync.sync.paths import StorableChecks
 
@@ -59,9 +62,8 @@ class Switchable(Protocol):
     storage: StorageRow  # where it goes: its index row is written with its storage's batch
     path: str
 
-    def data_fd(self) -> int | None:
-        """The temp file's descriptor: flushed in step 1; None when its data is durable
-        already (a batch of small files is flushed as it is written)."""
+    def data_fd(self) -> int:
+        """The temp file's descriptor: flushed in step 1."""
 
     def check(self) -> None:
         """Step 2, under the lock, on the event loop: check the decision again. Raises to
@@ -108,6 +110,8 @@ class Committer:
         self.switched = 0  # pulls renamed into place
         self.flush_seconds = 0.0  # spent flushing (data and renames)
         self._writer: Database | None = None  # step 4's connection, open while groups run
+        # steps 2 to 4 run here, never queued behind the pulls' writes in the shared pool
+        self._thread = OwnThread("ironsync-commit")
 
     @property
     def waiting(self) -> int:
@@ -167,14 +171,13 @@ class Committer:
             if self._writer is not None:  # no thread uses it now (in_thread waited)
                 self._writer.close()
                 self._writer = None
+            self._thread.close()
 
     async def _switch(self, group: list[_Entry]) -> None:
         self.groups += 1
         self.largest = max(self.largest, len(group))
         started = time.monotonic()
-        fds = [fd for entry in group if (fd := entry.item.data_fd()) is not None]
-        if fds:
-            await in_thread(flush, fds)
+        await in_thread(flush, [entry.item.data_fd() for entry in group])
         self.flush_seconds += time.monotonic() - started
         async with self.lock:
             checked: list[_Entry] = []
@@ -188,28 +191,43 @@ class Committer:
                         checked.append(entry)
             if not checked:
                 return
-            outcomes = await in_thread(_rename_all, [entry.item for entry in checked])
+            items = [entry.item for entry in checked]
+            outcomes, error = await self._thread.run(self._switch_checked, items)
             renamed: list[_Entry] = []
-            folders: list[int] = []
             for entry, outcome in zip(checked, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    entry.done.set_exception(outcome)
-                else:
+                if outcome is None:
                     renamed.append(entry)
-                    folders.append(outcome)
-            if not renamed:
-                return
-            crash_point("group_renamed")
-            started = time.monotonic()
-            await in_thread(flush, folders)
-            self.flush_seconds += time.monotonic() - started
-            self.switched += len(renamed)
-            by_storage: dict[int, list[Switchable]] = {}
-            for entry in renamed:
-                by_storage.setdefault(entry.item.storage.id, []).append(entry.item)
-            await in_thread(self._record, list(by_storage.values()))
+                else:
+                    entry.done.set_exception(outcome)
+            if error is not None:
+                raise error
         for entry in renamed:
             entry.done.set_result(None)
+
+    def _switch_checked(
+        self, items: list[Switchable]
+    ) -> tuple[list[Exception | None], Exception | None]:
+        """Steps 2 (the renames) to 4, in one thread job: what each item's rename raised, and
+        what failed for the whole group after its renames (their flush, the transaction)."""
+        renames = _rename_all(items)
+        outcomes = [o if isinstance(o, Exception) else None for o in renames]
+        folders = [o for o in renames if not isinstance(o, Exception)]
+        if not folders:
+            return outcomes, None
+        try:
+            crash_point("group_renamed")
+            started = time.monotonic()
+            flush(folders)
+            self.flush_seconds += time.monotonic() - started
+            self.switched += len(folders)
+            by_storage: dict[int, list[Switchable]] = {}
+            for item, outcome in zip(items, outcomes, strict=True):
+                if outcome is None:
+                    by_storage.setdefault(item.storage.id, []).append(item)
+            self._record(list(by_storage.values()))
+        except Exception as exc:
+            return outcomes, exc
+        return outcomes, None
 
     def _record(self, by_storage: list[list[Switchable]]) -> None:
         """Step 4, in a thread: one transaction, an IndexBatch per storage."""

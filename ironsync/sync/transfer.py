@@ -113,7 +113,7 @@ from ironsync.store import events as ev
 from ironsync.store.batch import IndexBatch
 from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.blocking import each, in_thread
-from ironsync.sync.commit import Committer, flush, rename_new
+from ironsync.sync.commit import Committer, rename_new
 from ironsync.sync.crashpoints import crash_point
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import (
@@ -639,16 +639,7 @@ async def pull_small_files(
                 def write(job: tuple[_Pull, memoryview, KnownStat | None]) -> None:
                     job[0].write_whole(job[1], job[2], now_ns, folders)
 
-                written = each(write, jobs)
-            # flushed here, beside the other batches' jobs, not in the committer's steps
-            ok = [job[0] for job, error in zip(jobs, written, strict=True) if error is None]
-            try:
-                flush(pull.data_fd() for pull in ok)
-            except OSError as exc:
-                return [exc if error is None else error for error in written]
-            for pull in ok:
-                pull.flushed = True
-            return written
+                return each(write, jobs)
 
         outcomes = await in_thread(write_all)
         jobs.clear()
@@ -846,7 +837,6 @@ class _Pull:
         self.committer: Committer | None = None
         self.on_written: Callable[[], None] | None = None  # the temp file holds it all
         self.recorded = False  # the index row and write_finished are committed
-        self.flushed = False  # the temp file's data is durable (a small file's batch)
         self._expected: KnownStat | None = None
         self._now_ns: Callable[[], int] = time.time_ns
         self.still_valid: Callable[[], bool] | None = None
@@ -925,9 +915,9 @@ class _Pull:
 
     # Committer's steps (ironsync.sync.commit.Switchable)
 
-    def data_fd(self) -> int | None:
+    def data_fd(self) -> int:
         assert self._fd is not None
-        return None if self.flushed else self._fd
+        return self._fd
 
     def check(self) -> None:
         if self.still_valid is not None and not self.still_valid():
