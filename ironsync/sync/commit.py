@@ -261,46 +261,37 @@ def _rename_all(items: list[Switchable]) -> list[int | Exception]:
 # --- flushing ----------------------------------------------------------------------------------
 
 
+def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """libc's function `name` (Linux), returning an int and setting errno, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
+
+
 def _syncfs_function() -> Callable[[int], int] | None:
     """libc's syncfs when the kernel reports its write-back errors (Linux 5.8 and later;
     before, syncfs returned 0 whatever happened), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
     try:
         major, minor = (int(part) for part in os.uname().release.split(".")[:2])
     except ValueError:
         return None
     if (major, minor) < (5, 8):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
+    return _libc_function("syncfs", ctypes.c_int)
 
 
 _SYNCFS = _syncfs_function()
-
-
-def _renameat2_function() -> Callable[[int, bytes, int, bytes, int], int] | None:
-    """libc's renameat2 (glibc 2.28 and later, Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fd, name = ctypes.c_int, ctypes.c_char_p
-    function.argtypes = [fd, name, fd, name, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_RENAMEAT2 = _renameat2_function()
+# renameat2 (glibc 2.28 and later): folder, name, folder, name, flags
+_RENAMEAT2 = _libc_function(
+    "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+)
 _RENAME_NOREPLACE = 1
 
 
