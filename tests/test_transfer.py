@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import random
 import resource
@@ -39,7 +40,7 @@ from ironsync.reconcile import ResolvedFile, VersionVector
 from ironsync.store import Database, index, open_database
 from ironsync.store import events as ev
 from ironsync.store.chunks import find_local_chunk
-from ironsync.sync import transfer
+from ironsync.sync import commit, transfer
 from ironsync.sync.commit import Committer, rename_new
 from ironsync.sync.link import PeerError
 from ironsync.sync.local import scan_storage
@@ -1011,6 +1012,69 @@ def test_pulls_ready_together_switch_in_one_group_and_a_refused_one_fails_alone(
     assert index.get_file(beta.db, beta.row.id, "g2.bin") is None
     assert len(beta.events("write_finished")) == 3
     assert beta.temp_files() == []
+
+
+def one_group_then_two(
+    alpha: Side, beta: Side, monkeypatch: pytest.MonkeyPatch, failing_flush: int | None = None
+) -> tuple[list[TransferResult], Committer, list[tuple[int, list[str]]]]:
+    """Three new files pulled into beta: the first alone, the other two ready while the first
+    group waits for the lock. Each flush: (temp files in it, the folders in it); the flush
+    numbered `failing_flush` (from 0) raises EIO."""
+    names = ["x/n0.bin", "y/n1.bin", "z/n2.bin"]
+    for i, name in enumerate(names):
+        alpha.write(name, random_bytes(20 * KiB, seed=50 + i))
+    alpha.scan()
+    calls: list[tuple[int, list[str]]] = []
+    real_flush = commit.flush
+
+    def watched_flush(fds: Any) -> None:
+        fds = list(fds)
+        names = [os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) for fd in fds]
+        temps = sum(is_temp_name(name) for name in names)
+        calls.append((temps, sorted(name for name in names if not is_temp_name(name))))
+        if len(calls) - 1 == failing_flush:
+            raise OSError(errno.EIO, "an I/O error, made by the test")
+        real_flush(fds)
+
+    monkeypatch.setattr(commit, "flush", watched_flush)
+
+    async def main() -> tuple[list[TransferResult], Committer]:
+        committer = Committer(beta.db, asyncio.Lock())
+        await committer.lock.acquire()
+        first = start_pull(alpha, beta, names[0], committer)
+        await _until(lambda: committer.groups == 1, "the first group")
+        rest = [start_pull(alpha, beta, name, committer) for name in names[1:]]
+        await _until(lambda: committer.waiting == 2, "two pulls behind the first group")
+        committer.lock.release()
+        return [await task for task in (first, *rest)], committer
+
+    results, committer = asyncio.run(main())
+    for name, result in zip(names, results, strict=True):
+        if result.ok:
+            assert beta.read(name) == alpha.read(name)
+    return results, committer, calls
+
+
+def test_the_next_groups_data_is_flushed_with_a_groups_renames_and_not_again(
+    alpha: Side, beta: Side, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results, committer, calls = one_group_then_two(alpha, beta, monkeypatch)
+
+    assert [r.ok for r in results] == [True] * 3
+    assert (committer.groups, committer.largest) == (2, 2)
+    # group 1's temp file; its folder with group 2's two temp files; group 2's folders only
+    assert calls == [(1, []), (2, ["x"]), (0, ["y", "z"])]
+    assert beta.temp_files() == []
+
+
+def test_when_that_flush_fails_the_next_group_flushes_its_data_itself(
+    alpha: Side, beta: Side, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results, _, calls = one_group_then_two(alpha, beta, monkeypatch, failing_flush=1)
+
+    assert [r.ok for r in results] == [False, True, True]
+    assert "I/O error" in (results[0].reason or "")
+    assert calls == [(1, []), (2, ["x"]), (2, []), (0, ["y", "z"])]
 
 
 def test_a_pull_cancelled_while_it_waits_for_its_group_leaves_nothing_behind(

@@ -22,16 +22,20 @@ own (not queued behind the pulls' writes in the shared pool), and the loop goes 
 meanwhile.
 
 So a group of N small files costs two flushes and one transaction of a few statements, not 2N
-fsyncs and N transactions. The index is never committed before the rename is durable: a crash
-before step 4 leaves the new files in place and their old index rows, and the next scan indexes
-what it finds (the content is the peer's, so the versions merge without a conflict copy). The
-lock is held from the first rename to the commit, so no decision sees a disk the index does not
-describe.
+fsyncs and N transactions; and while pulls keep coming, one flush: the pulls ready when a group
+starts its renames form the next group at once, and their data is flushed with those renames
+(step 3 takes their temp files along: one syncfs for both), so that group skips step 1.
+
+The index is never committed before the rename is durable: a crash before step 4 leaves the
+new files in place and their old index rows, and the next scan indexes what it finds (the
+content is the peer's, so the versions merge without a conflict copy). The lock is held from
+the first rename to the commit, so no decision sees a disk the index does not describe.
 
 Groups form by themselves: the first pull that is ready starts a group at once; the pulls that
-become ready while it is being switched form the next group. A pull that is cancelled while it
-waits for its group leaves it; once its group has taken it, it waits for the group to finish
-(its file descriptors are in use), then the cancellation goes on.
+become ready while it is being switched form the next group (taken as its renames start, or
+after it). A pull that is cancelled while it waits for its group leaves it; once its group has
+taken it, it waits for the group to finish (its file descriptors are in use), then the
+cancellation goes on.
 """
 
 from __future__ import annotations
@@ -104,6 +108,9 @@ class Committer:
         # owner of the checks may read what they need for the whole group at once
         self.checking = checking or (lambda items: nullcontext())
         self._queue: list[_Entry] = []
+        # the next group, taken while the last one switched, and whether its data is durable
+        # already (flushed with the last group's renames)
+        self._next: tuple[list[_Entry], bool] | None = None
         self._task: asyncio.Task[None] | None = None
         self.groups = 0  # groups switched, for tests and benchmarks
         self.largest = 0  # the most pulls one group switched
@@ -147,17 +154,25 @@ class Committer:
             raise
         return [e.done.exception() for e in entries]
 
+    def _take(self) -> list[_Entry]:
+        group, self._queue = self._queue, []
+        for entry in group:
+            entry.taken = True
+        return group
+
     async def _run(self) -> None:
         try:
-            while self._queue:
-                group, self._queue = self._queue, []
-                for entry in group:
-                    entry.taken = True
+            while self._next is not None or self._queue:
+                if self._next is not None:
+                    (group, durable), self._next = self._next, None
+                else:
+                    group, durable = self._take(), False
                 try:
-                    await self._switch(group)
+                    await self._switch(group, durable)
                 except asyncio.CancelledError:
-                    for entry in group:
+                    for entry in group + (self._next[0] if self._next else []):
                         entry.done.cancel()
+                    self._next = None
                     raise
                 except BaseException as exc:
                     for entry in group:
@@ -173,12 +188,14 @@ class Committer:
                 self._writer = None
             self._thread.close()
 
-    async def _switch(self, group: list[_Entry]) -> None:
+    async def _switch(self, group: list[_Entry], durable: bool) -> None:
+        """Switch `group` into place (`durable`: its data is flushed already)."""
         self.groups += 1
         self.largest = max(self.largest, len(group))
-        started = time.monotonic()
-        await in_thread(flush, [entry.item.data_fd() for entry in group])
-        self.flush_seconds += time.monotonic() - started
+        if not durable:
+            started = time.monotonic()
+            await in_thread(flush, [entry.item.data_fd() for entry in group])
+            self.flush_seconds += time.monotonic() - started
         async with self.lock:
             checked: list[_Entry] = []
             with self.checking([entry.item for entry in group]):
@@ -192,7 +209,15 @@ class Committer:
             if not checked:
                 return
             items = [entry.item for entry in checked]
-            outcomes, error = await self._thread.run(self._switch_checked, items)
+            # The pulls ready now form the next group: their data is flushed with this
+            # group's renames (one syncfs for both, where there were two).
+            ahead = self._take()
+            self._next = (ahead, False) if ahead else None
+            ahead_fds = [entry.item.data_fd() for entry in ahead]
+            outcomes, error, flushed = await self._thread.run(
+                self._switch_checked, items, ahead_fds
+            )
+            self._next = (ahead, flushed) if ahead else None
             renamed: list[_Entry] = []
             for entry, outcome in zip(checked, outcomes, strict=True):
                 if outcome is None:
@@ -205,19 +230,28 @@ class Committer:
             entry.done.set_result(None)
 
     def _switch_checked(
-        self, items: list[Switchable]
-    ) -> tuple[list[Exception | None], Exception | None]:
-        """Steps 2 (the renames) to 4, in one thread job: what each item's rename raised, and
-        what failed for the whole group after its renames (their flush, the transaction)."""
+        self, items: list[Switchable], ahead_fds: list[int]
+    ) -> tuple[list[Exception | None], Exception | None, bool]:
+        """Steps 2 (the renames) to 4, in one thread job: what each item's rename raised;
+        what failed for the whole group after its renames (their flush, the transaction);
+        whether the data of `ahead_fds` (the next group's) is durable: the renames' flush
+        takes it along (one syncfs for both), or, when nothing was renamed, it is flushed
+        alone (the next group's own flush meets a failure again)."""
         renames = _rename_all(items)
         outcomes = [o if isinstance(o, Exception) else None for o in renames]
         folders = [o for o in renames if not isinstance(o, Exception)]
         if not folders:
-            return outcomes, None
+            try:
+                flush(ahead_fds)
+            except OSError:
+                return outcomes, None, False
+            return outcomes, None, bool(ahead_fds)
+        flushed = False
         try:
             crash_point("group_renamed")
             started = time.monotonic()
-            flush(folders)
+            flush(folders + ahead_fds)
+            flushed = bool(ahead_fds)
             self.flush_seconds += time.monotonic() - started
             self.switched += len(folders)
             by_storage: dict[int, list[Switchable]] = {}
@@ -226,8 +260,8 @@ class Committer:
                     by_storage.setdefault(item.storage.id, []).append(item)
             self._record(list(by_storage.values()))
         except Exception as exc:
-            return outcomes, exc
-        return outcomes, None
+            return outcomes, exc, flushed
+        return outcomes, None, flushed
 
     def _record(self, by_storage: list[list[Switchable]]) -> None:
         """Step 4, in a thread: one transaction, an IndexBatch per storage."""
