@@ -412,19 +412,7 @@ def _only_row(row: FileState, local_node: str) -> Plan:
     _check_node_id(local_node, "local node id")
     if row.node == local_node:
         raise ValueError(f"a remote row claims to be the local node {local_node!r}")
-    target = ResolvedFile(
-        path=row.path,
-        version=row.version,
-        hash=row.hash,
-        size=row.size,
-        mtime_ns=row.mtime_ns,
-        mode=row.mode,
-        deleted=row.deleted,
-        modified_by=row.modified_by,
-        sources=(row.node,),
-        kind=row.kind,
-        target=row.target,
-    )
+    target = _resolved(row.path, _content(row), [row], [row], row.version)
     return Plan(
         node=local_node,
         path=row.path,

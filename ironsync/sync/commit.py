@@ -235,17 +235,13 @@ class Committer:
         """Steps 2 (the renames) to 4, in one thread job: what each item's rename raised;
         what failed for the whole group after its renames (their flush, the transaction);
         whether the data of `ahead_fds` (the next group's) is durable: the renames' flush
-        takes it along (one syncfs for both), or, when nothing was renamed, it is flushed
-        alone (the next group's own flush meets a failure again)."""
+        takes it along (one syncfs for both); when nothing was renamed, the next group
+        flushes its own."""
         renames = _rename_all(items)
         outcomes = [o if isinstance(o, Exception) else None for o in renames]
         folders = [o for o in renames if not isinstance(o, Exception)]
         if not folders:
-            try:
-                flush(ahead_fds)
-            except OSError:
-                return outcomes, None, False
-            return outcomes, None, bool(ahead_fds)
+            return outcomes, None, False
         flushed = False
         try:
             crash_point("group_renamed")
