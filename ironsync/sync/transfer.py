@@ -115,6 +115,7 @@ from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.blocking import each, in_thread
 from ironsync.sync.commit import Committer, rename_new
 from ironsync.sync.crashpoints import crash_point
+from ironsync.sync.direct import write_new_file
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import (
     NotStorable,
@@ -906,10 +907,10 @@ class _Pull:
         _MADE_FOR_PULLS.update((str(self.storage.root), folder) for folder in self._created)
         crash_point("before_temp")
         self._open_temp()
-        if len(data):
-            self._pwritev_all([data], 0)
-        self._written = len(data)
         assert self._fd is not None
+        if len(data):
+            write_new_file(self._fd, data)
+        self._written = len(data)
         os.fchmod(self._fd, target.mode & FILE_MODE_BITS)
         os.utime(self._fd, ns=(target.mtime_ns, target.mtime_ns))
 
