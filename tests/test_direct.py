@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from ironsync.sync.direct import BLOCK, DIRECT_MIN_BYTES, PIECE_BYTES, write_new_file
+from ironsync.sync.direct import (
+    BLOCK,
+    DIRECT_MIN_BYTES,
+    PIECE_BYTES,
+    DirectWriter,
+    write_new_file,
+)
 
 KiB = 1024
 
@@ -130,3 +136,104 @@ def test_a_refused_direct_write_falls_back_to_the_cache(disk: Path) -> None:
     write(disk / "f", data, block=100)
     assert (disk / "f").read_bytes() == data
     assert all(cached_pages(disk / "f"))
+
+
+# --- DirectWriter: the pieces of a file pulled chunk by chunk ----------------------------------
+
+
+def random_pieces(rng: random.Random, total: int) -> list[tuple[int, bytes]]:
+    """Pieces in file order, of random sizes, with random gaps (short ones within a block,
+    long ones of many blocks, none): what a pull's write buffer holds, holes left out."""
+    pieces: list[tuple[int, bytes]] = []
+    at = rng.randrange(0, 3 * BLOCK)
+    while at < total:
+        size = rng.choice([1, 7, BLOCK - 1, BLOCK, BLOCK + 3, 5000, 20_000, 70_000])
+        pieces.append((at, rng.randbytes(size)))
+        at += size + rng.choice([0, 0, 0, 1, 100, BLOCK - 5, BLOCK, 2 * BLOCK + 9, 40 * BLOCK])
+    return pieces
+
+
+def expected_bytes(pieces: list[tuple[int, bytes]], size: int) -> bytes:
+    content = bytearray(size)
+    for at, data in pieces:
+        content[at : at + len(data)] = data
+    return bytes(content)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pieces_with_gaps_are_written_as_given(tmp_path: Path, seed: int) -> None:
+    """Whatever the sizes, gaps and staging buffer size, the file reads as the pieces with
+    zeros between them, each time it is settled in between and at the end."""
+    rng = random.Random(seed)
+    pieces = random_pieces(rng, rng.choice([10 * KiB, 300 * KiB, 3 * PIECE_BYTES]))
+    capacity = rng.choice([BLOCK, 3 * BLOCK, 64 * KiB, PIECE_BYTES])
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = DirectWriter(fd, capacity=capacity)
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        i = 0
+        while i < len(pieces):
+            take = rng.randrange(1, 6)
+            writer.write([(at, memoryview(data)) for at, data in pieces[i : i + take]])
+            i = min(i + take, len(pieces))
+            if rng.random() < 0.3:  # a repeated chunk is read back from the temp file
+                writer.settle()
+                end = pieces[i - 1][0] + len(pieces[i - 1][1])
+                assert os.pread(fd, end, 0) == expected_bytes(pieces[:i], end)
+        writer.settle()
+        size = pieces[-1][0] + len(pieces[-1][1]) + rng.choice([0, 5 * BLOCK])  # a hole at the end
+        os.ftruncate(fd, size)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) == flags
+        assert writer.direct or fs_type(tmp_path) not in ("ext4", "xfs")
+    finally:
+        writer.close()
+        os.close(fd)
+    assert path.read_bytes() == expected_bytes(pieces, size)
+
+
+def test_holes_of_whole_blocks_stay_holes(disk: Path) -> None:
+    """A gap of many blocks between pieces is not written: the file stays sparse."""
+    gap = 256 * BLOCK  # 1 MiB
+    pieces = [(0, b"a" * (BLOCK + 10)), (BLOCK + 10 + gap, b"b" * (3 * BLOCK))]
+    path = disk / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = DirectWriter(fd)
+    try:
+        writer.write([(at, memoryview(data)) for at, data in pieces])
+        writer.settle()
+    finally:
+        writer.close()
+        os.close(fd)
+    size = pieces[-1][0] + len(pieces[-1][1])
+    assert path.read_bytes() == expected_bytes(pieces, size)
+    assert path.stat().st_blocks * 512 <= 8 * BLOCK  # the data's blocks, not the gap's
+
+
+def test_the_writer_bypasses_the_cache_and_falls_back_when_refused(disk: Path) -> None:
+    data = random.Random(5).randbytes(2 * PIECE_BYTES + 10)
+    for name, block, cached in (("direct", BLOCK, False), ("refused", 100, True)):
+        path = disk / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        writer = DirectWriter(fd, block=block)
+        try:
+            writer.write([(0, memoryview(data))])
+            writer.settle()
+            assert writer.direct is not cached
+        finally:
+            writer.close()
+            os.close(fd)
+        assert any(cached_pages(path)[:-1]) is cached
+        assert path.read_bytes() == data
+
+
+def test_a_piece_before_the_end_is_refused(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    writer = DirectWriter(fd)
+    try:
+        writer.write([(0, memoryview(b"x" * 100))])
+        with pytest.raises(ValueError, match="overlaps"):
+            writer.write([(50, memoryview(b"y"))])
+    finally:
+        writer.close()
+        os.close(fd)

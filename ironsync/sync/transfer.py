@@ -115,7 +115,7 @@ from ironsync.store.chunks import LocalChunk, find_local_chunks
 from ironsync.sync.blocking import each, in_thread
 from ironsync.sync.commit import Committer, rename_new
 from ironsync.sync.crashpoints import crash_point
-from ironsync.sync.direct import write_new_file
+from ironsync.sync.direct import DirectWriter, write_new_file
 from ironsync.sync.link import PeerError, PeerLink, Responder
 from ironsync.sync.paths import (
     NotStorable,
@@ -167,7 +167,7 @@ LOCAL_RUN_BYTES = 16 * MiB
 """Chunks held here are read, verified and written in a thread, this many bytes per call at
 most (so progress is reported and a cancellation is seen at least that often); adjacent
 chunks of one local file are read with one pread of up to READ_RUN_BYTES."""
-_MAX_IOV = 512  # buffers per writev, under every system's IOV_MAX (1024 on Linux)
+_MAX_IOV = 512  # pieces the write buffer holds at most before they are written
 
 HOLE_BLOCK = 4 * KiB
 """Zero bytes filling a whole HOLE_BLOCK-aligned block of the file are not written: they stay a
@@ -847,6 +847,7 @@ class _Pull:
         self._name = ""
         self._temp: str | None = None
         self._fd: int | None = None
+        self._writer: DirectWriter | None = None  # writes the temp file's chunks (sync.direct)
         self._written = 0
         self._reported = 0
         self._hasher = xxhash.xxh3_128()
@@ -1051,7 +1052,7 @@ class _Pull:
                 if ahead is not None:
                     fetcher.add(ahead.batches)
                 await self._write_window(window, fetcher)
-            await self._flush_in_thread()
+            await in_thread(self._settle)
             assert self._fd is not None
             os.ftruncate(self._fd, self._written)  # the size, when the file ends in a hole
         finally:
@@ -1167,36 +1168,23 @@ class _Pull:
         return pending
 
     def _write_all(self, pending: list[tuple[int, memoryview]]) -> None:
-        """Write each piece at its offset: adjacent pieces in one pwritev, holes between them
-        skipped."""
+        """Write each piece at its offset, holes between them skipped (around the page cache
+        where the file system allows: sync.direct)."""
         assert self._fd is not None
-        i = 0
-        while i < len(pending):
-            offset, first = pending[i]
-            run = [first]
-            end = offset + len(first)
-            i += 1
-            while i < len(pending) and pending[i][0] == end and len(run) < _MAX_IOV:
-                run.append(pending[i][1])
-                end += len(pending[i][1])
-                i += 1
-            self._pwritev_all(run, offset)
+        if self._writer is None:
+            self._writer = DirectWriter(self._fd)
+        self._writer.write(pending)
 
-    def _pwritev_all(self, buffers: list[memoryview], offset: int) -> None:
-        assert self._fd is not None
-        while buffers:
-            done = os.pwritev(self._fd, buffers, offset)
-            crash_point("mid_chunk")
-            offset += done
-            # A short write (rare on regular files) leaves the rest for the next round.
-            while buffers and done >= len(buffers[0]):
-                done -= len(buffers.pop(0))
-            if done:
-                buffers[0] = buffers[0][done:]
+    def _settle(self) -> None:
+        """Write what the buffer holds, and make every byte given so far readable from the
+        temp file."""
+        self._flush()
+        if self._writer is not None:
+            self._writer.settle()
 
     def _read_back(self, offset: int, ref: ChunkRef) -> bytes:
         assert self._fd is not None
-        self._flush()
+        self._settle()
         data = os.pread(self._fd, ref.length, offset)
         if content_hash(data) != ref.hash:
             raise TransferFailed(CORRUPT, "the temporary file changed while being written")
@@ -1320,6 +1308,9 @@ class _Pull:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._folder_fd is not None:
             os.close(self._folder_fd)
             self._folder_fd = None
