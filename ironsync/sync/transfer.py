@@ -31,10 +31,13 @@ Pulling (the receiver) follows shared/DESIGN.md, "Rules that keep data safe":
 4. the file is assembled in order in `.ironsync-<random>.tmp` in the target's folder; every
    chunk is verified (a local source that no longer holds it is fetched from the peer
    instead), the whole-file hash is computed while writing and compared with the target's,
-   then the file gets the target's mode and mtime. Zeros are never written,
+   then the file gets the target's mode and mtime. Zeros are not written,
    as `rsync --sparse` does: chunks of zeros and every HOLE_BLOCK-aligned block of zeros in
-   other chunks are skipped over (pwritev at offsets; ftruncate gives the size when the file
-   ends in a hole), so a sparse file arrives sparse, and so do long runs of written zeros;
+   other chunks are skipped over (writes at offsets; ftruncate gives the size when the file
+   ends in a hole), so a sparse file arrives sparse, and so do long runs of written zeros.
+   The bytes go around the page cache (O_DIRECT) where the file system allows it
+   (ironsync.sync.direct; zeros that fill no whole block are written there): the file is not
+   read again here, only flushed;
 5. if the local target changed since the decision (size, mtime or inode differ from
    `expected`, or a file appeared or vanished), the pull is abandoned: an edit the scanner has
    not seen is never overwritten;
